@@ -1,0 +1,53 @@
+# xfer developer workflow. Every target creates the virtual environment from
+# pyproject.toml first, so `make demo` and `make test` work on a fresh clone.
+#
+#   make demo       the quickstart: embedded S3 + synth + shard + train + score
+#   make test       lint, then the default test suite (a few minutes on 2 cores)
+#   make test-slow  the slow end-to-end tests (ray job submit, fault recovery, ...)
+#   make lint       ruff check + ruff format --check + mypy
+#   make bench      the benchmarks; figures go to benchmarks/results/
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+BENCH_IMAGES ?= ../shared/data/cats_vs_dogs
+BENCH_WEIGHTS ?= ../shared/weights/mobilenet_v2_1.0_224_imagenet_no_top.h5
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow test-all lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/xfer demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src jobs tests benchmarks
+	$(VENV)/bin/ruff format --check src jobs tests benchmarks
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src jobs tests benchmarks
+	$(VENV)/bin/ruff format src jobs tests benchmarks
+
+test: lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py --images $(BENCH_IMAGES) --weights $(BENCH_WEIGHTS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build src/*.egg-info

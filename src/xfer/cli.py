@@ -1,0 +1,177 @@
+"""The `xfer` command (also `python -m xfer`).
+
+    xfer s3-server [--data-dir D] [--port P]
+    xfer synth OUT [--classes a,b] [--per-class N] [--size PX]
+    xfer shard SRC DEST [--max-side PX] [--split 0.8,0.1,0.1] ...
+    xfer train [--config FILE] [key=value ...]
+    xfer score --model URI --input URI --output URI [--config FILE] [key=value ...]
+    xfer demo [--workdir D] [--keep] [--weights source|imagenet]
+
+Each subcommand parses its flags and calls one library function. Problems the user
+can fix (XferError) print as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from xfer.errors import XferError
+
+
+def _s3_server(args: argparse.Namespace) -> int:
+    from xfer.s3server import serve
+
+    buckets = tuple(b for b in (args.bucket or "").split(",") if b)
+    return serve(args.data_dir, args.port, buckets)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from xfer.synth import synthesize
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    n = synthesize(args.out, classes, per_class=args.per_class, size=args.size, seed=args.seed)
+    print(f"wrote {n} images in {len(classes)} classes to {args.out}")
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from xfer.shard import ShardSettings, shard_dataset
+
+    fractions = tuple(float(x) for x in args.split.split(","))
+    settings = ShardSettings(
+        split_fractions=fractions,
+        target_shard_mb=args.shard_size_mb,
+        max_side=args.max_side,
+        jpeg_quality=args.quality,
+        max_pixels=args.max_pixels,
+        max_rejected_fraction=args.max_rejected_fraction,
+        num_tasks=args.tasks,
+        name=args.name,
+    )
+    summary = shard_dataset(args.src, args.dest, settings)
+    print(summary.describe())
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from xfer.config import load_config
+    from xfer.train.driver import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    print(result.describe())
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from xfer.config import load_config
+    from xfer.score import score
+
+    cfg = load_config(args.config, args.overrides)
+    result = score(cfg, model=args.model, input_uri=args.input, output=args.output, date=args.date)
+    print(result.describe())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from xfer.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        workdir=args.workdir, keep=args.keep, weights=args.weights, quick=args.quick
+    )
+    return run_demo(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xfer",
+        description="Transfer-learning image classifiers on Ray Train, data and models in S3.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("s3-server", help="run the embedded S3 server (SeaweedFS) on 127.0.0.1")
+    p.add_argument(
+        "--data-dir", default=".xfer/s3", help="where objects are kept (default .xfer/s3)"
+    )
+    p.add_argument("--port", type=int, default=None, help="S3 port (default: a free one)")
+    p.add_argument(
+        "--bucket", default="xfer", help="comma-separated buckets to create (default xfer)"
+    )
+    p.set_defaults(func=_s3_server)
+
+    p = sub.add_parser("synth", help="write a generated, learnable class-per-folder image set")
+    p.add_argument("out", help="output directory or s3:// prefix")
+    p.add_argument(
+        "--classes", default="circle,square,triangle", help="comma-separated class names"
+    )
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("shard", help="images (folder tree or uri,label list) -> Parquet shards")
+    p.add_argument("src", help="class-per-folder tree, or a CSV/Parquet list of uri,label")
+    p.add_argument("dest", help="dataset prefix, e.g. s3://bucket/datasets/name")
+    p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (by key hash)")
+    p.add_argument("--shard-size-mb", type=float, default=96.0, help="target shard size")
+    p.add_argument("--max-side", type=int, default=None, help="pre-resize: longest side in pixels")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
+    p.add_argument("--max-pixels", type=int, default=50_000_000, help="reject larger images")
+    p.add_argument(
+        "--max-rejected-fraction",
+        type=float,
+        default=0.05,
+        help="fail, committing nothing, if more inputs than this are rejected",
+    )
+    p.add_argument("--tasks", type=int, default=None, help="parallel Ray tasks (default: CPUs)")
+    p.add_argument("--name", default=None, help="dataset name in the manifest (default: DEST's)")
+    p.set_defaults(func=_shard)
+
+    p = sub.add_parser("train", help="head training then fine-tuning on Ray Train")
+    p.add_argument("--config", help="YAML config file (local path or s3://)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("score", help="batch scoring with Ray Data; Parquet predictions")
+    p.add_argument("--model", required=True, help=".../runs/<run_id> or .../models/<name>")
+    p.add_argument(
+        "--input", required=True, help="dataset prefix, image prefix, or CSV/Parquet list"
+    )
+    p.add_argument("--output", required=True, help="predictions prefix (dt=<date>/ is added)")
+    p.add_argument("--date", default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("demo", help="the quickstart: S3 + synth + shard + train + score, locally")
+    p.add_argument("--workdir", default="xfer-demo", help="where the S3 data and images go")
+    p.add_argument("--keep", action="store_true", help="leave the S3 server running at the end")
+    p.add_argument(
+        "--weights",
+        default="source",
+        choices=["source", "imagenet"],
+        help="source: pretrain on a generated source task (no internet); imagenet: download",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer images and epochs (for tests)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except XferError as exc:
+        print(f"xfer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xfer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

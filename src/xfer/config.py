@@ -1,0 +1,375 @@
+"""One typed config, one override order, strict keys.
+
+Defaults in code -> YAML file -> ``key=value`` overrides -> validate -> frozen.
+
+    cfg = load_config("jobs/configs/local.yaml", ["train.head.epochs=3", "model.base=vgg16"])
+
+A misspelt or unknown key, a wrong type or an impossible value raises
+:class:`~xfer.errors.ConfigError` naming the key and where it came from (the file or
+the override). Config files never read environment variables: credentials come from
+the normal AWS chain, never from here, and :func:`resolved_dict` masks anything that
+looks like a secret before the config is written next to a run's outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from xfer.errors import ConfigError
+
+BASES = ("vgg16", "mobilenet_v2", "efficientnet_b0", "resnet50", "tiny_cnn")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------- sections
+
+
+class StorageConfig(Strict):
+    """Where the object-storage layout lives; credentials are not configured here."""
+
+    root: str = Field("s3://xfer", description="root of datasets/, runs/, models/, predictions/")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint; default: AWS_ENDPOINT_URL_S3 or AWS"
+    )
+    region: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        v = v.rstrip("/")
+        if v.startswith("s3://") and len(v[5:].split("/", 1)[0]) < 3:
+            raise ValueError("bucket name needs at least 3 characters")
+        if "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError("must be an s3:// URI or a local path")
+        return v
+
+
+class AugmentConfig(Strict):
+    flip: bool = True
+    rotation: float = Field(0.05, ge=0.0, le=0.5, description="max rotation, fraction of a turn")
+    zoom: float = Field(0.1, ge=0.0, le=0.5, description="max zoom in/out fraction")
+
+
+class DataConfig(Strict):
+    dataset: str = Field("synth", description="dataset name under <root>/datasets/, or a URI")
+    image_size: int = Field(224, ge=16, le=1024)
+    augment: AugmentConfig = AugmentConfig()
+    shuffle_buffer: int = Field(1024, ge=0)
+    parallel_reads: int = Field(4, ge=1, le=64, description="shards read concurrently")
+
+
+class DenseLayer(Strict):
+    units: int = Field(gt=0)
+    activation: Literal["relu", "gelu", "swish", "tanh", "linear"] = "relu"
+
+
+class HeadConfig(Strict):
+    pooling: Literal["avg", "flatten"] = "avg"
+    dense: list[DenseLayer] = []
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    features: Literal["online", "cached"] = "online"
+
+
+class ModelConfig(Strict):
+    base: str = "mobilenet_v2"
+    alpha: float = Field(1.0, description="width multiplier (mobilenet_v2 only)")
+    weights: str = Field("imagenet", description="imagenet | none | path or s3:// URI of .h5")
+    head: HeadConfig = HeadConfig()
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if v not in BASES:
+            hint = difflib.get_close_matches(v, BASES, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"unknown base {v!r}{extra}; choose one of {', '.join(BASES)}")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if v not in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4):
+            raise ValueError("mobilenet_v2 alpha must be one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4")
+        return v
+
+
+Optimizer = Literal["adam", "sgd", "rmsprop"]
+
+
+class HeadPhase(Strict):
+    epochs: int = Field(5, ge=0)
+    optimizer: Optimizer = "adam"
+    learning_rate: float = Field(1e-3, gt=0.0, le=10.0)
+
+
+class FineTunePhase(Strict):
+    epochs: int = Field(5, ge=0)
+    optimizer: Optimizer = "adam"
+    learning_rate: float = Field(1e-5, gt=0.0, le=10.0)
+    unfreeze_from: str | int | None = Field(
+        None, description="layer name or index of the base: it and every layer above train"
+    )
+    unfreeze_top: int | None = Field(None, ge=1, description="or: the top N layers of the base")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> FineTunePhase:
+        if self.unfreeze_from is not None and self.unfreeze_top is not None:
+            raise ValueError("set unfreeze_from or unfreeze_top, not both")
+        return self
+
+
+class TrainConfig(Strict):
+    batch_size: int = Field(32, ge=1, description="per replica; global = this x replicas")
+    head: HeadPhase = HeadPhase()
+    fine_tune: FineTunePhase = FineTunePhase()
+    scale_lr: bool = Field(False, description="multiply learning rates by the replica count")
+    mixed_precision: bool = False
+    seed: int = 0
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap (quick runs only)")
+    verbose: int = Field(2, ge=0, le=2, description="Keras verbosity on rank 0")
+
+
+class ClusterConfig(Strict):
+    address: str | None = Field(None, description="Ray address; default RAY_ADDRESS or local")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    memory_per_worker_gb: float | None = Field(None, gt=0)
+    max_failures: int = Field(0, ge=-1, description="worker failures to recover from; -1 = any")
+    local_num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance")
+
+
+class GateConfig(Strict):
+    min_test_accuracy: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class OutputConfig(Strict):
+    model_name: str = Field("classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    run_id: str | None = Field(None, description="resume this run instead of starting a new one")
+    gate: GateConfig = GateConfig()
+    publish: bool = Field(True, description="move models/<name>/latest.json when the gate passes")
+    predictions: bool = Field(True, description="score the test split into predictions/")
+    report: bool = True
+
+
+class FaultConfig(Strict):
+    """Fault injection for tests: the given rank exits once at the start of an epoch."""
+
+    rank: int | None = Field(None, ge=0)
+    phase: Literal["head", "fine_tune"] = "head"
+    epoch: int = Field(1, ge=0)
+
+
+class ScoreConfig(Strict):
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(1.0, ge=0)
+    read_parallelism: int = Field(2, ge=1)
+    split: str = Field("test", description="split to score when the input is a dataset")
+
+
+class XferConfig(Strict):
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    output: OutputConfig = OutputConfig()
+    fault: FaultConfig = FaultConfig()
+    score: ScoreConfig = ScoreConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> XferConfig:
+        if self.train.head.epochs == 0 and self.train.fine_tune.epochs == 0:
+            raise ValueError(
+                "train.head.epochs and train.fine_tune.epochs are both 0: nothing to train"
+            )
+        if self.model.head.features == "cached" and self.train.head.epochs > 0:
+            aug = self.data.augment
+            if aug.flip or aug.rotation or aug.zoom:
+                raise ValueError(
+                    "model.head.features=cached computes base features once, so the head "
+                    "phase cannot use augmentation: set data.augment.flip=false, "
+                    "rotation=0, zoom=0, or use features=online"
+                )
+        return self
+
+    # ------------------------------------------------------------ locations
+
+    def dataset_uri(self) -> str:
+        ds = self.data.dataset
+        if ds.startswith("s3://") or ds.startswith("/") or ds.startswith("file://") or "/" in ds:
+            return ds.rstrip("/")
+        return f"{self.storage.root}/datasets/{ds}"
+
+    def run_uri(self, run_id: str) -> str:
+        return f"{self.storage.root}/runs/{run_id}"
+
+    def model_uri(self) -> str:
+        return f"{self.storage.root}/models/{self.output.model_name}"
+
+
+# ------------------------------------------------------------------ loading
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values parse as YAML."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if (
+            not sep
+            or not key
+            or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key)
+        ):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r} conflicts with an earlier override of {part!r}"
+                )
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _flatten_keys(d: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        keys.add(path)
+        if isinstance(v, dict):
+            keys |= _flatten_keys(v, path + ".")
+    return keys
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = XferConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def _format_errors(exc: ValidationError, source: str, override_keys: set[str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # Union branches add their type names to the location; drop them.
+        loc = tuple(
+            p for p in loc if not (isinstance(p, str) and p in {"str", "int", "float", "bool"})
+        )
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        where = f"command-line override {key}=..." if key in override_keys else source
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            hint = ""
+            if parent is not None:
+                close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
+                if close:
+                    hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)"
+                else:
+                    hint = f" (known keys: {', '.join(parent.model_fields)})"
+            lines.append(f"unknown key {key!r} in {where}{hint}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"{key}: {msg}{shown} in {where}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(
+    data: dict[str, Any], source: str = "config", override_keys: set[str] | None = None
+) -> XferConfig:
+    try:
+        return XferConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source, override_keys or set())) from None
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> XferConfig:
+    """Defaults -> YAML file (local path or URI) -> overrides -> validated config."""
+    from xfer import storage
+
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        source = path
+        try:
+            loaded = yaml.safe_load(storage.read_bytes(path))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        except storage.NotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded
+    extra = parse_overrides(overrides or [])
+    return build_config(merge(data, extra), source, _flatten_keys(extra))
+
+
+# --------------------------------------------------------- writing it out
+
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|private_key|access_key)", re.I)
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Mask secret-looking keys and credentials embedded in URLs."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if _SECRET_KEY.search(key) and value not in (None, ""):
+        return "***"
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(r"\g<scheme>***@", value)
+    return value
+
+
+def resolved_dict(cfg: XferConfig) -> dict[str, Any]:
+    """The full resolved config as plain data, safe to write next to outputs."""
+    return redact(cfg.model_dump(mode="json"))
+
+
+def with_overrides(cfg: XferConfig, overrides: dict[str, Any]) -> XferConfig:
+    """A validated copy of ``cfg`` with nested ``overrides`` applied."""
+    return build_config(merge(cfg.model_dump(mode="json"), overrides), "derived config")

@@ -1,0 +1,109 @@
+"""Config strictness: unknown keys, wrong types, impossible values, overrides."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from xfer.config import load_config, parse_overrides, resolved_dict
+from xfer.errors import ConfigError
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert cfg.cluster.num_workers == 2
+    assert cfg.model.head.pooling == "avg"
+
+
+def test_misspelt_key_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path, {"model": {"bse": "vgg16"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "unknown key 'model.bse'" in msg
+    assert path in msg
+    assert "did you mean 'model.base'" in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*did you mean 'train'"):
+        load_config(write(tmp_path, {"trian": {"batch_size": 3}}))
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.batch_size.*valid integer.*'lots'"):
+        load_config(write(tmp_path, {"train": {"batch_size": "lots"}}))
+
+
+def test_impossible_values():
+    with pytest.raises(ConfigError, match=r"train\.head\.epochs.*greater than or equal to 0"):
+        load_config(None, ["train.head.epochs=-1"])
+    with pytest.raises(ConfigError, match="nothing to train"):
+        load_config(None, ["train.head.epochs=0", "train.fine_tune.epochs=0"])
+    with pytest.raises(ConfigError, match=r"unknown base 'vgg61' \(did you mean 'vgg16'\?\)"):
+        load_config(None, ["model.base=vgg61"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, ["train.fine_tune.unfreeze_from=10", "train.fine_tune.unfreeze_top=5"])
+
+
+def test_overrides_parse_as_yaml_and_win_over_file(tmp_path):
+    path = write(tmp_path, {"train": {"batch_size": 8, "head": {"epochs": 2}}})
+    cfg = load_config(
+        path,
+        [
+            "train.head.epochs=7",
+            "train.head.learning_rate=3e-4",
+            "cluster.use_gpu=true",
+            "model.head.dense=[{units: 16}, {units: 4, activation: gelu}]",
+            "storage.root=s3://bucket/prefix/",
+        ],
+    )
+    assert cfg.train.batch_size == 8  # from the file
+    assert cfg.train.head.epochs == 7  # override wins
+    assert cfg.train.head.learning_rate == pytest.approx(3e-4)
+    assert cfg.cluster.use_gpu is True
+    assert [d.units for d in cfg.model.head.dense] == [16, 4]
+    assert cfg.model.head.dense[1].activation == "gelu"
+    assert cfg.storage.root == "s3://bucket/prefix"
+
+
+def test_override_errors_name_the_override():
+    with pytest.raises(ConfigError, match=r"override 'train\.head\.epochs' is not of the form"):
+        load_config(None, ["train.head.epochs"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.hed' in command-line override"):
+        load_config(None, ["train.hed.epochs=3"])
+    assert parse_overrides(["a.b=1", "a.c=x", "d="]) == {"a": {"b": 1, "c": "x"}, "d": None}
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception, match="frozen"):
+        cfg.train.batch_size = 3  # type: ignore[misc]
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(str(listy))
+
+
+def test_resolved_config_has_no_secrets():
+    cfg = load_config(None, ["storage.endpoint_url=https://user:hunter2@s3.example.com"])
+    text = yaml.safe_dump(resolved_dict(cfg))
+    assert "hunter2" not in text
+    assert "s3.example.com" in text
+    # The resolved config is complete: every section, reloadable as it is.
+    assert set(resolved_dict(cfg)) >= {"storage", "data", "model", "train", "cluster", "output"}

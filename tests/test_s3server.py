@@ -1,0 +1,135 @@
+"""`xfer s3-server` as users run it: a real process, real keys, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import boto3
+import pytest
+from botocore import UNSIGNED
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from xfer.s3server import EmbeddedS3
+
+
+def weed_pids(data_dir: str) -> list[int]:
+    """PIDs of weed processes serving ``data_dir`` (from /proc, no pgrep self-match)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"weed") and any(data_dir.encode() in a for a in argv):
+            pids.append(int(pid))
+    return pids
+
+
+def start_cli(data_dir: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xfer", "s3-server", "--data-dir", data_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    exports: dict[str, str] = {}
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        m = re.match(r"\s*export (AWS_\w+)=(\S+)", line)
+        if m:
+            exports[m.group(1)] = m.group(2)
+        if "Ctrl-C" in line or time.monotonic() > deadline:
+            break
+    return proc, exports
+
+
+def client(exports: dict[str, str], **overrides: str):
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=exports["AWS_ENDPOINT_URL_S3"],
+        region_name=exports["AWS_REGION"],
+        aws_access_key_id=overrides.get("key", exports["AWS_ACCESS_KEY_ID"]),
+        aws_secret_access_key=overrides.get("secret", exports["AWS_SECRET_ACCESS_KEY"]),
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+
+
+def test_cli_server_exports_work_keys_enforced_and_ctrl_c_stops_everything(tmp_path):
+    data_dir = str(tmp_path / "s3data")
+    proc, exports = start_cli(data_dir)
+    try:
+        assert set(exports) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"}
+        assert exports["AWS_ENDPOINT_URL_S3"].startswith("http://127.0.0.1:")
+        assert weed_pids(data_dir), "no weed process is running"
+
+        s3 = client(exports)
+        s3.put_object(Bucket="xfer", Key="hello.txt", Body=b"hi")  # the default bucket
+        assert s3.get_object(Bucket="xfer", Key="hello.txt")["Body"].read() == b"hi"
+
+        with pytest.raises(ClientError) as err:
+            client(exports, key="WRONGKEY0000").get_object(Bucket="xfer", Key="hello.txt")
+        assert err.value.response["Error"]["Code"] == "InvalidAccessKeyId"
+        with pytest.raises(ClientError) as err:
+            client(exports, secret="wrong-secret").get_object(Bucket="xfer", Key="hello.txt")
+        assert err.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+        anonymous = boto3.session.Session().client(
+            "s3",
+            endpoint_url=exports["AWS_ENDPOINT_URL_S3"],
+            region_name="us-east-1",
+            config=Config(signature_version=UNSIGNED, s3={"addressing_style": "path"}),
+        )
+        with pytest.raises(ClientError) as err:
+            anonymous.get_object(Bucket="xfer", Key="hello.txt")
+        assert err.value.response["Error"]["Code"] == "AccessDenied"
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopping" in out
+    assert weed_pids(data_dir) == [], "a weed process survived Ctrl-C"
+
+    # Data and keys survive a restart on the same data dir.
+    proc2, exports2 = start_cli(data_dir)
+    try:
+        assert exports2["AWS_ACCESS_KEY_ID"] == exports["AWS_ACCESS_KEY_ID"]
+        assert client(exports2).get_object(Bucket="xfer", Key="hello.txt")["Body"].read() == b"hi"
+    finally:
+        proc2.terminate()
+        proc2.communicate(timeout=60)
+    assert proc2.returncode == 0
+    assert weed_pids(data_dir) == []
+
+
+def test_context_manager_binds_loopback_and_stops(tmp_path):
+    data_dir = str(tmp_path / "cm")
+    with EmbeddedS3(data_dir, buckets=("abc",)) as server:
+        pid = server.pid
+        assert server.endpoint.startswith("http://127.0.0.1:")
+        with open("/proc/net/tcp") as f:
+            listening = f.read()
+        port_hex = f"{int(server.endpoint.rsplit(':', 1)[1]):04X}"
+        # Listening sockets for the S3 port are on 127.0.0.1 (0100007F), never 0.0.0.0.
+        rows = [r.split() for r in listening.splitlines()[1:]]
+        local = [r[1] for r in rows if r[1].endswith(":" + port_hex) and r[3] == "0A"]
+        assert local and all(addr.startswith("0100007F") for addr in local)
+        assert "s3-identities" not in repr(server) and server.secret_key not in repr(server)
+    assert not os.path.exists(f"/proc/{pid}"), "the weed process is still there"
+    assert weed_pids(data_dir) == []
+
+
+def test_busy_port_is_a_clear_error(tmp_path, s3_server):
+    port = int(s3_server.endpoint.rsplit(":", 1)[1])
+    from xfer.errors import XferError
+
+    with pytest.raises(XferError, match=f"port {port}.*already in use"):
+        EmbeddedS3(str(tmp_path / "x"), port=port).start()
