@@ -29,13 +29,13 @@ demo: $(STAMP)
 	$(VENV)/bin/xfer demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src jobs tests benchmarks
-	$(VENV)/bin/ruff format --check src jobs tests benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix src jobs tests benchmarks
-	$(VENV)/bin/ruff format src jobs tests benchmarks
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
