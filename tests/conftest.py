@@ -20,8 +20,29 @@ from xfer.s3server import EmbeddedS3
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
     server = EmbeddedS3(tmp_path_factory.mktemp("s3"))
     server.start()
+    # Session-wide, so that a local Ray started later passes them on to its workers.
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
     yield server
     server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: EmbeddedS3) -> Iterator[None]:
+    """A real local Ray instance (2 CPUs, like CI), shared by the session."""
+    import ray
+
+    from xfer.raycluster import ensure_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture

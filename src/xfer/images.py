@@ -1,0 +1,140 @@
+"""Checking and normalising one input image before it goes into a shard.
+
+Every input file either becomes a clean RGB image (with its encoded bytes, width and
+height) or a :class:`Rejected` with a reason a person can act on. Nothing here
+raises for a bad file: the sharding job must survive any input.
+
+What is checked, in order: empty file; not an image (or a format tf.data cannot
+decode); more pixels than the limit, checked from the header *before* decoding
+(decompression bombs); truncated or corrupt data (a full decode); then the mode is
+normalised to RGB (grayscale, palette, CMYK, alpha composited onto white) and EXIF
+rotation applied. Originals that are already plain RGB JPEG/PNG are kept
+byte-for-byte unless a resize is asked for; anything converted is re-encoded as JPEG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Formats TensorFlow's decode_image reads after normalisation; others are re-encoded.
+PASSTHROUGH_FORMATS = {"JPEG", "PNG"}
+READABLE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "MPO"}
+CONVERTIBLE_MODES = {
+    "1",
+    "L",
+    "LA",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "CMYK",
+    "YCbCr",
+    "I;16",
+    "La",
+}
+
+
+@dataclass(frozen=True)
+class Accepted:
+    image: bytes  # encoded (JPEG or PNG), RGB
+    sha256: str  # of the *source* bytes: the identity of the content
+    width: int
+    height: int
+    converted_from: str | None  # original mode when it was not RGB
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    max_pixels: int = 50_000_000
+    max_side: int | None = None  # pre-resize so the longest side is at most this
+    jpeg_quality: int = 90
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    ):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode == "I;16":
+        return img.point(lambda v: v / 256).convert("L").convert("RGB")
+    return img.convert("RGB")
+
+
+def check_image(data: bytes, settings: ImageSettings) -> Accepted | Rejected:
+    """Validate and normalise one encoded image; never raises for bad input."""
+    if not data:
+        return Rejected("empty file (0 bytes)")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            # The size limit is checked below, from the header, against our own limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img: Image.Image = Image.open(io.BytesIO(data))
+            fmt = img.format or "unknown"
+            width, height = img.size
+    except UnidentifiedImageError:
+        return Rejected("not an image (unrecognised format)", digest)
+    except Image.DecompressionBombError as exc:
+        return Rejected(f"image too large (decompression bomb): {exc}", digest)
+    except Exception as exc:
+        return Rejected(f"unreadable image header: {type(exc).__name__}: {exc}", digest)
+    if fmt not in READABLE_FORMATS:
+        return Rejected(f"unsupported image format {fmt}", digest)
+    if width * height > settings.max_pixels:
+        return Rejected(
+            f"image too large: {width}x{height} = {width * height} pixels > limit {settings.max_pixels}",
+            digest,
+        )
+    if width < 1 or height < 1:
+        return Rejected(f"image has no pixels ({width}x{height})", digest)
+    if img.mode not in CONVERTIBLE_MODES:
+        return Rejected(f"unsupported image mode {img.mode}", digest)
+    try:
+        img.load()  # full decode: catches truncated and corrupt data
+    except Exception as exc:
+        return Rejected(f"truncated or corrupt image data ({type(exc).__name__}: {exc})", digest)
+
+    original_mode = img.mode
+    changed = False
+    try:
+        transposed = ImageOps.exif_transpose(img)
+    except Exception:
+        transposed = img  # a broken EXIF block is not worth rejecting the image for
+    if transposed is not img and transposed is not None:
+        img, changed = transposed, True
+    if img.mode != "RGB":
+        img, changed = _to_rgb(img), True
+    if settings.max_side and max(img.size) > settings.max_side:
+        scale = settings.max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img, changed = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0), True
+    if fmt in PASSTHROUGH_FORMATS and not changed and getattr(img, "n_frames", 1) == 1:
+        encoded = data
+    else:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=settings.jpeg_quality)
+        encoded = buf.getvalue()
+    return Accepted(
+        image=encoded,
+        sha256=digest,
+        width=img.width,
+        height=img.height,
+        converted_from=original_mode if original_mode != "RGB" else None,
+    )

@@ -1,0 +1,60 @@
+"""Connecting to Ray: a cluster when one is given, otherwise a local instance.
+
+The address comes from the config (``cluster.address``) or ``RAY_ADDRESS``; with
+neither, Ray starts on this machine (the local single-node mode). Every worker and
+actor gets ``TF_USE_LEGACY_KERAS=1`` through the runtime env: Ray sets it on train
+workers itself, but too late to take effect (DESIGN.md, decision 1).
+
+Credentials are not put in the runtime env (it is visible in Ray's dashboard and
+state API): on a cluster they come from the job's own environment or the node's
+role; a local instance started here inherits this process's environment.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Non-secret variables worth forwarding to every worker.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "XFER_S3_MAX_ATTEMPTS",
+    "TF_CPP_MIN_LOG_LEVEL",
+)
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {"TF_USE_LEGACY_KERAS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in FORWARDED_ENV:
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    env.update(extra or {})
+    return env
+
+
+def runtime_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"env_vars": worker_env(extra)}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to (or start) Ray once per process; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {
+        "runtime_env": runtime_env(),
+        "log_to_driver": True,
+        "configure_logging": True,
+        "logging_level": "WARNING",
+    }
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    return True
