@@ -60,6 +60,9 @@ class AugmentConfig(Strict):
 
 class DataConfig(Strict):
     dataset: str = Field("synth", description="dataset name under <root>/datasets/, or a URI")
+    classes: list[str] | None = Field(
+        None, description="expected classes; checked against the manifest"
+    )
     image_size: int = Field(224, ge=16, le=1024)
     augment: AugmentConfig = AugmentConfig()
     shuffle_buffer: int = Field(1024, ge=0)
@@ -72,7 +75,7 @@ class DenseLayer(Strict):
 
 
 class HeadConfig(Strict):
-    pooling: Literal["avg", "flatten"] = "avg"
+    pooling: Literal["avg", "max", "flatten"] = "avg"
     dense: list[DenseLayer] = []
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     features: Literal["online", "cached"] = "online"

@@ -26,8 +26,11 @@ FORWARDED_ENV = (
 )
 
 
-def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def worker_env(extra: dict[str, str] | None = None, use_gpu: bool = True) -> dict[str, str]:
     env = {"TF_USE_LEGACY_KERAS": "1", "PYTHONUNBUFFERED": "1"}
+    if not use_gpu:
+        # Processes that were given no GPU must not probe for one (and log errors).
+        env["CUDA_VISIBLE_DEVICES"] = ""
     for key in FORWARDED_ENV:
         if os.environ.get(key):
             env[key] = os.environ[key]
@@ -35,8 +38,8 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def runtime_env(extra: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"env_vars": worker_env(extra)}
+def runtime_env(extra: dict[str, str] | None = None, use_gpu: bool = True) -> dict[str, Any]:
+    return {"env_vars": worker_env(extra, use_gpu)}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -56,5 +59,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # The dashboard also serves the state API that Ray Train's clean-up uses;
+        # it listens on 127.0.0.1 only.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     return True

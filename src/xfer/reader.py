@@ -131,21 +131,26 @@ def pipeline_segments(
 
 
 class _ShardCache:
-    """Open ParquetFiles per shard, shared by reader threads of one pipeline."""
+    """Open ParquetFiles per shard, shared by the reader threads of one pipeline.
+
+    A ParquetFile is not safe for concurrent reads (pyarrow's read-range cache), so
+    each shard has its own lock: reads of different shards still run in parallel.
+    """
 
     def __init__(self, uris: list[str]):
         self._uris = uris
-        self._files: dict[int, Any] = {}
+        self._files: dict[int, tuple[Any, threading.Lock]] = {}
         self._lock = threading.Lock()
 
     def read(self, shard: int, row_group: int) -> Any:
         with self._lock:
-            f = self._files.get(shard)
-            if f is None:
-                f = storage.open_parquet(self._uris[shard])
-                self._files[shard] = f
-        with storage.translate_errors(self._uris[shard]):
-            return f.read_row_group(row_group, columns=["key", "image", "label"])
+            entry = self._files.get(shard)
+            if entry is None:
+                entry = (storage.open_parquet(self._uris[shard]), threading.Lock())
+                self._files[shard] = entry
+        parquet_file, lock = entry
+        with lock, storage.translate_errors(self._uris[shard]):
+            return parquet_file.read_row_group(row_group, columns=["key", "image", "label"])
 
 
 def iter_rows(
@@ -185,6 +190,20 @@ def iter_rows(
                 yield k, img, int(label), seg.weight
 
 
+def buffer_shuffle(rows: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """A reproducible streaming shuffle with a buffer of ``size`` rows."""
+    buf: list[Any] = []
+    for row in rows:
+        if len(buf) < size:
+            buf.append(row)
+            continue
+        i = int(rng.integers(len(buf)))
+        yield buf[i]
+        buf[i] = row
+    for i in rng.permutation(len(buf)):
+        yield buf[i]
+
+
 def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None = None) -> Any:
     """This pipeline's dataset of (image, label, weight), batched per replica.
 
@@ -207,7 +226,12 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
     def epoch_rows(epoch: Any) -> Iterator[tuple[str, bytes, int, float]]:
         order = epoch_order(units, spec.seed, int(epoch), shuffle=spec.training)
         segs = pipeline_segments(order, total_slots, pipeline, num_pipelines)
-        yield from iter_rows(spec, segs, cache)
+        rows = iter_rows(spec, segs, cache)
+        if spec.training and spec.shuffle_buffer > 1:
+            # Within the epoch only, so that each Keras epoch is one exact pass.
+            rng = np.random.default_rng([spec.seed, int(epoch), pipeline, 0xB0F])
+            rows = buffer_shuffle(rows, spec.shuffle_buffer, rng)
+        yield from rows
 
     signature = (
         tf.TensorSpec((), tf.string),
@@ -218,11 +242,6 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
 
     def epoch_dataset(epoch: Any) -> Any:
         ds = tf.data.Dataset.from_generator(epoch_rows, output_signature=signature, args=(epoch,))
-        if spec.training and spec.shuffle_buffer > 1:
-            # Shuffle within the epoch only, so each Keras epoch is one exact pass.
-            # A seed per epoch: a different, reproducible order every epoch.
-            shuffle_seed = tf.cast(epoch, tf.int64) * 1_000_003 + spec.seed
-            ds = ds.shuffle(spec.shuffle_buffer, seed=shuffle_seed)
         return ds.enumerate().map(lambda i, row: (epoch, i, *row))
 
     if spec.training:

@@ -149,13 +149,8 @@ def _arrow_s3(settings: S3Settings) -> Any:
         parsed = urlparse(settings.endpoint_url)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-    # Credentials come from the same chain boto3 uses; passing them explicitly
-    # keeps both clients in step when they are set in the environment.
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    # Credentials are left to the AWS SDK's default chain (the same variables, profile
+    # or role boto3 uses), so they are never pickled into Ray tasks with the filesystem.
     return fs.S3FileSystem(**kwargs)
 
 
@@ -373,6 +368,19 @@ def exists(uri: str) -> bool:
                     return False
                 raise
         return os.path.exists(local_path(uri))
+
+
+def stat(uri: str) -> FileInfo:
+    """Size of one object or file; NotFoundError if it is missing."""
+    with translate_errors(uri):
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+            return FileInfo(uri, int(head["ContentLength"]))
+        path = local_path(uri)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        return FileInfo(uri, os.path.getsize(path))
 
 
 def list_files(prefix: str) -> list[FileInfo]:

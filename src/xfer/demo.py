@@ -1,0 +1,283 @@
+"""`xfer demo` (`make demo`): the whole flow on one machine, in a few minutes.
+
+    xfer demo                    # offline: pretrain a small base on a source task first
+    xfer demo --weights imagenet # MobileNetV2 with Keras' ImageNet weights (needs internet)
+    xfer demo --keep             # keep the S3 server up afterwards, to look around
+
+Embedded S3 server -> generated images -> shards -> training with 2 local Ray workers
+(real MultiWorkerMirroredStrategy) -> published model -> nightly-style batch scoring.
+
+Transfer learning for real, without internet: a small base is first trained on a
+*source* task (six shapes), its weights are stored in the object store, and the
+target run (three other shapes) loads them through the ``s3://`` weights path, the
+same path an air-gapped cluster uses. A baseline trains the same head on a randomly
+initialised frozen base, so the summary shows what the pretrained base bought.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xfer import storage
+from xfer.config import XferConfig, load_config
+
+SOURCE_CLASSES = ["star", "cross", "ring", "hexagon", "stripes", "dots"]
+TARGET_CLASSES = ["circle", "square", "triangle"]
+ROOT = "s3://xfer"
+SOURCE_WEIGHTS = f"{ROOT}/weights/tiny_cnn-shapes-source.h5"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    workdir: str = "xfer-demo"
+    keep: bool = False
+    weights: str = "source"  # "source" | "imagenet"
+    quick: bool = False  # fewer images and epochs (tests)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        if self.quick:
+            return {
+                "source": 80,
+                "target": 60,
+                "new": 12,
+                "source_epochs": 4,
+                "head": 3,
+                "fine_tune": 1,
+            }
+        return {
+            "source": 300,
+            "target": 150,
+            "new": 40,
+            "source_epochs": 10,
+            "head": 8,
+            "fine_tune": 4,
+        }
+
+
+def _step(n: int, total: int, text: str) -> None:
+    print(f"\n=== [{n}/{total}] {text}", flush=True)
+
+
+def demo_config(settings: DemoSettings, **overrides: Any) -> XferConfig:
+    """The target run's config: the shipped local config plus the demo's sizes."""
+    s = settings.sizes
+    base = ["model.base=tiny_cnn", "data.image_size=64", f"model.weights={SOURCE_WEIGHTS}"]
+    if settings.weights == "imagenet":
+        base = [
+            "model.base=mobilenet_v2",
+            "model.alpha=1.0",
+            "data.image_size=96",
+            "model.weights=imagenet",
+        ]
+    items = [
+        f"storage.root={ROOT}",
+        "data.dataset=shapes",
+        *base,
+        "model.head.pooling=max",
+        "model.head.dense=[{units: 32}]",
+        "model.head.dropout=0.1",
+        f"train.head.epochs={s['head']}",
+        "train.head.learning_rate=0.003",
+        f"train.fine_tune.epochs={s['fine_tune']}",
+        "train.fine_tune.learning_rate=0.0003",
+        "train.batch_size=16",
+        "output.model_name=shapes",
+        "output.gate.min_test_accuracy=0.6",
+    ]
+    items += [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(None, items)
+
+
+def export_base_weights(run_uri: str, dest: str) -> None:
+    """Store the base of a trained run as an .h5 weights file (for ``model.weights``)."""
+    import tf_keras
+
+    from xfer.model import extract_base
+
+    with tempfile.TemporaryDirectory(prefix="xfer-demo-") as tmp:
+        path = os.path.join(tmp, "model.keras")
+        storage.download_file(storage.join(run_uri, "model", "model.keras"), path)
+        model = tf_keras.models.load_model(path, compile=False)
+        out = os.path.join(tmp, "base.h5")
+        extract_base(model).save_weights(out)
+        storage.upload_file(out, dest)
+
+
+def run_demo(settings: DemoSettings) -> int:
+    from xfer.raycluster import ensure_ray
+    from xfer.s3server import EmbeddedS3
+    from xfer.score import score
+    from xfer.shard import ShardSettings, shard_dataset
+    from xfer.synth import synthesize
+    from xfer.train.driver import train
+
+    started = time.monotonic()
+    total = 7 if settings.weights == "source" else 6
+    s = settings.sizes
+    work = Path(settings.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    step = 0
+
+    def next_step(text: str) -> None:
+        nonlocal step
+        step += 1
+        _step(step, total, text)
+
+    next_step(f"starting the embedded S3 server (data in {work / 's3'})")
+    server = EmbeddedS3(work / "s3", buckets=("xfer",)).start()
+    try:
+        os.environ.update(server.env())
+        print(f"S3 endpoint {server.endpoint}", flush=True)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ensure_ray(num_cpus=max(2, os.cpu_count() or 2))
+
+        next_step("generating images: a source task (6 shapes) and a target task (3 other shapes)")
+        raw = f"{ROOT}/raw"
+        for name, classes, per, seed in (
+            ("shapes-source", SOURCE_CLASSES, s["source"], 1),
+            ("shapes", TARGET_CLASSES, s["target"], 2),
+            ("incoming", TARGET_CLASSES, s["new"], 3),
+        ):
+            if name == "shapes-source" and settings.weights != "source":
+                continue
+            storage.delete_prefix(f"{raw}/{name}")
+            synthesize(f"{raw}/{name}", classes, per_class=per, size=64, seed=seed)
+
+        next_step("sharding into Parquet (xfer shard)")
+        for name in ("shapes-source", "shapes"):
+            if name == "shapes-source" and settings.weights != "source":
+                continue
+            summary = shard_dataset(
+                f"{raw}/{name}", f"{ROOT}/datasets/{name}", ShardSettings(target_shard_mb=0.2)
+            )
+            print(summary.describe(), flush=True)
+
+        if settings.weights == "source":
+            next_step(
+                "pretraining the base on the source task (2 Ray workers, MultiWorkerMirroredStrategy)"
+            )
+            source_cfg = demo_config(
+                settings,
+                **{
+                    "data.dataset": "shapes-source",
+                    "model.weights": "none",
+                    "model.head.dense": "[]",
+                    "train.head.epochs": 0,
+                    "train.fine_tune.epochs": s["source_epochs"],
+                    "train.fine_tune.learning_rate": 0.003,
+                    "output.model_name": "shapes-source",
+                    "output.gate.min_test_accuracy": 0.0,
+                    "output.predictions": "false",
+                },
+            )
+            source = train(source_cfg)
+            export_base_weights(source.run_uri, SOURCE_WEIGHTS)
+            print(
+                f"source task test accuracy {_pct(source.test_accuracy)}; base weights -> {SOURCE_WEIGHTS}"
+            )
+
+        next_step("transfer learning on the target task: head, then fine-tuning (2 Ray workers)")
+        cfg = demo_config(settings)
+        result = train(cfg)
+        print(result.describe(), flush=True)
+
+        next_step("baseline: the same head on a randomly initialised, frozen base")
+        baseline_cfg = demo_config(
+            settings,
+            **{
+                "model.weights": "none",
+                "train.fine_tune.epochs": 0,
+                "output.model_name": "shapes-baseline",
+                "output.publish": "false",
+                "output.predictions": "false",
+            },
+        )
+        baseline = train(baseline_cfg)
+
+        next_step("nightly scoring of new images with the published model (xfer score)")
+        scored = score(
+            cfg,
+            model=f"{ROOT}/models/shapes",
+            input_uri=f"{raw}/incoming",
+            output=f"{ROOT}/predictions/shapes",
+        )
+        print(scored.describe(), flush=True)
+
+        local_report = work / "report.html"
+        storage.download_file(f"{result.run_uri}/report.html", str(local_report))
+        print_summary(
+            settings, server, result, baseline, scored, local_report, time.monotonic() - started
+        )
+        import ray
+
+        ray.shutdown()
+        if settings.keep:
+            print("\n--keep: the S3 server stays up until Ctrl-C. In another shell:")
+            for key, value in server.env().items():
+                print(f"  export {key}={value}")
+            try:
+                while server.running():
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+        return 0
+    finally:
+        server.stop()
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def print_summary(
+    settings: DemoSettings,
+    server: Any,
+    result: Any,
+    baseline: Any,
+    scored: Any,
+    report: Path,
+    seconds: float,
+) -> None:
+    m, b = result.metrics, baseline.metrics
+    head = m["phases"].get("head", {})
+    ft = m["phases"].get("fine_tune", {})
+    pretrained = "ImageNet" if settings.weights == "imagenet" else "source-task"
+    work = Path(settings.workdir)
+    lines = [
+        "",
+        "=" * 72,
+        f"xfer demo finished in {seconds / 60:.1f} min",
+        "",
+        f"  validation accuracy after the head phase   {_pct(head.get('val_accuracy'))}   ({pretrained} base, frozen)",
+        f"  validation accuracy after fine-tuning      {_pct(ft.get('val_accuracy'))}",
+        f"  test accuracy                              {_pct(result.test_accuracy)}",
+        "",
+        "  what the pretrained base bought (head phase, same head and epochs):",
+        f"    pretrained frozen base   {_pct(head.get('val_accuracy'))}",
+        f"    random frozen base       {_pct(b['phases'].get('head', {}).get('val_accuracy'))}",
+        "",
+        f"  run        {result.run_uri}",
+        f"  model      {result.run_uri}/model/model.keras  (loads with tf_keras alone)",
+        f"  metrics    {result.run_uri}/metrics.json",
+        f"  test preds {result.run_uri}/predictions/test.parquet",
+        f"  published  {ROOT}/models/shapes/latest.json"
+        if result.published
+        else "  published  no (gate not passed)",
+        f"  nightly    {scored.output}/  ({scored.rows} images, {scored.errors} errors)",
+        f"  report     {report}  (a copy; open it in a browser)",
+        "",
+        "  to look around in the object store later:",
+        f"    xfer s3-server --data-dir {work / 's3'}      # then paste the exports it prints",
+        f"    aws s3 ls --recursive {result.run_uri}/",
+        f"    tensorboard --logdir {work}/tensorboard      # after: aws s3 sync {result.run_uri}/tensorboard {work}/tensorboard",
+        "=" * 72,
+    ]
+    print("\n".join(lines), flush=True)
+    shutil.rmtree(work / "tmp", ignore_errors=True)

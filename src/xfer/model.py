@@ -1,0 +1,248 @@
+"""`build_model(cfg, num_classes)`: a pretrained base, its input scaling, a new head.
+
+    model, base = build_model(cfg.model, image_size=224, num_classes=2, weights_path=path)
+
+The model takes plain RGB pixels (float, 0..255, ``image_size`` square): each base's
+own input scaling is the model's first layer, built from stock Keras layers only, so
+a saved model needs nothing from xfer to be loaded and used. The base is called with
+``training=False`` so that BatchNorm stays in inference mode in both phases
+(DESIGN.md, decision 7). Freezing is a setting: :func:`freeze_base` and
+:func:`unfreeze_top` flip ``trainable`` flags; the caller recompiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from xfer.config import ModelConfig
+from xfer.errors import ConfigError
+
+# Caffe-style bases (VGG16, ResNet50) expect BGR with the ImageNet mean subtracted.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    name: str
+    build: Callable[..., Any]  # (input_shape, weights, alpha) -> keras Model
+    preprocessing: str  # "caffe" | "tf" (-1..1) | "unit" (0..1) | "none" (0..255)
+    has_imagenet: bool = True
+
+
+def _keras() -> Any:
+    import tf_keras
+
+    return tf_keras
+
+
+def _vgg16(input_shape: tuple[int, int, int], weights: str | None, alpha: float) -> Any:
+    return _keras().applications.VGG16(include_top=False, weights=weights, input_shape=input_shape)
+
+
+def _resnet50(input_shape: tuple[int, int, int], weights: str | None, alpha: float) -> Any:
+    return _keras().applications.ResNet50(
+        include_top=False, weights=weights, input_shape=input_shape
+    )
+
+
+def _mobilenet_v2(input_shape: tuple[int, int, int], weights: str | None, alpha: float) -> Any:
+    return _keras().applications.MobileNetV2(
+        include_top=False, weights=weights, input_shape=input_shape, alpha=alpha
+    )
+
+
+def _efficientnet_b0(input_shape: tuple[int, int, int], weights: str | None, alpha: float) -> Any:
+    return _keras().applications.EfficientNetB0(
+        include_top=False, weights=weights, input_shape=input_shape
+    )
+
+
+def _tiny_cnn(input_shape: tuple[int, int, int], weights: str | None, alpha: float) -> Any:
+    """A small conv base for tests and the offline demo (no ImageNet weights exist)."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, filters in enumerate((16, 32, 64, 96)):
+        x = layers.Conv2D(filters, 3, padding="same", name=f"block{i + 1}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i + 1}_bn")(x)
+        x = layers.Activation("relu", name=f"block{i + 1}_relu")(x)
+        if i < 3:
+            x = layers.MaxPooling2D(name=f"block{i + 1}_pool")(x)
+    return keras.Model(inputs, x, name="tiny_cnn")
+
+
+REGISTRY: dict[str, BaseSpec] = {
+    "vgg16": BaseSpec("vgg16", _vgg16, "caffe"),
+    "resnet50": BaseSpec("resnet50", _resnet50, "caffe"),
+    "mobilenet_v2": BaseSpec("mobilenet_v2", _mobilenet_v2, "tf"),
+    "efficientnet_b0": BaseSpec("efficientnet_b0", _efficientnet_b0, "none"),
+    "tiny_cnn": BaseSpec("tiny_cnn", _tiny_cnn, "unit", has_imagenet=False),
+}
+
+
+def input_scaling(kind: str) -> Any:
+    """The base's input preprocessing as one stock Keras layer (serialisable)."""
+    import numpy as np
+
+    layers = _keras().layers
+    if kind == "tf":
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="input_scaling")
+    if kind == "unit":
+        return layers.Rescaling(1.0 / 255.0, name="input_scaling")
+    if kind == "caffe":
+        # RGB -> BGR and mean subtraction as a fixed 1x1 convolution.
+        kernel = np.zeros((1, 1, 3, 3), dtype="float32")
+        for c in range(3):
+            kernel[0, 0, c, 2 - c] = 1.0
+        bias = -np.array(CAFFE_MEAN_BGR, dtype="float32")
+        conv = layers.Conv2D(3, 1, name="input_scaling", trainable=False)
+        conv.build((None, None, None, 3))
+        conv.set_weights([kernel, bias])
+        return conv
+    return layers.Identity(name="input_scaling")
+
+
+def build_base(cfg: ModelConfig, image_size: int, weights_path: str | None) -> Any:
+    """The convolutional base with the configured weights loaded."""
+    spec = REGISTRY[cfg.base]
+    shape = (image_size, image_size, 3)
+    if cfg.weights == "imagenet":
+        if not spec.has_imagenet:
+            raise ConfigError(
+                f"model.weights: {cfg.base} has no ImageNet weights; use a file or none"
+            )
+        try:
+            return spec.build(shape, "imagenet", cfg.alpha)
+        except Exception as exc:  # the download needs internet
+            raise ConfigError(
+                f"model.weights=imagenet: could not load Keras' ImageNet weights for {cfg.base} "
+                f"({type(exc).__name__}: {str(exc)[:200]}). Without internet, point model.weights "
+                "at an .h5 file (local path or s3:// URI)"
+            ) from None
+    base = spec.build(shape, None, cfg.alpha)
+    if weights_path:
+        try:
+            base.load_weights(weights_path)
+        except Exception as exc:
+            raise ConfigError(
+                f"model.weights={cfg.weights}: the file does not fit a {cfg.base} base at "
+                f"{image_size}px ({type(exc).__name__}: {str(exc)[:300]})"
+            ) from None
+    return base
+
+
+def build_model(
+    cfg: ModelConfig,
+    image_size: int,
+    num_classes: int,
+    weights_path: str | None = None,
+    base: Any = None,
+) -> tuple[Any, Any]:
+    """Input scaling + frozen base + head. Returns ``(model, base)``."""
+    keras = _keras()
+    if num_classes < 2:
+        raise ConfigError(f"a classifier needs at least 2 classes (the dataset has {num_classes})")
+    base = base if base is not None else build_base(cfg, image_size, weights_path)
+    base.trainable = False
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = input_scaling(REGISTRY[cfg.base].preprocessing)(inputs)
+    x = base(x, training=False)  # BatchNorm in inference mode, in both phases
+    x = head(cfg, x, num_classes)
+    return keras.Model(inputs, x, name=f"xfer_{cfg.base}"), base
+
+
+def head(cfg: ModelConfig, features: Any, num_classes: int) -> Any:
+    """The trainable head on top of the base's feature map (or cached features)."""
+    layers = _keras().layers
+    h = cfg.head
+    if h.pooling == "flatten":
+        x = layers.Flatten(name="flatten")(features)
+    elif h.pooling == "max":
+        x = layers.GlobalMaxPooling2D(name="max_pool")(features)
+    else:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(features)
+    if h.dropout > 0:
+        x = layers.Dropout(h.dropout, name="dropout_0")(x)
+    for i, dense in enumerate(h.dense):
+        x = layers.Dense(dense.units, activation=dense.activation, name=f"dense_{i}")(x)
+        if h.dropout > 0:
+            x = layers.Dropout(h.dropout, name=f"dropout_{i + 1}")(x)
+    # float32 outputs even under mixed precision, for numerically sound losses.
+    if num_classes == 2:
+        return layers.Dense(1, activation="sigmoid", name="output", dtype="float32")(x)
+    return layers.Dense(num_classes, activation="softmax", name="output", dtype="float32")(x)
+
+
+def freeze_base(base: Any) -> None:
+    base.trainable = False
+
+
+def unfreeze_top(base: Any, unfreeze_from: str | int | None, unfreeze_top: int | None) -> int:
+    """Make the top of the base trainable; returns how many layers now train.
+
+    BatchNormalization layers stay frozen (and run in inference mode anyway), as in
+    Keras' own fine-tuning guide: updating their statistics on a small data set
+    destroys what the base learned.
+    """
+    layers = base.layers
+    if unfreeze_top is not None:
+        start = max(0, len(layers) - unfreeze_top)
+    elif unfreeze_from is None:
+        start = 0
+    elif isinstance(unfreeze_from, int):
+        if not -len(layers) <= unfreeze_from < len(layers):
+            raise ConfigError(
+                f"train.fine_tune.unfreeze_from={unfreeze_from}: the {base.name} base has {len(layers)} layers"
+            )
+        start = unfreeze_from % len(layers)
+    else:
+        names = [layer.name for layer in layers]
+        if unfreeze_from not in names:
+            import difflib
+
+            close = difflib.get_close_matches(unfreeze_from, names, n=3)
+            hint = f" (close: {', '.join(close)})" if close else ""
+            raise ConfigError(
+                f"train.fine_tune.unfreeze_from={unfreeze_from!r}: no such layer in {base.name}{hint}"
+            )
+        start = names.index(unfreeze_from)
+    base.trainable = True
+    bn = _keras().layers.BatchNormalization
+    count = 0
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= start and not isinstance(layer, bn)
+        count += int(layer.trainable and bool(layer.weights))
+    return count
+
+
+def make_optimizer(name: str, learning_rate: float) -> Any:
+    optimizers = _keras().optimizers
+    if name == "sgd":
+        return optimizers.SGD(learning_rate=learning_rate, momentum=0.9)
+    if name == "rmsprop":
+        return optimizers.RMSprop(learning_rate=learning_rate)
+    return optimizers.Adam(learning_rate=learning_rate)
+
+
+def compile_model(model: Any, optimizer: Any, num_classes: int) -> None:
+    keras = _keras()
+    if num_classes == 2:
+        loss = keras.losses.BinaryCrossentropy()
+        metrics = [keras.metrics.BinaryAccuracy(name="accuracy")]
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy()
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    # weighted_metrics: padding rows (weight 0) must not count in accuracy either.
+    model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
+
+
+def extract_base(model: Any) -> Any:
+    """The convolutional base inside a model built by :func:`build_model`."""
+    keras = _keras()
+    bases = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(bases) != 1:
+        raise ConfigError(f"expected one base model inside {model.name}, found {len(bases)}")
+    return bases[0]

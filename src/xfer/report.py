@@ -1,0 +1,181 @@
+"""A run's test-set metrics from its predictions, and `report.html` with plots.
+
+The report is one self-contained HTML file (plots embedded as PNG): learning curves
+for both phases, the confusion matrix, per-class precision and recall, throughput
+and lineage. Open it from the run's prefix; nothing else is needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+import numpy as np
+
+
+def classification_metrics(
+    true: list[int], predicted: list[int], classes: list[str]
+) -> dict[str, Any]:
+    """Confusion matrix and per-class precision/recall/F1 (rows: true, cols: predicted)."""
+    k = len(classes)
+    cm = np.zeros((k, k), dtype=int)
+    for t, p in zip(true, predicted, strict=True):
+        cm[t, p] += 1
+    per_class = {}
+    for i, name in enumerate(classes):
+        tp = int(cm[i, i])
+        predicted_i = int(cm[:, i].sum())
+        support = int(cm[i, :].sum())
+        precision = tp / predicted_i if predicted_i else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    total = int(cm.sum())
+    return {
+        "accuracy": float(np.trace(cm) / total) if total else 0.0,
+        "examples": total,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def learning_curves(history: dict[str, list[dict[str, float]]]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(phase, r) for phase in ("head", "fine_tune") for r in history.get(phase, [])]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(1, len(rows) + 1)
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for prefix, style in (("", "-o"), ("val_", "--s")):
+            ys = [r.get(prefix + metric, np.nan) for _, r in rows]
+            if not all(np.isnan(ys)):
+                ax.plot(
+                    x,
+                    ys,
+                    style,
+                    label=("validation " if prefix else "train ") + metric,
+                    markersize=4,
+                )
+        n_head = len(history.get("head", []))
+        if 0 < n_head < len(rows):
+            ax.axvline(n_head + 0.5, color="grey", linestyle=":", label="fine-tuning starts")
+        ax.set_xlabel("epoch (head, then fine-tune)")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def confusion_plot(cm: list[list[int]], classes: list[str]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arr = np.array(cm)
+    size = max(3.5, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(arr, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(arr.shape[0]):
+        for j in range(arr.shape[1]):
+            ax.text(
+                j,
+                i,
+                str(arr[i, j]),
+                ha="center",
+                va="center",
+                color="white" if arr[i, j] > arr.max() / 2 else "black",
+            )
+    ax.set_title("test confusion matrix")
+    return _png(fig)
+
+
+def render_report(metrics: dict[str, Any], lineage: dict[str, Any]) -> str:
+    """The HTML of report.html."""
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>xfer run {esc(metrics['run_id'])}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+        "th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}</style></head><body>",
+        f"<h1>Run <code>{esc(metrics['run_id'])}</code></h1>",
+        f"<p>model <b>{esc(metrics.get('model_name', ''))}</b>, base <b>{esc(metrics['base'])}</b>, "
+        f"{metrics['workers']} worker(s), dataset <code>{esc(metrics['dataset'])}</code></p>",
+    ]
+    test = metrics.get("test") or {}
+    parts.append(
+        "<h2>Summary</h2><table><tr><th>phase</th><th>epochs</th><th>val accuracy (last)</th>"
+        "<th>wall time (s)</th><th>images/s</th></tr>"
+    )
+    for phase, info in metrics["phases"].items():
+        parts.append(
+            f"<tr><td>{phase}</td><td>{info['epochs']}</td><td>{_fmt(info.get('val_accuracy'))}</td>"
+            f"<td>{_fmt(info.get('seconds'), 1)}</td><td>{_fmt(info.get('images_per_s'), 1)}</td></tr>"
+        )
+    parts.append("</table>")
+    if test:
+        parts.append(
+            f"<p>Test accuracy <b>{_fmt(test.get('accuracy'))}</b>, loss {_fmt(test.get('loss'))} "
+            f"on {test.get('examples', '?')} images.</p>"
+        )
+    curves = learning_curves(metrics.get("history", {}))
+    if curves:
+        parts.append(
+            f"<h2>Learning curves</h2><img alt='learning curves' src='data:image/png;base64,{curves}'>"
+        )
+    if test.get("confusion_matrix"):
+        parts.append("<h2>Test set</h2>")
+        cm = confusion_plot(test["confusion_matrix"], metrics["classes"])
+        parts.append(f"<img alt='confusion matrix' src='data:image/png;base64,{cm}'>")
+        parts.append(
+            "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+        )
+        for name, m in test["per_class"].items():
+            parts.append(
+                f"<tr><td>{esc(name)}</td><td>{_fmt(m['precision'])}</td><td>{_fmt(m['recall'])}</td>"
+                f"<td>{_fmt(m['f1'])}</td><td>{m['support']}</td></tr>"
+            )
+        parts.append("</table>")
+    parts.append("<h2>Lineage</h2><table>")
+    for key, value in _flatten(lineage):
+        parts.append(
+            f"<tr><th style='text-align:left'>{esc(key)}</th><td style='text-align:left'>"
+            f"<code>{esc(str(value))}</code></td></tr>"
+        )
+    parts.append("</table></body></html>")
+    return "\n".join(parts)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.extend(_flatten(v, f"{prefix}{k}."))
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
