@@ -190,11 +190,8 @@ def train(cfg: XferConfig) -> TrainResult:
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "run_uri": run_uri,
-            "env": {
-                k: v
-                for k, v in worker_env().items()
-                if k.startswith("AWS_ENDPOINT") or k.startswith("AWS_REG")
-            },
+            # Applied first thing on each worker, before TensorFlow is imported.
+            "env": worker_env(use_gpu=c.use_gpu),
         },
         scaling_config=ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources

@@ -137,13 +137,13 @@ class EpochEnd:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    for key, value in config.get("env", {}).items():
+        os.environ[key] = value
     import ray.train
     import tensorflow as tf
 
     cfg = XferConfig.model_validate(config["cfg"])
     run_uri: str = config["run_uri"]
-    for key, value in config.get("env", {}).items():
-        os.environ[key] = value
     policy = set_mixed_precision(cfg.train.mixed_precision, enable_memory_growth() > 0)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     ctx = ray.train.get_context()
