@@ -78,3 +78,113 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# ---------------------------------------------------------------- training data
+
+SOURCE_CLASSES = ["star", "cross", "ring", "hexagon", "stripes", "dots"]
+TARGET_CLASSES = ["ring", "star"]
+IMAGE_SIZE = 48
+
+
+@pytest.fixture(scope="session")
+def session_root(s3_server: EmbeddedS3) -> str:
+    """A storage root on S3 shared by the slow-to-build fixtures below."""
+    s3_server.create_bucket("xfer-session")
+    return "s3://xfer-session/xfer"
+
+
+@pytest.fixture(scope="session")
+def pretrained_weights(session_root: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An .h5 file of tiny_cnn base weights, pretrained on generated source shapes.
+
+    Trained in this process with plain tf_keras (a few seconds), uploaded to S3, and
+    loaded by training runs through the ``s3://`` weights path, as on an air-gapped
+    cluster. The target task of the tests (ring vs star, new images) shares these
+    shapes, so a head on the frozen base separates them well.
+    """
+    import numpy as np
+
+    from xfer.config import load_config
+    from xfer.model import build_model, compile_model, make_optimizer, unfreeze_top
+    from xfer.synth import render
+
+    xs, ys = [], []
+    for ci, shape in enumerate(SOURCE_CLASSES):
+        rng = np.random.default_rng([101, ci])
+        for _ in range(100):
+            xs.append(np.asarray(render(shape, IMAGE_SIZE, rng), dtype="float32"))
+            ys.append(ci)
+    order = np.random.default_rng(0).permutation(len(xs))
+    x, y = np.stack(xs)[order], np.array(ys)[order]
+    cfg = load_config(
+        None,
+        [
+            "model.base=tiny_cnn",
+            "model.weights=none",
+            "model.head.pooling=max",
+            "model.head.dropout=0",
+        ],
+    )
+    model, base = build_model(cfg.model, IMAGE_SIZE, len(SOURCE_CLASSES))
+    unfreeze_top(base, None, None)
+    compile_model(model, make_optimizer("adam", 3e-3), len(SOURCE_CLASSES))
+    model.fit(x, y, epochs=12, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("weights") / "tiny_source.h5"
+    base.save_weights(str(path))
+    uri = f"{session_root}/weights/tiny_source.h5"
+    from xfer import storage
+
+    storage.upload_file(str(path), uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def target_dataset(session_root: str, ray_local: None) -> str:
+    """Generated ring/star images, sharded into ``<root>/datasets/shapes``."""
+    from xfer.shard import ShardSettings, shard_dataset
+    from xfer.synth import synthesize
+
+    synthesize(f"{session_root}/raw/shapes", TARGET_CLASSES, per_class=70, size=IMAGE_SIZE, seed=7)
+    shard_dataset(
+        f"{session_root}/raw/shapes",
+        f"{session_root}/datasets/shapes",
+        ShardSettings(target_shard_mb=0.05),
+    )
+    return f"{session_root}/datasets/shapes"
+
+
+def train_overrides(root: str, weights: str, **extra: object) -> list[str]:
+    """A small, fast two-phase run on the target dataset (2 workers, 48 px)."""
+    items = {
+        "storage.root": root,
+        "data.dataset": "shapes",
+        "data.image_size": IMAGE_SIZE,
+        "data.augment.rotation": 0.02,
+        "model.base": "tiny_cnn",
+        "model.weights": weights,
+        "model.head.pooling": "max",
+        "model.head.dense": "[{units: 16}]",
+        "model.head.dropout": 0.0,
+        "train.batch_size": 8,
+        "train.head.epochs": 4,
+        "train.head.learning_rate": 0.005,
+        "train.fine_tune.epochs": 1,
+        "train.fine_tune.learning_rate": 0.0003,
+        "train.fine_tune.unfreeze_top": 4,
+        "train.verbose": 0,
+        "cluster.num_workers": 2,
+        "output.model_name": "shapes",
+        "output.gate.min_test_accuracy": 0.8,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="session")
+def trained_run(session_root: str, pretrained_weights: str, target_dataset: str):
+    """One complete two-phase training run with 2 Ray workers (shared by tests)."""
+    from xfer.config import load_config
+    from xfer.train.driver import train
+
+    return train(load_config(None, train_overrides(session_root, pretrained_weights)))

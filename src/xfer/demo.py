@@ -31,6 +31,9 @@ SOURCE_CLASSES = ["star", "cross", "ring", "hexagon", "stripes", "dots"]
 TARGET_CLASSES = ["circle", "square", "triangle"]
 ROOT = "s3://xfer"
 SOURCE_WEIGHTS = f"{ROOT}/weights/tiny_cnn-shapes-source.h5"
+# The demo is the shipped local config (jobs/configs/local.yaml), which is also
+# packaged with xfer so that `xfer demo` works from an installed wheel.
+LOCAL_CONFIG = Path(__file__).parent / "configs" / "local.yaml"
 
 
 @dataclass(frozen=True)
@@ -66,33 +69,21 @@ def _step(n: int, total: int, text: str) -> None:
 
 
 def demo_config(settings: DemoSettings, **overrides: Any) -> XferConfig:
-    """The target run's config: the shipped local config plus the demo's sizes."""
+    """The target run's config: the shipped local config, with the demo's sizes."""
     s = settings.sizes
-    base = ["model.base=tiny_cnn", "data.image_size=64", f"model.weights={SOURCE_WEIGHTS}"]
+    items = [
+        f"train.head.epochs={s['head']}",
+        f"train.fine_tune.epochs={s['fine_tune']}",
+    ]
     if settings.weights == "imagenet":
-        base = [
+        items += [
             "model.base=mobilenet_v2",
             "model.alpha=1.0",
             "data.image_size=96",
             "model.weights=imagenet",
         ]
-    items = [
-        f"storage.root={ROOT}",
-        "data.dataset=shapes",
-        *base,
-        "model.head.pooling=max",
-        "model.head.dense=[{units: 32}]",
-        "model.head.dropout=0.1",
-        f"train.head.epochs={s['head']}",
-        "train.head.learning_rate=0.003",
-        f"train.fine_tune.epochs={s['fine_tune']}",
-        "train.fine_tune.learning_rate=0.0003",
-        "train.batch_size=16",
-        "output.model_name=shapes",
-        "output.gate.min_test_accuracy=0.6",
-    ]
     items += [f"{k}={v}" for k, v in overrides.items()]
-    return load_config(None, items)
+    return load_config(str(LOCAL_CONFIG), items)
 
 
 def export_base_weights(run_uri: str, dest: str) -> None:

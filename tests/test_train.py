@@ -1,0 +1,248 @@
+"""End-to-end training with 2 Ray workers under MWMS, on the embedded S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from xfer import storage
+from xfer.manifest import load_manifest
+
+# Chance is 50% (two balanced classes). The frozen base was pretrained on these
+# shapes, so a working pipeline reaches well over 90%; a broken one (labels shuffled
+# across workers, half the data silently dropped, BatchNorm in training mode on a
+# frozen base) sits near chance. 80% leaves room for the run-to-run noise of a
+# 28-image test split while still failing every one of those.
+MIN_TEST_ACCURACY = 0.80
+
+
+def test_both_phases_run_and_all_outputs_exist(trained_run):
+    r = trained_run
+    m = r.metrics
+    assert [len(m["history"]["head"]), len(m["history"]["fine_tune"])] == [4, 1]
+    assert m["workers"] == 2 and m["replicas"] == 2
+    assert m["test"]["accuracy"] >= MIN_TEST_ACCURACY, m["test"]
+    for phase in ("head", "fine_tune"):
+        info = m["phases"][phase]
+        assert info["seconds"] > 0 and info["images_per_s"] > 0
+        assert info["val_accuracy"] is not None
+    per_class = m["test"]["per_class"]
+    assert set(per_class) == {"ring", "star"}
+    assert all(0 <= v["precision"] <= 1 and 0 <= v["recall"] <= 1 for v in per_class.values())
+
+    names = {storage.basename(f.uri) for f in storage.list_files(r.run_uri)}
+    for expected in (
+        "config.yaml",
+        "metrics.json",
+        "lineage.json",
+        "report.html",
+        "_SUCCESS",
+        "model.keras",
+        "xfer_model.json",
+        "test.parquet",
+    ):
+        assert expected in names, f"{expected} missing from the run"
+    tb = [f.uri for f in storage.list_files(f"{r.run_uri}/tensorboard")]
+    assert any("/head/" in u for u in tb) and any("/fine_tune/" in u for u in tb)
+    lineage = storage.read_json(f"{r.run_uri}/lineage.json")
+    manifest = load_manifest(m["dataset"])
+    assert lineage["dataset"]["manifest_checksum"] == manifest.checksum
+    assert (
+        lineage["weights"]["source"].endswith("tiny_source.h5")
+        and len(lineage["weights"]["sha256"]) == 64
+    )
+    assert lineage["packages"]["tensorflow"].startswith("2.21")
+    html = storage.read_text(f"{r.run_uri}/report.html")
+    assert html.count("data:image/png;base64,") >= 2  # learning curves + confusion matrix
+    config_text = storage.read_text(f"{r.run_uri}/config.yaml")
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in config_text
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in json.dumps(m)
+
+
+def test_success_marker_is_written_last(trained_run):
+    """_SUCCESS is newer than every output of the run (S3 LastModified).
+
+    Ray Train's own bookkeeping (checkpoints, its snapshot file) is not an output.
+    """
+    bucket, key = storage.split_s3(trained_run.run_uri)
+    objects = storage.s3_client().list_objects_v2(Bucket=bucket, Prefix=key + "/")["Contents"]
+    times = {
+        o["Key"][len(key) + 1 :]: o["LastModified"]
+        for o in objects
+        if not o["Key"][len(key) + 1 :].startswith(("checkpoint", "."))
+    }
+    success = times.pop("_SUCCESS")
+    late = {k: str(t) for k, t in times.items() if t > success}
+    assert not late, (str(success), late)
+
+
+def test_latest_points_at_the_run(trained_run, session_root):
+    latest = storage.read_json(f"{session_root}/models/shapes/latest.json")
+    assert latest["run_id"] == trained_run.run_id
+    assert latest["run_uri"] == trained_run.run_uri
+    assert trained_run.published
+
+
+def test_saved_model_loads_with_tf_keras_alone_and_reproduces_predictions(
+    trained_run, target_dataset
+):
+    """Load model.keras in a fresh interpreter that never imports xfer."""
+    import subprocess
+    import sys
+
+    local = tempfile.mkdtemp()
+    storage.download_file(f"{trained_run.run_uri}/model/model.keras", f"{local}/model.keras")
+    preds = storage.read_parquet(f"{trained_run.run_uri}/predictions/test.parquet")
+    preds = preds.filter(pc.is_null(preds.column("error")))
+    manifest = load_manifest(target_dataset)
+    test = storage.read_parquet(manifest.shard_uris("test")[0])
+    # Decode exactly as xfer does, save the pixels, predict in a clean process.
+    import tensorflow as tf
+
+    from xfer.preprocess import decode_and_resize
+
+    keys = test.column("key").to_pylist()
+    pixels = np.stack(
+        [decode_and_resize(tf.constant(b), 48).numpy() for b in test.column("image").to_pylist()]
+    )
+    np.save(f"{local}/pixels.npy", pixels)
+    code = (
+        "import os, sys, numpy as np\n"
+        "os.environ['TF_USE_LEGACY_KERAS'] = '1'\n"
+        "import tf_keras\n"
+        "assert 'xfer' not in sys.modules\n"
+        f"m = tf_keras.models.load_model('{local}/model.keras', compile=False)\n"
+        f"np.save('{local}/out.npy', m.predict(np.load('{local}/pixels.npy'), verbose=0))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-I", "-c", code], check=True, env=env, cwd=local)
+    out = np.load(f"{local}/out.npy").reshape(-1)
+    by_key = dict(
+        zip(preds.column("key").to_pylist(), preds.column("prob_star").to_pylist(), strict=True)
+    )
+    for key, p in zip(keys, out, strict=True):
+        assert abs(by_key[key] - float(p)) < 1e-4
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(
+    session_root, pretrained_weights, target_dataset
+):
+    """Rank 1 really exits (os._exit) at the start of head epoch 3; the run recovers."""
+    from xfer.config import load_config
+    from xfer.train.driver import train
+
+    from .conftest import train_overrides
+
+    cfg = load_config(
+        None,
+        train_overrides(
+            session_root,
+            pretrained_weights,
+            **{
+                "cluster.max_failures": 1,
+                "fault.rank": 1,
+                "fault.phase": "head",
+                "fault.epoch": 2,
+                "output.model_name": "shapes-fault",
+                "output.predictions": "false",
+                "output.report": "false",
+            },
+        ),
+    )
+    result = train(cfg)
+    m = result.metrics
+    assert storage.exists(f"{result.run_uri}/_fault_injected"), "the fault never fired"
+    # Resumed once, in the head phase, from a checkpoint after at least one epoch:
+    # not from zero. (Epoch 2's report may or may not have reached Ray Train's
+    # controller before the worker died; either checkpoint is a correct resume.)
+    assert len(m["resumes"]) == 1
+    assert m["resumes"][0]["phase"] == "head" and m["resumes"][0]["epoch"] in (1, 2)
+    # ... so each epoch ran once: no repeated epochs in the history.
+    assert [r["epoch"] for r in m["history"]["head"]] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in m["history"]["fine_tune"]] == [1]
+    assert m["test"]["accuracy"] >= MIN_TEST_ACCURACY
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_resumed_deliberately_by_id(
+    session_root, pretrained_weights, target_dataset
+):
+    from xfer.config import load_config
+    from xfer.errors import XferError
+    from xfer.train.driver import train
+
+    from .conftest import train_overrides
+
+    overrides = train_overrides(
+        session_root,
+        pretrained_weights,
+        **{
+            "cluster.max_failures": 0,
+            "fault.rank": 0,
+            "fault.phase": "fine_tune",
+            "fault.epoch": 0,
+            "output.model_name": "shapes-resume",
+            "output.predictions": "false",
+        },
+    )
+    with pytest.raises(XferError, match=r"resume with: .*output\.run_id=") as err:
+        train(load_config(None, overrides))
+    run_id = str(err.value).rsplit("output.run_id=", 1)[1].split()[0]
+    result = train(load_config(None, [*overrides, f"output.run_id={run_id}"]))
+    assert result.run_id == run_id
+    m = result.metrics
+    # From the last checkpoint Ray Train registered before the failure: head epoch 4
+    # or, if that last report had not reached the controller yet, epoch 3.
+    assert [r["phase"] for r in m["resumes"]] == ["head"] and m["resumes"][0]["epoch"] in (3, 4)
+    assert [r["epoch"] for r in m["history"]["head"]] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in m["history"]["fine_tune"]] == [1]
+    with pytest.raises(XferError, match="already complete"):
+        train(load_config(None, [*overrides, f"output.run_id={run_id}"]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.base=vgg61", "unknown base 'vgg61'"),
+        ("data.classes=[cat, dog]", "does not match the dataset's classes ['ring', 'star']"),
+        (
+            "data.dataset=no-such-dataset",
+            "no dataset at s3://xfer-session/xfer/datasets/no-such-dataset",
+        ),
+        ("model.weights=s3://xfer-session/xfer/weights/missing.h5", "model.weights: no file at"),
+        (
+            "train.fine_tune.unfreeze_from=block9_conv train.fine_tune.unfreeze_top=null",
+            "no such layer in tiny_cnn",
+        ),
+        ("cluster.num_workers=64", "this machine cannot run the job: it needs 64 CPUs"),
+    ],
+)
+def test_bad_config_fails_before_any_worker_starts(
+    session_root, pretrained_weights, target_dataset, override, message
+):
+    """`xfer train` exits 2 with one line naming the problem; no run is written."""
+    import subprocess
+    import sys
+
+    from .conftest import train_overrides
+
+    before = {f.uri for f in storage.list_files(f"{session_root}/runs")}
+    args = [*train_overrides(session_root, pretrained_weights), *override.split()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "xfer", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "RayTrainWorker" not in proc.stderr + proc.stdout
+    after = {f.uri for f in storage.list_files(f"{session_root}/runs")}
+    assert not {u for u in after - before if not u.endswith("config.yaml")}
