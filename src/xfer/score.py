@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -312,7 +313,12 @@ def _list_rows(uri: str) -> list[dict[str, str]]:
 
 def predictions(ref: ModelRef, ds: Any, sc: ScoreConfig, scored_at: str) -> Any:
     """The scoring pipeline over ``ds``: decode tasks, then the predictor actor pool."""
+    import warnings
+
     import ray.data
+
+    # Small inputs give fewer blocks than decode tasks; Ray Data warns. Harmless.
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
 
     from xfer.raycluster import runtime_env
 
@@ -344,7 +350,7 @@ def predictions(ref: ModelRef, ds: Any, sc: ScoreConfig, scored_at: str) -> Any:
 
 
 def _write_parts(
-    batches: Iterator[Any], directory: str, single_file: str | None
+    batches: Iterator[Any], directory: str, single_file: str | None, token: str
 ) -> tuple[list[str], int, int]:
     """Stream prediction batches into Parquet parts; returns (files, rows, errors)."""
     import pyarrow.compute as pc
@@ -360,7 +366,7 @@ def _write_parts(
         if writer is None or (single_file is None and in_part >= ROWS_PER_PART):
             if writer is not None:
                 writer.close()
-            name = single_file or f"part-{len(files):05d}.parquet"
+            name = single_file or f"part-{len(files):05d}-{token}.parquet"
             files.append(name)
             writer = pq.ParquetWriter(os.path.join(directory, name), table.schema)
             in_part = 0
@@ -397,12 +403,14 @@ def write_predictions(
     ref: ModelRef, ds: Any, sc: ScoreConfig, final: str, single_file: str | None = None
 ) -> tuple[int, int, dict[str, Any]]:
     """Run the pipeline and commit its output at ``final`` (a prefix), marker last."""
-    scored_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    now = dt.datetime.now(dt.timezone.utc)
+    scored_at = now.isoformat(timespec="seconds")
+    token = f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"  # new file names on every run
     pipeline = predictions(ref, ds, sc, scored_at)
     local = tempfile.mkdtemp(prefix="xfer-pred-")
     try:
         batches = pipeline.iter_batches(batch_format="pyarrow", batch_size=None)
-        files, rows, errors = _write_parts(batches, local, single_file)
+        files, rows, errors = _write_parts(batches, local, single_file, token)
         if rows == 0:
             raise DataError("no rows were scored; nothing written")
         marker = {
@@ -415,9 +423,8 @@ def write_predictions(
         }
         staging = storage.staging_prefix(final)
         storage.upload_dir(local, staging)
-        storage.commit_prefix(
-            staging, final, marker=SUCCESS, marker_body=json.dumps(marker, indent=2).encode()
-        )
+        body = json.dumps(marker, indent=2).encode()
+        storage.commit_partition(staging, final, marker=SUCCESS, marker_body=body, keep=files)
     finally:
         import shutil
 

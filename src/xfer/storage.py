@@ -559,6 +559,36 @@ def commit_prefix(
             os.replace(src, dst)
 
 
+def commit_partition(
+    staging: str, final: str, marker: str, marker_body: bytes, keep: list[str]
+) -> None:
+    """Publish a partition by switching its marker; readers follow the marker.
+
+    ``keep`` are the relative names of the staged files; they must be new names
+    (xfer puts a run token in them). The files are copied in next to the old ones,
+    then the marker, which lists them, is replaced in one PUT, then everything the
+    new marker does not list is deleted. A reader that reads the marker and then the
+    files it lists sees the old partition or the new one, never a mix; one that lists
+    the prefix instead of reading the marker may briefly see both (don't).
+    Locally the directory is swapped by rename.
+    """
+    if not is_s3(final):
+        commit_prefix(staging, final, marker=marker, marker_body=marker_body)
+        return
+    base = staging.rstrip("/") + "/"
+    for info in list_files(staging):
+        copy(info.uri, join(final, info.uri[len(base) :]))
+    write_bytes(join(final, marker), marker_body, "application/json")
+    wanted = {join(final, name) for name in [*keep, marker]}
+    bucket, _ = split_s3(final)
+    stale = [split_s3(f.uri)[1] for f in list_files(final) if f.uri not in wanted]
+    for i in range(0, len(stale), 1000):
+        chunk = [{"Key": k} for k in stale[i : i + 1000]]
+        with translate_errors(final):
+            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+    delete_prefix(staging)
+
+
 def make_local_staging(final: str) -> str:
     """A local directory to build files in before :func:`commit_prefix` (local or S3)."""
     if is_s3(final):

@@ -1,0 +1,207 @@
+"""`xfer score`: Ray Data batch scoring into idempotent Parquet partitions."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xfer import storage
+from xfer.config import load_config
+from xfer.errors import DataError, XferError
+from xfer.score import resolve_model, score
+from xfer.synth import synthesize
+
+from .conftest import IMAGE_SIZE
+
+
+def make_inputs(prefix: str) -> dict[str, str]:
+    """Eight good images and three bad ones; returns bad key -> expected reason."""
+    synthesize(prefix, ["ring", "star"], per_class=4, size=60, seed=99)
+    storage.write_bytes(f"{prefix}/bad/empty.jpg", b"")
+    storage.write_bytes(f"{prefix}/bad/notes.txt", b"not an image")
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (100, 100, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="JPEG")
+    storage.write_bytes(f"{prefix}/bad/truncated.jpg", buf.getvalue()[: len(buf.getvalue()) // 2])
+    return {
+        "bad/empty.jpg": "empty file",
+        "bad/notes.txt": "not an image",
+        "bad/truncated.jpg": "cannot decode",
+    }
+
+
+def local_predictions(run_uri: str, blobs: dict[str, bytes]) -> dict[str, float]:
+    """P(star) from plain tf_keras model.predict on the same decoded images."""
+    import tempfile
+
+    import tensorflow as tf
+    import tf_keras
+
+    from xfer.preprocess import decode_and_resize
+
+    path = os.path.join(tempfile.mkdtemp(), "model.keras")
+    storage.download_file(f"{run_uri}/model/model.keras", path)
+    model = tf_keras.models.load_model(path, compile=False)
+    keys = sorted(blobs)
+    x = np.stack([decode_and_resize(tf.constant(blobs[k]), IMAGE_SIZE).numpy() for k in keys])
+    return dict(zip(keys, model.predict(x, verbose=0).reshape(-1).tolist(), strict=True))
+
+
+def test_scores_every_input_with_error_rows_and_exact_predictions(
+    trained_run, session_root, bucket
+):
+    inputs = f"{bucket}/incoming"
+    bad = make_inputs(inputs)
+    cfg = load_config(None, [f"storage.root={session_root}", "score.batch_size=4"])
+    result = score(
+        cfg,
+        model=f"{session_root}/models/shapes",
+        input_uri=inputs,
+        output=f"{bucket}/preds",
+        date="2026-03-04",
+    )
+    part = f"{bucket}/preds/dt=2026-03-04"
+    assert result.output == part and result.rows == 11 and result.errors == 3
+    marker = storage.read_json(f"{part}/_SUCCESS")
+    table = storage.read_parquet(f"{part}/{marker['files'][0]}")
+    assert table.num_rows == 11 == marker["rows"]
+    for col in (
+        "key",
+        "source_uri",
+        "predicted_label",
+        "predicted_index",
+        "probability",
+        "prob_ring",
+        "prob_star",
+        "model_name",
+        "run_id",
+        "scored_at",
+        "error",
+    ):
+        assert col in table.column_names
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert set(rows) == {f.uri[len(inputs) + 1 :] for f in storage.list_files(inputs)}
+    for key, reason in bad.items():
+        assert reason in rows[key]["error"] and rows[key]["predicted_label"] is None
+    good = {k: storage.read_bytes(f"{inputs}/{k}") for k in rows if k not in bad}
+    expected = local_predictions(trained_run.run_uri, good)
+    for key, p_star in expected.items():
+        r = rows[key]
+        assert (
+            r["error"] is None and r["run_id"] == trained_run.run_id and r["model_name"] == "shapes"
+        )
+        assert r["prob_star"] == pytest.approx(p_star, abs=1e-5)
+        assert r["predicted_label"] == ("star" if p_star >= 0.5 else "ring")
+        assert r["probability"] == pytest.approx(max(p_star, 1 - p_star), abs=1e-5)
+    # The trained model is good: most clean images are classified as their folder.
+    correct = sum(rows[k]["predicted_label"] == k.split("/")[0] for k in good)
+    assert correct >= 6
+
+
+def test_rerun_of_a_date_leaves_exactly_one_complete_partition(trained_run, session_root, bucket):
+    inputs = f"{bucket}/incoming"
+    make_inputs(inputs)
+    cfg = load_config(None, [f"storage.root={session_root}"])
+    out = f"{bucket}/preds"
+    first = score(cfg, model=trained_run.run_uri, input_uri=inputs, output=out, date="2026-03-05")
+    marker1 = storage.read_json(f"{first.output}/_SUCCESS")
+    second = score(cfg, model=trained_run.run_uri, input_uri=inputs, output=out, date="2026-03-05")
+    marker2 = storage.read_json(f"{second.output}/_SUCCESS")
+    names = sorted(storage.basename(f.uri) for f in storage.list_files(second.output))
+    assert names == sorted([*marker2["files"], "_SUCCESS"]), (
+        "files of the first run are left behind"
+    )
+    assert set(marker1["files"]).isdisjoint(marker2["files"])
+    total = sum(storage.read_parquet(f"{second.output}/{f}").num_rows for f in marker2["files"])
+    assert total == 11
+    # Only this date's partition exists; nothing staged is left over.
+    assert {storage.basename(storage.parent(f.uri)) for f in storage.list_files(out)} == {
+        "dt=2026-03-05"
+    }
+    assert not [f for f in storage.list_files(bucket) if "/_tmp/" in f.uri]
+
+
+def test_dataset_and_list_inputs(trained_run, session_root, target_dataset, tmp_path):
+    from xfer.manifest import load_manifest
+
+    cfg = load_config(None, [f"storage.root={session_root}", "score.split=test"])
+    out = str(tmp_path / "preds")
+    result = score(
+        cfg, model=trained_run.run_uri, input_uri=target_dataset, output=out, date="2026-03-06"
+    )
+    assert result.rows == load_manifest(target_dataset).split("test").rows
+    marker = storage.read_json(f"{out}/dt=2026-03-06/_SUCCESS")
+    table = storage.read_parquet(f"{out}/dt=2026-03-06/{marker['files'][0]}")
+    assert {"true_label", "true_index"} <= set(table.column_names)
+
+    images = tmp_path / "imgs"
+    synthesize(str(images), ["ring", "star"], per_class=2, size=40, seed=5)
+    listing = tmp_path / "list.csv"
+    listing.write_text(
+        "uri\n"
+        + "\n".join(str(p.relative_to(tmp_path)) for p in sorted(images.rglob("*.jpg")))
+        + "\n"
+    )
+    result = score(
+        cfg, model=trained_run.run_uri, input_uri=str(listing), output=out, date="2026-03-07"
+    )
+    assert result.rows == 4 and result.errors == 0
+
+
+def test_missing_model_uncommitted_run_and_empty_input_fail_clearly(
+    trained_run, session_root, bucket
+):
+    cfg = load_config(None, [f"storage.root={session_root}"])
+    inputs = f"{bucket}/incoming"
+    make_inputs(inputs)
+    out = f"{bucket}/preds"
+    with pytest.raises(XferError, match="no committed run or published model"):
+        score(cfg, model=f"{session_root}/models/no-such-model", input_uri=inputs, output=out)
+    # A run without _SUCCESS (crashed, or still running) is refused.
+    fake = f"{bucket}/runs/unfinished"
+    for f in storage.list_files(f"{trained_run.run_uri}/model"):
+        storage.copy(f.uri, f"{fake}/model/{storage.basename(f.uri)}")
+    with pytest.raises(XferError, match="not committed"):
+        score(cfg, model=fake, input_uri=inputs, output=out)
+    storage.write_bytes(f"{bucket}/empty/.keep", b"")
+    with pytest.raises(DataError, match="no images found; nothing to score"):
+        score(cfg, model=trained_run.run_uri, input_uri=f"{bucket}/empty", output=out)
+    with pytest.raises(XferError, match="not a date"):
+        score(cfg, model=trained_run.run_uri, input_uri=inputs, output=out, date="yesterday")
+    assert storage.list_files(out) == []
+    # The same through the CLI: one line, exit status 2, no traceback.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xfer",
+            "score",
+            "--model",
+            fake,
+            "--input",
+            inputs,
+            "--output",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        proc.returncode == 2 and "not committed" in proc.stderr and "Traceback" not in proc.stderr
+    )
+
+
+def test_resolve_model_follows_latest(trained_run, session_root):
+    ref = resolve_model(f"{session_root}/models/shapes")
+    assert (
+        ref.run_id == trained_run.run_id
+        and ref.classes == ["ring", "star"]
+        and ref.image_size == IMAGE_SIZE
+    )
