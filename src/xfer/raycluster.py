@@ -56,10 +56,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         "logging_level": "WARNING",
     }
     if address:
+        # Under `ray job submit` the job has its own runtime env (jobs/runtime_env.yaml);
+        # combine it with ours instead of failing on the keys both set.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # The dashboard also serves the state API that Ray Train's clean-up uses;
         # it listens on 127.0.0.1 only.
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # address="local": a new instance, never an attach to some other cluster that
+        # happens to run on this machine.
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            **kwargs,
+        )
     return True

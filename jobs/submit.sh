@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Submit an xfer job to a Ray cluster (Ray 2.60, dashboard token auth):
+#
+#   export RAY_ADDRESS=http://127.0.0.1:8265      # the head's dashboard
+#   export RAY_AUTH_TOKEN=...                     # or keep it in ~/.ray/auth_token
+#   jobs/submit.sh train --config jobs/configs/gpu_production.yaml [key=value ...]
+#   jobs/submit.sh score --config jobs/configs/nightly_score.yaml --model ... --input ... --output ...
+#   jobs/submit.sh shard s3://bucket/raw/pets s3://bucket/datasets/pets --max-side 256
+#
+# XFER_RUNTIME_ENV overrides the runtime env file (default jobs/runtime_env.yaml);
+# XFER_SUBMIT_ARGS adds options to `ray job submit` (e.g. --no-wait).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+job="${1:?usage: jobs/submit.sh train|score|shard [args...]}"
+shift
+case "$job" in train|score|shard) ;; *) echo "unknown job '$job' (train, score or shard)" >&2; exit 2 ;; esac
+: "${RAY_ADDRESS:?set RAY_ADDRESS to the Ray dashboard address, e.g. http://127.0.0.1:8265}"
+export RAY_AUTH_MODE=token
+token_file="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+if [[ -z "${RAY_AUTH_TOKEN:-}" && ! -s "$token_file" ]]; then
+  echo "no Ray auth token: set RAY_AUTH_TOKEN or put it in $token_file (ray get-auth-token)" >&2
+  exit 2
+fi
+# shellcheck disable=SC2086  # XFER_SUBMIT_ARGS is a list of options on purpose
+exec ray job submit --address "$RAY_ADDRESS" --working-dir . \
+  --runtime-env "${XFER_RUNTIME_ENV:-jobs/runtime_env.yaml}" ${XFER_SUBMIT_ARGS:-} \
+  -- python "jobs/$job.py" "$@"
