@@ -78,7 +78,10 @@ class HeadConfig(Strict):
     pooling: Literal["avg", "max", "flatten"] = "avg"
     dense: list[DenseLayer] = []
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    features: Literal["online", "cached"] = "online"
+    features: Literal["online", "cached"] = Field(
+        "online",
+        description="cached: base features computed once and reused (no head-phase augmentation)",
+    )
 
 
 class ModelConfig(Strict):
@@ -198,14 +201,6 @@ class XferConfig(Strict):
             raise ValueError(
                 "train.head.epochs and train.fine_tune.epochs are both 0: nothing to train"
             )
-        if self.model.head.features == "cached" and self.train.head.epochs > 0:
-            aug = self.data.augment
-            if aug.flip or aug.rotation or aug.zoom:
-                raise ValueError(
-                    "model.head.features=cached computes base features once, so the head "
-                    "phase cannot use augmentation: set data.augment.flip=false, "
-                    "rotation=0, zoom=0, or use features=online"
-                )
         return self
 
     # ------------------------------------------------------------ locations

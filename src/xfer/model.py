@@ -154,16 +154,20 @@ def build_model(
     return keras.Model(inputs, x, name=f"xfer_{cfg.base}"), base
 
 
+POOLING_LAYERS = {"flatten": "flatten", "max": "max_pool", "avg": "avg_pool"}
+
+
 def head(cfg: ModelConfig, features: Any, num_classes: int) -> Any:
-    """The trainable head on top of the base's feature map (or cached features)."""
+    """The trainable head on top of the base's feature map: pooling, then the classifier."""
     layers = _keras().layers
     h = cfg.head
+    name = POOLING_LAYERS[h.pooling]
     if h.pooling == "flatten":
-        x = layers.Flatten(name="flatten")(features)
+        x = layers.Flatten(name=name)(features)
     elif h.pooling == "max":
-        x = layers.GlobalMaxPooling2D(name="max_pool")(features)
+        x = layers.GlobalMaxPooling2D(name=name)(features)
     else:
-        x = layers.GlobalAveragePooling2D(name="avg_pool")(features)
+        x = layers.GlobalAveragePooling2D(name=name)(features)
     if h.dropout > 0:
         x = layers.Dropout(h.dropout, name="dropout_0")(x)
     for i, dense in enumerate(h.dense):
@@ -174,6 +178,30 @@ def head(cfg: ModelConfig, features: Any, num_classes: int) -> Any:
     if num_classes == 2:
         return layers.Dense(1, activation="sigmoid", name="output", dtype="float32")(x)
     return layers.Dense(num_classes, activation="softmax", name="output", dtype="float32")(x)
+
+
+def head_only_model(model: Any, cfg: ModelConfig, feature_dim: int) -> Any:
+    """The layers after pooling, as a model on pooled features, sharing the variables.
+
+    Training it trains the full model's head (same variables), which is how the head
+    phase runs on cached features while the saved model stays base + head.
+    """
+    keras = _keras()
+    names = [layer.name for layer in model.layers]
+    after = model.layers[names.index(POOLING_LAYERS[cfg.head.pooling]) + 1 :]
+    inputs = keras.Input((feature_dim,), name="features")
+    x = inputs
+    for layer in after:
+        x = layer(x)
+    return keras.Model(inputs, x, name="head_on_features")
+
+
+def feature_extractor(model: Any, cfg: ModelConfig) -> Any:
+    """Image -> pooled base features: the input of :func:`head_only_model`."""
+    keras = _keras()
+    return keras.Model(
+        model.input, model.get_layer(POOLING_LAYERS[cfg.head.pooling]).output, name="features"
+    )
 
 
 def freeze_base(base: Any) -> None:

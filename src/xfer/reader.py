@@ -75,6 +75,9 @@ class ReaderSpec:
     parallel_reads: int = 4
     decode: bool = True  # False: yield the encoded bytes, not decoded pixels
     with_keys: bool = False  # True: elements start with the row's key (tests, caching)
+    # Cached base features instead of images: the column holds raw float16 vectors.
+    column: str = "image"
+    feature_dim: int | None = None
 
     def units(self) -> list[Unit]:
         out: list[Unit] = []
@@ -137,8 +140,9 @@ class _ShardCache:
     each shard has its own lock: reads of different shards still run in parallel.
     """
 
-    def __init__(self, uris: list[str]):
+    def __init__(self, uris: list[str], column: str):
         self._uris = uris
+        self._column = column
         self._files: dict[int, tuple[Any, threading.Lock]] = {}
         self._lock = threading.Lock()
 
@@ -150,7 +154,7 @@ class _ShardCache:
                 self._files[shard] = entry
         parquet_file, lock = entry
         with lock, storage.translate_errors(self._uris[shard]):
-            return parquet_file.read_row_group(row_group, columns=["key", "image", "label"])
+            return parquet_file.read_row_group(row_group, columns=["key", self._column, "label"])
 
 
 def iter_rows(
@@ -184,7 +188,7 @@ def iter_rows(
             table = current[1]
             part = table.slice(seg.start, seg.stop - seg.start)
             keys_ = part.column("key").to_pylist()
-            images = part.column("image").to_pylist()
+            images = part.column(spec.column).to_pylist()
             labels = part.column("label").to_pylist()
             for k, img, label in zip(keys_, images, labels, strict=True):
                 yield k, img, int(label), seg.weight
@@ -221,7 +225,7 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
     steps = spec.steps_per_epoch(replicas)
     total_slots = steps * global_batch
     units = spec.units()
-    cache = _ShardCache(spec.manifest.shard_uris(spec.split))
+    cache = _ShardCache(spec.manifest.shard_uris(spec.split), spec.column)
 
     def epoch_rows(epoch: Any) -> Iterator[tuple[str, bytes, int, float]]:
         order = epoch_order(units, spec.seed, int(epoch), shuffle=spec.training)
@@ -251,7 +255,18 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
         epoch_ids = tf.data.Dataset.range(0, epochs or 1)
     ds = epoch_ids.flat_map(epoch_dataset)
 
-    if spec.decode:
+    if spec.decode and spec.feature_dim:
+        dim = spec.feature_dim
+
+        def features(
+            epoch: Any, index: Any, key: Any, encoded: Any, label: Any, weight: Any
+        ) -> Any:
+            vector = tf.cast(tf.io.decode_raw(encoded, tf.float16), tf.float32)
+            vector = tf.ensure_shape(vector, [dim])
+            return (key, vector, label, weight) if spec.with_keys else (vector, label, weight)
+
+        ds = ds.map(features, num_parallel_calls=tf.data.AUTOTUNE)
+    elif spec.decode:
         size = spec.image_size
         aug = spec.augment if spec.training else NO_AUGMENT
         seed = spec.seed

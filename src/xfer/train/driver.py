@@ -175,6 +175,16 @@ def train(cfg: XferConfig) -> TrainResult:
     if not cfg.output.run_id:
         storage.write_yaml(storage.join(run_uri, "config.yaml"), resolved_dict(cfg))
 
+    feature_cache = None
+    if cfg.model.head.features == "cached" and cfg.train.head.epochs > 0:
+        from xfer.features import plan_cache
+        from xfer.weights import fetch_weights
+
+        plan = plan_cache(cfg, manifest, fetch_weights(cfg.model.weights))
+        state = "hit" if not plan.build else f"miss ({plan.reason}): the workers will build it"
+        print(f"[xfer] feature cache {plan.key}: {state}", flush=True)
+        feature_cache = plan.to_dict()
+
     started_ray = ensure_ray(cfg.cluster.address, cfg.cluster.local_num_cpus)
     local = started_ray and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     check_resources(cfg, local)
@@ -190,6 +200,7 @@ def train(cfg: XferConfig) -> TrainResult:
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
             "run_uri": run_uri,
+            "feature_cache": feature_cache,
             # Applied first thing on each worker, before TensorFlow is imported.
             "env": worker_env(use_gpu=c.use_gpu),
         },
@@ -341,6 +352,7 @@ def finish_run(
         "history": history,
         "test": test,
         "resumes": final["state"].get("resumes", []),
+        "feature_cache": final.get("feature_cache") or None,
         "wall_time_s": wall,
         "gate": {
             "min_test_accuracy": cfg.output.gate.min_test_accuracy,

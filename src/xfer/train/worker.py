@@ -12,6 +12,7 @@ up at the recorded phase and epoch, with the optimizer state of that phase.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,117 +24,23 @@ import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from xfer import storage
 from xfer.config import XferConfig
 from xfer.devices import enable_memory_growth, set_mixed_precision
+from xfer.features import CachePlan, build_part, commit_cache
 from xfer.manifest import load_manifest
 from xfer.model import (
     build_model,
     compile_model,
+    feature_extractor,
     freeze_base,
+    head_only_model,
     make_optimizer,
     unfreeze_top,
 )
 from xfer.preprocess import AugmentSettings
-from xfer.reader import ReaderSpec, make_dataset
+from xfer.reader import NO_AUGMENT, ReaderSpec, make_dataset
 from xfer.score import MODEL_FILE, MODEL_INFO
+from xfer.train.callbacks import EpochEnd
 from xfer.train.checkpoint import PHASES, TrainState, load_checkpoint, restore, save_checkpoint
 from xfer.weights import fetch_weights
-
-FAULT_MARKER = "_fault_injected"
-
-
-class EpochEnd:
-    """Keras callback: time epochs, checkpoint + report every epoch, TensorBoard, faults."""
-
-    def __init__(
-        self,
-        ctx: Any,
-        *,
-        phase: str,
-        state: TrainState,
-        model: Any,
-        optimizer: Any,
-        rank: int,
-        train_rows: int,
-        cfg: XferConfig,
-        run_uri: str,
-        tb_dir: str | None,
-    ):
-        import tf_keras
-
-        outer = self
-
-        class _Callback(tf_keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                outer.begin(epoch)
-
-            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                outer.end(epoch, logs or {})
-
-        self.callback = _Callback()
-        self.ctx, self.phase, self.state, self.model, self.optimizer = (
-            ctx,
-            phase,
-            state,
-            model,
-            optimizer,
-        )
-        self.rank, self.train_rows, self.cfg, self.run_uri, self.tb_dir = (
-            rank,
-            train_rows,
-            cfg,
-            run_uri,
-            tb_dir,
-        )
-        self._t0 = 0.0
-        self._writer: Any = None
-
-    def write_tensorboard(self, row: dict[str, float]) -> None:
-        """Per-epoch scalars for TensorBoard, uploaded as they come (live progress)."""
-        import tensorflow as tf
-
-        assert self.tb_dir is not None
-        local = os.path.join(self.tb_dir, self.phase)
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(local)
-        with self._writer.as_default():
-            for key, value in row.items():
-                if key != "epoch":
-                    tf.summary.scalar(key, value, step=int(row["epoch"]))
-        self._writer.flush()
-        for name in os.listdir(local):
-            storage.upload_file(
-                os.path.join(local, name),
-                storage.join(self.run_uri, "tensorboard", self.phase, name),
-            )
-
-    def begin(self, epoch: int) -> None:
-        fault = self.cfg.fault
-        if fault.rank == self.rank and fault.phase == self.phase and fault.epoch == epoch:
-            marker = storage.join(self.run_uri, FAULT_MARKER)
-            if not storage.exists(marker):
-                storage.write_json(marker, {"rank": self.rank, "phase": self.phase, "epoch": epoch})
-                print(
-                    f"[xfer] fault injection: rank {self.rank} exits at {self.phase} epoch {epoch}",
-                    flush=True,
-                )
-                os._exit(17)
-        self._t0 = time.monotonic()
-
-    def end(self, epoch: int, logs: dict[str, Any]) -> None:
-        import ray.train
-
-        seconds = time.monotonic() - self._t0
-        row = {k: float(v) for k, v in logs.items()}
-        row.update(
-            epoch=epoch + 1, seconds=seconds, images_per_s=self.train_rows / max(seconds, 1e-9)
-        )
-        self.state.history[self.phase].append(row)
-        self.state.phase, self.state.epoch = self.phase, epoch + 1
-        directory = save_checkpoint(self.model, self.optimizer, self.state)
-        if self.rank == 0 and self.tb_dir:
-            self.write_tensorboard(row)
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
-        ray.train.report({"phase": self.phase, **row}, checkpoint=checkpoint)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -141,6 +48,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         os.environ[key] = value
     import ray.train
     import tensorflow as tf
+    import tf_keras
 
     cfg = XferConfig.model_validate(config["cfg"])
     run_uri: str = config["run_uri"]
@@ -149,29 +57,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     replicas = strategy.num_replicas_in_sync
-    verbose = cfg.train.verbose if rank == 0 else 0
-    import tf_keras
-
     tf_keras.utils.set_random_seed(cfg.train.seed)
 
     manifest = load_manifest(cfg.dataset_uri())
     num_classes = manifest.num_classes
     weights = fetch_weights(cfg.model.weights)
+    cache = CachePlan.from_dict(config["feature_cache"]) if config.get("feature_cache") else None
     restored = load_checkpoint(ray.train.get_checkpoint())
     state = restored[0] if restored else TrainState()
     if restored:
         state.resumes.append({"phase": state.phase, "epoch": state.epoch, "at": time.time()})
-        if rank == 0:
-            print(
-                f"[xfer] resuming from checkpoint: {state.phase} phase, {state.epoch} epoch(s) done",
-                flush=True,
-            )
-
+        _say(rank, f"resuming from checkpoint: {state.phase} phase, {state.epoch} epoch(s) done")
     with strategy.scope():
         model, base = build_model(cfg.model, cfg.data.image_size, num_classes, weights.local_path)
 
     aug = cfg.data.augment
-    train_spec = ReaderSpec(
+    image_spec = ReaderSpec(
         manifest,
         "train",
         cfg.data.image_size,
@@ -182,22 +83,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shuffle_buffer=cfg.data.shuffle_buffer,
         parallel_reads=cfg.data.parallel_reads,
     )
-    steps = train_spec.steps_per_epoch(replicas)
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
-    val = _eval_input(strategy, cfg, manifest, "val", replicas)
     tb_dir = tempfile.mkdtemp(prefix="xfer-tb-") if rank == 0 else None
     lr_scale = replicas if cfg.train.scale_lr else 1
+    cache_stats: dict[str, Any] = {}
     epoch_offset = 0  # data epochs count across phases: every epoch reshuffles
     restored_dir = restored[1] if restored else None
+    steps = image_spec.steps_per_epoch(replicas)
     for phase in PHASES:
         pcfg = cfg.train.head if phase == "head" else cfg.train.fine_tune
-        if pcfg.epochs == 0:
-            continue
         start = state.start_epoch(phase)
-        if state.done(phase, pcfg.epochs):
+        if pcfg.epochs == 0 or state.done(phase, pcfg.epochs):
             epoch_offset += pcfg.epochs
             continue
+        spec, val_spec = image_spec, _eval_spec(cfg, manifest, "val")
+        if phase == "head" and cache is not None:
+            cache_stats = _ensure_cache(cfg, cache, manifest, weights, strategy, rank, world)
+            spec, val_spec = _feature_specs(cfg, cache, spec)
         with strategy.scope():
             if phase == "head":
                 freeze_base(base)
@@ -205,20 +106,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 n = unfreeze_top(
                     base, cfg.train.fine_tune.unfreeze_from, cfg.train.fine_tune.unfreeze_top
                 )
-                if rank == 0:
-                    print(
-                        f"[xfer] fine-tuning: {n} layers of {cfg.model.base} unfrozen", flush=True
-                    )
+                _say(rank, f"fine-tuning: {n} layers of {cfg.model.base} unfrozen")
             optimizer = make_optimizer(pcfg.optimizer, pcfg.learning_rate * lr_scale)
             compile_model(model, optimizer, num_classes)
+            fit_model = model
+            if spec.feature_dim:  # the head alone, on cached features; same variables
+                fit_model = head_only_model(model, cfg.model, spec.feature_dim)
+                compile_model(fit_model, optimizer, num_classes)
             if restored_dir:
                 # Mid-phase: weights and this phase's optimizer state; else weights only.
                 restore(
                     restored_dir, model, optimizer if start > 0 and state.phase == phase else None
                 )
                 restored_dir = None
-        spec = _replace(train_spec, start_epoch=epoch_offset + start)
-        dist = strategy.distribute_datasets_from_function(lambda ctx, s=spec: make_dataset(s, ctx))
+        spec = dataclasses.replace(spec, start_epoch=epoch_offset + start)
+        steps = spec.steps_per_epoch(replicas)
+        if cfg.train.max_steps_per_epoch:
+            steps = min(steps, cfg.train.max_steps_per_epoch)
+        dist = strategy.distribute_datasets_from_function(lambda c, s=spec: make_dataset(s, c))
+        val = None
+        if val_spec is not None:
+            val_dist = strategy.distribute_datasets_from_function(
+                lambda c, s=val_spec: make_dataset(s, c)
+            )
+            val = (val_dist, val_spec.steps_per_epoch(replicas))
         callback = EpochEnd(
             ctx,
             phase=phase,
@@ -226,18 +137,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model=model,
             optimizer=optimizer,
             rank=rank,
-            train_rows=train_spec.num_rows,
+            train_rows=spec.num_rows,
             cfg=cfg,
             run_uri=run_uri,
             tb_dir=tb_dir,
         )
-        if rank == 0:
-            print(
-                f"[xfer] {phase} phase: epochs {start + 1}..{pcfg.epochs}, {steps} steps/epoch, "
-                f"global batch {cfg.train.batch_size * replicas} on {world} worker(s)",
-                flush=True,
-            )
-        model.fit(
+        source = "cached features" if spec.feature_dim else "images"
+        _say(
+            rank,
+            f"{phase} phase on {source}: epochs {start + 1}..{pcfg.epochs}, {steps} steps/epoch, "
+            f"global batch {cfg.train.batch_size * replicas} on {world} worker(s)",
+        )
+        fit_model.fit(
             dist,
             epochs=pcfg.epochs,
             initial_epoch=start,
@@ -245,7 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             validation_data=val[0] if val else None,
             validation_steps=val[1] if val else None,
             callbacks=[callback.callback],
-            verbose=verbose,
+            verbose=cfg.train.verbose if rank == 0 else 0,
         )
         epoch_offset += pcfg.epochs
 
@@ -253,9 +164,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with strategy.scope():
             restore(restored_dir, model, None)
     test_metrics: dict[str, float] = {}
-    test = _eval_input(strategy, cfg, manifest, "test", replicas)
-    if test:
-        values = model.evaluate(test[0], steps=test[1], verbose=0, return_dict=True)
+    test_spec = _eval_spec(cfg, manifest, "test")
+    if test_spec is not None:
+        test = strategy.distribute_datasets_from_function(lambda c: make_dataset(test_spec, c))
+        values = model.evaluate(
+            test, steps=test_spec.steps_per_epoch(replicas), verbose=0, return_dict=True
+        )
         test_metrics = {k: float(v) for k, v in values.items()}
     _save_model(model, rank, run_uri, cfg, manifest, weights)
     # The final report carries a checkpoint too: Ray Train returns the metrics of the
@@ -271,33 +185,95 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "steps_per_epoch": steps,
             "mixed_precision": policy,
             "weights": weights.lineage(),
+            "feature_cache": cache_stats,
         },
         checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None,
     )
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _replace(spec: ReaderSpec, **changes: Any) -> ReaderSpec:
-    import dataclasses
+def _say(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"[xfer] {message}", flush=True)
 
-    return dataclasses.replace(spec, **changes)
+
+def barrier(strategy: Any) -> None:
+    """Wait for every worker: an all-reduce of a constant."""
+    import tensorflow as tf
+
+    value = strategy.run(lambda: tf.constant(1.0))
+    strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
 
 
-def _eval_input(
-    strategy: Any, cfg: XferConfig, manifest: Any, split: str, replicas: int
-) -> tuple[Any, int] | None:
+def _ensure_cache(
+    cfg: XferConfig,
+    cache: CachePlan,
+    manifest: Any,
+    weights: Any,
+    strategy: Any,
+    rank: int,
+    world: int,
+) -> dict[str, Any]:
+    """Build the feature cache if the driver found none; returns what was done."""
+    stats: dict[str, Any] = {
+        "key": cache.key,
+        "uri": cache.uri,
+        "hit": not cache.build,
+        "reason": cache.reason,
+    }
+    if not cache.build:
+        _say(rank, f"feature cache hit: {cache.uri}")
+        stats["images_encoded"] = 0
+        return stats
+    _say(rank, f"building the feature cache ({cache.reason}): {cache.uri}")
+    started = time.monotonic()
+    # A separate copy of the frozen base, outside the strategy: each worker encodes
+    # its own shards with no collectives (the base's weights are the same file).
+    extractor_model, _ = build_model(
+        cfg.model, cfg.data.image_size, manifest.num_classes, weights.local_path
+    )
+    extractor = feature_extractor(extractor_model, cfg.model)
+    mine = build_part(cfg, cache, manifest, extractor, rank, world)
+    barrier(strategy)
+    total = commit_cache(cache, manifest, world) if rank == 0 else mine
+    barrier(strategy)
+    stats.update(images_encoded=total, seconds=time.monotonic() - started)
+    _say(rank, f"feature cache built: {total} images through the base in {stats['seconds']:.1f}s")
+    return stats
+
+
+def _feature_specs(
+    cfg: XferConfig, cache: CachePlan, image_spec: ReaderSpec
+) -> tuple[ReaderSpec, ReaderSpec | None]:
+    features = load_manifest(cache.uri)
+    dim = int(features.settings["feature_dim"])
+    train = dataclasses.replace(
+        image_spec, manifest=features, column="features", feature_dim=dim, augment=NO_AUGMENT
+    )
+    val = None
+    if "val" in features.splits and features.splits["val"].rows:
+        val = ReaderSpec(
+            features,
+            "val",
+            cfg.data.image_size,
+            cfg.train.batch_size,
+            column="features",
+            feature_dim=dim,
+            parallel_reads=cfg.data.parallel_reads,
+        )
+    return train, val
+
+
+def _eval_spec(cfg: XferConfig, manifest: Any, split: str) -> ReaderSpec | None:
     if split not in manifest.splits or manifest.splits[split].rows == 0:
         return None
-    spec = ReaderSpec(
+    return ReaderSpec(
         manifest,
         split,
         cfg.data.image_size,
         cfg.train.batch_size,
-        training=False,
         parallel_reads=cfg.data.parallel_reads,
     )
-    dist = strategy.distribute_datasets_from_function(lambda ctx: make_dataset(spec, ctx))
-    return dist, spec.steps_per_epoch(replicas)
 
 
 def _save_model(

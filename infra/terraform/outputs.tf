@@ -1,0 +1,27 @@
+# What the rest of the deployment needs from this apply:
+#
+#   terraform -chdir=infra/terraform output
+#   terraform -chdir=infra/terraform output -raw role_arn
+#
+# role_arn goes into the overlay's ServiceAccount annotation (k8s/overlays/*/);
+# bucket_name is the config's storage.root (s3://<bucket_name>).
+
+output "bucket_name" {
+  description = "Name of the xfer bucket."
+  value       = aws_s3_bucket.xfer.bucket
+}
+
+output "bucket_arn" {
+  description = "ARN of the xfer bucket."
+  value       = aws_s3_bucket.xfer.arn
+}
+
+output "role_arn" {
+  description = "IAM role for the jobs' service account (eks.amazonaws.com/role-arn)."
+  value       = aws_iam_role.jobs.arn
+}
+
+output "policy_arn" {
+  description = "The jobs' S3 policy, attached to role_arn."
+  value       = aws_iam_policy.jobs.arn
+}

@@ -1,0 +1,80 @@
+# Inputs of the xfer infrastructure; one apply per environment (dev, prod), e.g.
+#
+#   terraform -chdir=infra/terraform apply -var-file=prod.tfvars
+#
+# with prod.tfvars holding bucket_name = "xfer-prod", namespace = "xfer-prod" and the
+# cluster's oidc_provider_arn (aws eks describe-cluster ... identity.oidc.issuer).
+
+variable "region" {
+  description = "AWS region of the bucket (and of the jobs' AWS_REGION in k8s/)."
+  type        = string
+  default     = "us-east-1"
+}
+
+variable "bucket_name" {
+  description = "Bucket holding datasets/, weights/, runs/, models/, predictions/ and _tmp/ (the config's storage.root is s3://<bucket_name>)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", var.bucket_name))
+    error_message = "bucket_name must be a valid S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)."
+  }
+}
+
+variable "oidc_provider_arn" {
+  description = "ARN of the EKS cluster's IAM OIDC provider (arn:aws:iam::<account>:oidc-provider/oidc.eks.<region>.amazonaws.com/id/<id>), for IRSA."
+  type        = string
+
+  validation {
+    condition     = can(regex("^arn:aws[a-z-]*:iam::[0-9]{12}:oidc-provider/.+", var.oidc_provider_arn))
+    error_message = "oidc_provider_arn must be an IAM OIDC provider ARN."
+  }
+}
+
+variable "namespace" {
+  description = "Kubernetes namespace the jobs run in (the overlay's namespace)."
+  type        = string
+  default     = "xfer-prod"
+}
+
+variable "service_account" {
+  description = "Kubernetes service account of the Ray pods (k8s/base/serviceaccount.yaml)."
+  type        = string
+  default     = "xfer"
+}
+
+variable "role_name" {
+  description = "Name of the IAM role for the jobs; default <bucket_name>-jobs, the name the k8s overlays expect."
+  type        = string
+  default     = null
+}
+
+variable "kms_key_arn" {
+  description = "Customer-managed KMS key for default encryption (SSE-KMS); null for SSE-S3 (AES256)."
+  type        = string
+  default     = null
+}
+
+variable "tmp_expiration_days" {
+  description = "Days after which objects under _tmp/ (staging left behind by crashed jobs) expire."
+  type        = number
+  default     = 1
+}
+
+variable "noncurrent_version_expiration_days" {
+  description = "Days a replaced or deleted object version is kept (the window to undo an overwrite)."
+  type        = number
+  default     = 30
+}
+
+variable "allow_dataset_writes" {
+  description = "Also let the job role write datasets/ (for running `xfer shard` with it); off: training and scoring only read datasets."
+  type        = bool
+  default     = false
+}
+
+variable "tags" {
+  description = "Tags for every resource."
+  type        = map(string)
+  default     = { project = "xfer" }
+}

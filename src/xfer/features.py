@@ -1,0 +1,250 @@
+"""The feature cache: the frozen base's output, computed once, reused by head phases.
+
+While the base is frozen, every head epoch would decode every image and run the
+same base over it again. With ``model.head.features: cached`` the workers compute
+the pooled base features once per image, store them as float16 Parquet shards in
+``<root>/features/<key>/``, and the head phase trains on those.
+
+The key covers everything that determines a feature: the dataset (manifest
+checksum), the base (and alpha), the weights (file checksum, or the Keras ImageNet
+release, or the seed of a random init), the image size, the pooling and the
+preprocessing. Change any of them and the key changes. A cache is used only if its
+manifest (written last) exists, matches the key, and every shard has the size and
+sha256 it lists; anything else is deleted and rebuilt, never silently used.
+
+The layout mirrors the dataset: feature shard ``i`` holds the rows of dataset shard
+``i`` with the same row groups, so the training reader's equal-steps plan applies
+unchanged (column ``features``: raw float16 bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from xfer import storage
+from xfer.config import XferConfig
+from xfer.errors import NotFoundError
+from xfer.manifest import MANIFEST, SCHEMA_VERSION, Manifest, ShardInfo, SplitInfo, load_manifest
+from xfer.weights import WeightsSource
+
+FORMAT = 1
+SPLITS = ("train", "val")  # the head phase trains on train and validates on val
+PREPROCESSING = "decode_image+bilinear-squash+model-input-scaling"
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    uri: str
+    key: str
+    fields: dict[str, Any]
+    build: bool  # False: a valid cache exists
+    reason: str  # why it is (re)built, or "hit"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "key": self.key,
+            "fields": self.fields,
+            "build": self.build,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CachePlan:
+        return cls(d["uri"], d["key"], d["fields"], d["build"], d["reason"])
+
+
+def weights_fingerprint(cfg: XferConfig, source: WeightsSource) -> str:
+    if source.sha256:
+        return f"sha256:{source.sha256}"
+    if cfg.model.weights == "imagenet":
+        import importlib.metadata as md
+
+        return f"keras-imagenet:tf-keras-{md.version('tf-keras')}"
+    return f"random-init:seed={cfg.train.seed}"
+
+
+def cache_fields(cfg: XferConfig, manifest: Manifest, source: WeightsSource) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "dataset_checksum": manifest.checksum,
+        "base": cfg.model.base,
+        "alpha": cfg.model.alpha if cfg.model.base == "mobilenet_v2" else None,
+        "weights": weights_fingerprint(cfg, source),
+        "image_size": cfg.data.image_size,
+        "pooling": cfg.model.head.pooling,
+        "preprocessing": PREPROCESSING,
+        "splits": [s for s in SPLITS if s in manifest.splits and manifest.splits[s].rows],
+    }
+
+
+def cache_key(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _sha256(uri: str) -> str:
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+
+
+def check_cache(uri: str, fields: dict[str, Any], dataset: Manifest) -> str | None:
+    """None if the cache at ``uri`` is complete and intact; otherwise why not."""
+    try:
+        features = load_manifest(uri)
+    except Exception as exc:  # missing, or unreadable: both mean rebuild
+        return f"no usable manifest ({str(exc).splitlines()[0][:120]})"
+    if features.settings.get("key_fields") != fields:
+        return "its manifest was made for a different key"
+    for split in fields["splits"]:
+        if split not in features.splits or features.splits[split].rows != dataset.split(split).rows:
+            return f"split {split!r} is missing or has the wrong row count"
+    shards = [
+        (sh, storage.join(uri, sh.path))
+        for s in fields["splits"]
+        for sh in features.splits[s].shards
+    ]
+    try:
+        sizes = {f.uri: f.size for f in storage.list_files(uri)}
+    except NotFoundError:
+        return "its shards are missing"
+    for shard, shard_uri in shards:
+        if sizes.get(shard_uri) != shard.bytes:
+            return f"shard {shard.path} is missing or has the wrong size"
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        digests = list(pool.map(lambda item: _sha256(item[1]), shards))
+    for (shard, _), digest in zip(shards, digests, strict=True):
+        if digest != shard.sha256:
+            return f"shard {shard.path} fails its checksum"
+    return None
+
+
+def plan_cache(cfg: XferConfig, manifest: Manifest, source: WeightsSource) -> CachePlan:
+    """On the driver: the key, and whether a valid cache exists (else clear it)."""
+    fields = cache_fields(cfg, manifest, source)
+    key = cache_key(fields)
+    uri = f"{cfg.storage.root}/features/{key}"
+    problem = check_cache(uri, fields, manifest)
+    if problem is None:
+        return CachePlan(uri, key, fields, build=False, reason="hit")
+    removed = storage.delete_prefix(uri)
+    reason = (
+        "no cache yet" if removed == 0 and problem.startswith("no usable manifest") else problem
+    )
+    return CachePlan(uri, key, fields, build=True, reason=reason)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _encode_row_group(table: Any, extractor: Any, image_size: int, batch_size: int) -> Any:
+    """One row group of images -> float16 feature vectors (as raw bytes)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from xfer.preprocess import decode_and_resize
+
+    images = tf.data.Dataset.from_tensor_slices(table.column("image").to_pylist())
+    images = images.map(
+        lambda b: decode_and_resize(b, image_size), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    feats = [np.asarray(extractor(batch, training=False)) for batch in images.batch(batch_size)]
+    vectors = np.concatenate(feats).astype(np.float16)
+    return [v.tobytes() for v in vectors], vectors.shape[1]
+
+
+def build_part(
+    cfg: XferConfig, plan: CachePlan, dataset: Manifest, extractor: Any, rank: int, world: int
+) -> int:
+    """Compute this rank's feature shards (dataset shards i with i % world == rank).
+
+    Writes them, and a small note of what it wrote, under the cache prefix; returns
+    how many images went through the base here (the counter tests check).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    written: dict[str, list[dict[str, Any]]] = {}
+    images = 0
+    dim = 0
+    schema = pa.schema([("key", pa.string()), ("features", pa.binary()), ("label", pa.int32())])
+    for split in plan.fields["splits"]:
+        for index, shard in enumerate(dataset.split(split).shards):
+            if index % world != rank:
+                continue
+            source = storage.open_parquet(storage.join(dataset.uri, shard.path))
+            with tempfile.TemporaryDirectory(prefix="xfer-feat-") as tmp:
+                path = os.path.join(tmp, "part.parquet")
+                groups = []
+                with pq.ParquetWriter(path, schema, compression="none") as writer:
+                    for g in range(source.num_row_groups):
+                        table = source.read_row_group(g, columns=["key", "image", "label"])
+                        vectors, dim = _encode_row_group(
+                            table, extractor, cfg.data.image_size, cfg.train.batch_size
+                        )
+                        out = pa.table(
+                            {
+                                "key": table.column("key"),
+                                "features": pa.array(vectors, pa.binary()),
+                                "label": table.column("label"),
+                            },
+                            schema=schema,
+                        )
+                        writer.write_table(out, row_group_size=out.num_rows)
+                        groups.append(out.num_rows)
+                        images += out.num_rows
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                info = ShardInfo(shard.path, sum(groups), os.path.getsize(path), digest, groups)
+                storage.upload_file(path, storage.join(plan.uri, shard.path))
+            written.setdefault(split, []).append({"index": index, **dataclasses.asdict(info)})
+    note = {"rank": rank, "images": images, "feature_dim": dim, "shards": written}
+    storage.write_json(storage.join(plan.uri, "_parts", f"rank-{rank:05d}.json"), note)
+    return images
+
+
+def commit_cache(plan: CachePlan, dataset: Manifest, world: int) -> int:
+    """Rank 0, after every rank has written: the manifest, last. Returns images encoded."""
+    notes = [
+        storage.read_json(storage.join(plan.uri, "_parts", f"rank-{r:05d}.json"))
+        for r in range(world)
+    ]
+    dims = {n["feature_dim"] for n in notes if n["feature_dim"]}
+    if len(dims) != 1:
+        raise RuntimeError(f"feature cache {plan.uri}: ranks disagree on the feature size ({dims})")
+    splits: dict[str, SplitInfo] = {}
+    for split in plan.fields["splits"]:
+        entries = sorted(
+            (e for n in notes for e in n["shards"].get(split, [])), key=lambda e: e["index"]
+        )
+        shards = [
+            ShardInfo(e["path"], e["rows"], e["bytes"], e["sha256"], e["row_groups"])
+            for e in entries
+        ]
+        source = dataset.split(split)
+        if [s.rows for s in shards] != [s.rows for s in source.shards]:
+            raise RuntimeError(
+                f"feature cache {plan.uri}: split {split} does not mirror the dataset"
+            )
+        splits[split] = SplitInfo(rows=source.rows, shards=shards, class_counts=source.class_counts)
+    features = Manifest(
+        name=f"features-{plan.key}",
+        classes=dataset.classes,
+        splits=splits,
+        source={"dataset": dataset.uri, "dataset_checksum": dataset.checksum},
+        settings={
+            "key": plan.key,
+            "key_fields": plan.fields,
+            "feature_dim": dims.pop(),
+            "dtype": "float16",
+        },
+        rejected={},
+        schema_version=SCHEMA_VERSION,
+    )
+    storage.write_bytes(storage.join(plan.uri, MANIFEST), features.to_json(), "application/json")
+    return sum(n["images"] for n in notes)

@@ -1,0 +1,115 @@
+"""The Keras callback every worker runs at epoch boundaries.
+
+At the end of each epoch: time it, write a checkpoint (every rank), report to Ray
+Train (rank 0 attaches the checkpoint), append TensorBoard scalars (rank 0). At the
+start of each epoch: the fault-injection hook used by the recovery tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any
+
+from xfer import storage
+from xfer.config import XferConfig
+from xfer.train.checkpoint import TrainState, save_checkpoint
+
+FAULT_MARKER = "_fault_injected"
+
+
+class EpochEnd:
+    """Keras callback: time epochs, checkpoint + report every epoch, TensorBoard, faults."""
+
+    def __init__(
+        self,
+        ctx: Any,
+        *,
+        phase: str,
+        state: TrainState,
+        model: Any,
+        optimizer: Any,
+        rank: int,
+        train_rows: int,
+        cfg: XferConfig,
+        run_uri: str,
+        tb_dir: str | None,
+    ):
+        import tf_keras
+
+        outer = self
+
+        class _Callback(tf_keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+                outer.begin(epoch)
+
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                outer.end(epoch, logs or {})
+
+        self.callback = _Callback()
+        self.ctx, self.phase, self.state, self.model, self.optimizer = (
+            ctx,
+            phase,
+            state,
+            model,
+            optimizer,
+        )
+        self.rank, self.train_rows, self.cfg, self.run_uri, self.tb_dir = (
+            rank,
+            train_rows,
+            cfg,
+            run_uri,
+            tb_dir,
+        )
+        self._t0 = 0.0
+        self._writer: Any = None
+
+    def write_tensorboard(self, row: dict[str, float]) -> None:
+        """Per-epoch scalars for TensorBoard, uploaded as they come (live progress)."""
+        import tensorflow as tf
+
+        assert self.tb_dir is not None
+        local = os.path.join(self.tb_dir, self.phase)
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(local)
+        with self._writer.as_default():
+            for key, value in row.items():
+                if key != "epoch":
+                    tf.summary.scalar(key, value, step=int(row["epoch"]))
+        self._writer.flush()
+        for name in os.listdir(local):
+            storage.upload_file(
+                os.path.join(local, name),
+                storage.join(self.run_uri, "tensorboard", self.phase, name),
+            )
+
+    def begin(self, epoch: int) -> None:
+        fault = self.cfg.fault
+        if fault.rank == self.rank and fault.phase == self.phase and fault.epoch == epoch:
+            marker = storage.join(self.run_uri, FAULT_MARKER)
+            if not storage.exists(marker):
+                storage.write_json(marker, {"rank": self.rank, "phase": self.phase, "epoch": epoch})
+                print(
+                    f"[xfer] fault injection: rank {self.rank} exits at {self.phase} epoch {epoch}",
+                    flush=True,
+                )
+                os._exit(17)
+        self._t0 = time.monotonic()
+
+    def end(self, epoch: int, logs: dict[str, Any]) -> None:
+        import ray.train
+
+        seconds = time.monotonic() - self._t0
+        row = {k: float(v) for k, v in logs.items()}
+        row.update(
+            epoch=epoch + 1, seconds=seconds, images_per_s=self.train_rows / max(seconds, 1e-9)
+        )
+        self.state.history[self.phase].append(row)
+        self.state.phase, self.state.epoch = self.phase, epoch + 1
+        directory = save_checkpoint(self.model, self.optimizer, self.state)
+        if self.rank == 0 and self.tb_dir:
+            self.write_tensorboard(row)
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+        ray.train.report({"phase": self.phase, **row}, checkpoint=checkpoint)
+        shutil.rmtree(directory, ignore_errors=True)
