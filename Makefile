@@ -13,6 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_IMAGES ?= ../shared/data/cats_vs_dogs
 BENCH_WEIGHTS ?= ../shared/weights/mobilenet_v2_1.0_224_imagenet_no_top.h5
+BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-slow test-all lint format bench clean
@@ -47,7 +48,7 @@ test-all: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py --images $(BENCH_IMAGES) --weights $(BENCH_WEIGHTS)
+	$(PY) benchmarks/run_all.py --images $(BENCH_IMAGES) --weights $(BENCH_WEIGHTS) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build src/*.egg-info

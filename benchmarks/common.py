@@ -1,0 +1,114 @@
+"""Shared set-up for the benchmarks: one embedded S3 server, one local Ray, results.
+
+Every benchmark measures its figures side by side in the same run and records them
+with :func:`record`, which merges them into ``benchmarks/results/results.json`` and
+re-renders ``benchmarks/results/README.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+
+RESULTS = Path(__file__).parent / "results"
+BUCKET = "bench"
+ROOT = f"s3://{BUCKET}/xfer"
+
+
+@contextmanager
+def environment(workdir: str | None = None) -> Iterator[str]:
+    """Embedded S3 (bucket ``bench``) + a local Ray with this machine's CPUs."""
+    import ray
+
+    from xfer.raycluster import ensure_ray
+    from xfer.s3server import EmbeddedS3
+
+    work = workdir or tempfile.mkdtemp(prefix="xfer-bench-")
+    with EmbeddedS3(os.path.join(work, "s3"), buckets=(BUCKET,)) as server:
+        os.environ.update(server.env())
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ensure_ray(num_cpus=os.cpu_count() or 2)
+        try:
+            yield work
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def timer() -> Iterator[dict[str, float]]:
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    yield out
+    out["seconds"] = time.perf_counter() - start
+
+
+def machine() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": md.version("tensorflow"),
+        "ray": md.version("ray"),
+        "gpu": False,
+    }
+
+
+def record(name: str, figures: dict[str, Any], notes: str = "") -> None:
+    """Merge one benchmark's figures into the committed results."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "results.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[name] = {
+        "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "figures": figures,
+        "notes": notes,
+    }
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    render_markdown(data)
+    print(f"\n[{name}]")
+    for key, value in figures.items():
+        print(f"  {key}: {value}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def render_markdown(data: dict[str, Any]) -> None:
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `make bench` (`benchmarks/run_all.py`); each section's figures were",
+        "measured side by side in one run on the machine it names. Do not edit by hand.",
+        "",
+    ]
+    for name in sorted(data):
+        entry = data[name]
+        m = entry["machine"]
+        lines += [
+            f"## {name}",
+            "",
+            f"{entry['measured_at']} · {m['cpus']} CPUs, no GPU · TensorFlow {m['tensorflow']}, Ray {m['ray']}",
+            "",
+            "| figure | value |",
+            "|---|---|",
+        ]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in entry["figures"].items()]
+        if entry.get("notes"):
+            lines += ["", entry["notes"]]
+        lines.append("")
+    (RESULTS / "README.md").write_text("\n".join(lines))

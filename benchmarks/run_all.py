@@ -1,0 +1,71 @@
+"""`make bench`: every benchmark, one after the other, results committed.
+
+    python benchmarks/run_all.py --images ../shared/data/cats_vs_dogs \\
+        --weights ../shared/weights/mobilenet_v2_1.0_224_imagenet_no_top.h5 [--only input,shard]
+
+Figures go to benchmarks/results/results.json and benchmarks/results/README.md
+(plots next to them). Takes about half an hour on 2 CPUs. The real photos and
+weights are not part of the repository: without --images/--weights only the
+benchmarks that can use generated data run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_input
+import bench_quality
+import bench_score
+import bench_shard
+from common import environment
+
+ALL = ("input", "shard", "quality", "score")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--images", help="class-per-folder photos (e.g. ../shared/data/cats_vs_dogs)"
+    )
+    parser.add_argument("--weights", help="MobileNetV2 ImageNet .h5 (no top)")
+    parser.add_argument(
+        "--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}"
+    )
+    args = parser.parse_args()
+    chosen = [b.strip() for b in args.only.split(",") if b.strip()]
+    have_photos = bool(
+        args.images and os.path.isdir(args.images) and args.weights and os.path.isfile(args.weights)
+    )
+    if not have_photos:
+        print("no --images/--weights found: skipping the real-photo benchmarks (quality, score)")
+    if "input" in chosen:
+        bench_input.run(args.images if args.images and os.path.isdir(args.images) else None)
+    if "shard" in chosen:
+        bench_shard.run()
+    if have_photos and ("quality" in chosen or "score" in chosen):
+        with environment():
+            model_uri = None
+            if "quality" in chosen:
+                model_uri = bench_quality.run_in(args.images, args.weights)["run_uri"]
+            if "score" in chosen:
+                if model_uri is None:
+                    from xfer.config import load_config
+                    from xfer.train.driver import train
+
+                    weights_uri = bench_quality.prepare(args.images, args.weights)
+                    quick = {"train.head.epochs": 1, "train.fine_tune.epochs": 0}
+                    model_uri = train(
+                        load_config(None, bench_quality.overrides(weights_uri, **quick))
+                    ).run_uri
+                bench_score.run_in(args.images, model_uri)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
