@@ -97,17 +97,21 @@ def run_in(images: str, model_uri: str) -> dict:
     return figures
 
 
-def run(images: str, weights: str) -> dict:
+def quick_model(images: str, weights: str) -> str:
+    """A published MobileNetV2 run (one head epoch) when the quality benchmark did not run."""
     import bench_quality
 
-    with environment():
-        from xfer.config import load_config
-        from xfer.train.driver import train
+    from xfer.config import load_config
+    from xfer.train.driver import train
 
-        weights_uri = bench_quality.prepare(images, weights)
-        quick = {"train.head.epochs": 1, "train.fine_tune.epochs": 0}
-        trained = train(load_config(None, bench_quality.overrides(weights_uri, **quick)))
-        return run_in(images, trained.run_uri)
+    weights_uri = bench_quality.prepare(images, weights)
+    quick = {"train.head.epochs": 1, "train.fine_tune.epochs": 0}
+    return train(load_config(None, bench_quality.overrides(weights_uri, **quick))).run_uri
+
+
+def run(images: str, weights: str) -> dict:
+    with environment():
+        return run_in(images, quick_model(images, weights))
 
 
 if __name__ == "__main__":

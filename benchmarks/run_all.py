@@ -54,15 +54,7 @@ def main() -> int:
             if "quality" in chosen:
                 model_uri = bench_quality.run_in(args.images, args.weights)["run_uri"]
             if "score" in chosen:
-                if model_uri is None:
-                    from xfer.config import load_config
-                    from xfer.train.driver import train
-
-                    weights_uri = bench_quality.prepare(args.images, args.weights)
-                    quick = {"train.head.epochs": 1, "train.fine_tune.epochs": 0}
-                    model_uri = train(
-                        load_config(None, bench_quality.overrides(weights_uri, **quick))
-                    ).run_uri
+                model_uri = model_uri or bench_score.quick_model(args.images, args.weights)
                 bench_score.run_in(args.images, model_uri)
     return 0
 

@@ -205,3 +205,18 @@ def test_resolve_model_follows_latest(trained_run, session_root):
         and ref.classes == ["ring", "star"]
         and ref.image_size == IMAGE_SIZE
     )
+
+
+def test_decoding_runs_in_cpu_tasks_apart_from_the_predictor_actors(trained_run, session_root):
+    """Ray Data must not fuse decoding into the actors (it would run serially there)."""
+    from xfer.manifest import load_manifest
+    from xfer.score import input_dataset, predictions
+
+    cfg = load_config(None, [f"storage.root={session_root}"])
+    ref = resolve_model(trained_run.run_uri)
+    ds, rows = input_dataset(load_manifest(f"{session_root}/datasets/shapes").uri, "test")
+    out = predictions(ref, ds, cfg.score, "2026-01-01T00:00:00+00:00").materialize()
+    assert out.count() == rows
+    stats = out.stats()
+    assert "MapBatches(decode_images)->MapBatches(Predictor)" not in stats
+    assert "MapBatches(decode_images)" in stats and "MapBatches(Predictor)" in stats

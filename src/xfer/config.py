@@ -217,6 +217,15 @@ class XferConfig(Strict):
     def model_uri(self) -> str:
         return f"{self.storage.root}/models/{self.output.model_name}"
 
+    def apply_storage_env(self) -> None:
+        """storage.endpoint_url / region become the standard AWS variables (this process)."""
+        import os
+
+        if self.storage.endpoint_url:
+            os.environ["AWS_ENDPOINT_URL_S3"] = self.storage.endpoint_url
+        if self.storage.region:
+            os.environ["AWS_REGION"] = self.storage.region
+
 
 # ------------------------------------------------------------------ loading
 

@@ -330,6 +330,10 @@ def predictions(ref: ModelRef, ds: Any, sc: ScoreConfig, scored_at: str) -> Any:
         compute=ray.data.TaskPoolStrategy(size=sc.read_parallelism),
         num_cpus=1,
         runtime_env=runtime_env(use_gpu=False),
+        # Reads from object storage can fail transiently: retry the task. (Also keeps
+        # Ray Data from fusing decoding into the predictor actors: decoding must run in
+        # parallel CPU tasks, not serially inside each actor.)
+        max_retries=3,
     )
     return decoded.map_batches(
         Predictor,
@@ -437,9 +441,8 @@ def score(
 ) -> ScoreResult:
     """Score ``input_uri`` with ``model`` into ``output/dt=<date>/`` (replaced whole)."""
     from xfer.raycluster import ensure_ray
-    from xfer.train.driver import apply_storage_env
 
-    apply_storage_env(cfg)
+    cfg.apply_storage_env()
     day = date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     try:
         dt.date.fromisoformat(day)

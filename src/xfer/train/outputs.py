@@ -1,0 +1,221 @@
+"""A finished run's outputs: predictions, metrics, lineage, report, _SUCCESS, publish.
+
+Everything here runs on the driver after Ray Train returns. The test split is scored
+through the batch-scoring code path (:mod:`xfer.score`), not a second implementation.
+``_SUCCESS`` is written after every other output; ``models/<name>/latest.json`` moves
+only when the quality gate passes, in one atomic PUT.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+from xfer import __version__, storage
+from xfer.config import XferConfig, resolved_dict
+from xfer.manifest import Manifest
+from xfer.score import SUCCESS
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_uri: str
+    metrics: dict[str, Any]
+    published: bool
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return (self.metrics.get("test") or {}).get("accuracy")
+
+    def describe(self) -> str:
+        lines = [f"run {self.run_id} complete: {self.run_uri}"]
+        for phase, info in self.metrics["phases"].items():
+            lines.append(
+                f"  {phase:9s} {info['epochs']} epoch(s), val accuracy {_pct(info.get('val_accuracy'))}, "
+                f"{info['seconds']:.0f}s, {info['images_per_s']:.1f} images/s"
+            )
+        if self.test_accuracy is not None:
+            lines.append(
+                f"  test accuracy {_pct(self.test_accuracy)} on {self.metrics['test']['examples']} images"
+            )
+        gate = self.metrics["gate"]
+        lines.append(
+            f"  gate (test accuracy >= {gate['min_test_accuracy']}): "
+            + ("passed, published as " + gate["latest"] if self.published else "not published")
+        )
+        lines.append(f"  report: {self.run_uri}/report.html")
+        return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def phase_summary(history: list[dict[str, float]]) -> dict[str, Any]:
+    seconds = sum(r["seconds"] for r in history)
+    last = history[-1] if history else {}
+    return {
+        "epochs": len(history),
+        "seconds": seconds,
+        "images_per_s": (sum(r["images_per_s"] * r["seconds"] for r in history) / seconds)
+        if seconds
+        else 0.0,
+        "loss": last.get("loss"),
+        "accuracy": last.get("accuracy"),
+        "val_loss": last.get("val_loss"),
+        "val_accuracy": last.get("val_accuracy"),
+    }
+
+
+def lineage(cfg: XferConfig, manifest: Manifest, final: dict[str, Any]) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions: dict[str, str | None] = {}
+    for pkg in ("tensorflow", "tf-keras", "ray", "pyarrow", "numpy", "boto3"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    config_text = json.dumps(resolved_dict(cfg), sort_keys=True)
+    return {
+        "dataset": {
+            "uri": manifest.uri,
+            "manifest_checksum": manifest.checksum,
+            "name": manifest.name,
+        },
+        "code": {"xfer": __version__, "git_commit": _git_commit()},
+        "packages": {"python": platform.python_version(), **versions},
+        "weights": final.get("weights", {"source": cfg.model.weights, "sha256": None}),
+        "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+    }
+
+
+def _git_commit() -> str | None:
+    if os.environ.get("XFER_GIT_COMMIT"):
+        return os.environ["XFER_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=os.path.dirname(__file__),
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def finish_run(
+    cfg: XferConfig,
+    manifest: Manifest,
+    run_id: str,
+    run_uri: str,
+    final: dict[str, Any],
+    wall: float,
+) -> TrainResult:
+    """Predictions, metrics, lineage, report; ``_SUCCESS`` last; then the gate."""
+    from xfer.report import classification_metrics, render_report
+    from xfer.score import input_dataset, resolve_model, write_predictions
+
+    history = final["state"]["history"]
+    test = dict(final.get("test") or {})
+    if cfg.output.predictions and "test" in manifest.splits and manifest.splits["test"].rows:
+        import pyarrow.compute as pc
+
+        ref = resolve_model(run_uri, require_committed=False)
+        ds, _ = input_dataset(manifest.uri, "test")
+        preds_uri = storage.join(run_uri, "predictions")
+        write_predictions(ref, ds, cfg.score, preds_uri, single_file="test.parquet")
+        table = storage.read_parquet(storage.join(preds_uri, "test.parquet"))
+        table = table.filter(pc.is_null(table.column("error")))
+        cls = classification_metrics(
+            table.column("true_index").to_pylist(),
+            table.column("predicted_index").to_pylist(),
+            manifest.classes,
+        )
+        test.update(
+            examples=cls["examples"],
+            per_class=cls["per_class"],
+            confusion_matrix=cls["confusion_matrix"],
+        )
+        test["accuracy_from_predictions"] = cls["accuracy"]
+    gate_value = test.get("accuracy")
+    if gate_value is None and history.get("fine_tune"):
+        gate_value = history["fine_tune"][-1].get("val_accuracy")
+    if gate_value is None and history.get("head"):
+        gate_value = history["head"][-1].get("val_accuracy")
+    passed = gate_value is not None and gate_value >= cfg.output.gate.min_test_accuracy
+    latest_uri = storage.join(cfg.model_uri(), "latest.json")
+    metrics: dict[str, Any] = {
+        "run_id": run_id,
+        "model_name": cfg.output.model_name,
+        "dataset": manifest.uri,
+        "base": cfg.model.base,
+        "classes": manifest.classes,
+        "workers": final.get("workers"),
+        "replicas": final.get("replicas"),
+        "global_batch": cfg.train.batch_size * int(final.get("replicas") or 1),
+        "steps_per_epoch": final.get("steps_per_epoch"),
+        "mixed_precision": final.get("mixed_precision"),
+        "phases": {p: phase_summary(h) for p, h in history.items() if h},
+        "history": history,
+        "test": test,
+        "resumes": final["state"].get("resumes", []),
+        "feature_cache": final.get("feature_cache") or None,
+        "wall_time_s": wall,
+        "gate": {
+            "min_test_accuracy": cfg.output.gate.min_test_accuracy,
+            "value": gate_value,
+            "passed": passed,
+            "published": bool(passed and cfg.output.publish),
+            "latest": latest_uri,
+        },
+    }
+    lin = lineage(cfg, manifest, final)
+    storage.write_json(storage.join(run_uri, "metrics.json"), metrics)
+    storage.write_json(storage.join(run_uri, "lineage.json"), lin)
+    if cfg.output.report:
+        storage.write_bytes(
+            storage.join(run_uri, "report.html"), render_report(metrics, lin).encode(), "text/html"
+        )
+    storage.write_json(
+        storage.join(run_uri, SUCCESS),
+        {
+            "run_id": run_id,
+            "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    published = False
+    if passed and cfg.output.publish:
+        publish(cfg, run_id, run_uri, gate_value)
+        published = True
+    return TrainResult(run_id, run_uri, metrics, published)
+
+
+def publish(cfg: XferConfig, run_id: str, run_uri: str, accuracy: float | None) -> None:
+    """Point ``models/<name>/latest.json`` at the run (one atomic PUT), keeping history."""
+    model_uri = cfg.model_uri()
+    latest_uri = storage.join(model_uri, "latest.json")
+    previous = storage.read_json(latest_uri) if storage.exists(latest_uri) else None
+    now = dt.datetime.now(dt.timezone.utc)
+    pointer = {
+        "model_name": cfg.output.model_name,
+        "run_id": run_id,
+        "run_uri": run_uri,
+        "model_uri": storage.join(run_uri, "model"),
+        "test_accuracy": accuracy,
+        "published_at": now.isoformat(timespec="seconds"),
+        "previous_run_id": previous.get("run_id") if previous else None,
+    }
+    storage.write_json(
+        storage.join(model_uri, "history", f"{now:%Y%m%dT%H%M%S}-{run_id}.json"), pointer
+    )
+    storage.write_json(latest_uri, pointer)

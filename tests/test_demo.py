@@ -1,0 +1,51 @@
+"""`xfer demo --quick`: the README's first command, end to end, in a subprocess (slow)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "xfer", "demo", "--quick", "--workdir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env=env,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "xfer demo finished" in out
+    for step in range(1, 8):
+        assert f"=== [{step}/7]" in out
+    pretrained = re.search(r"pretrained frozen base\s+([\d.]+)%", out)
+    random_base = re.search(r"random frozen base\s+([\d.]+)%", out)
+    assert pretrained and random_base, out[-3000:]
+    assert (tmp_path / "demo" / "report.html").exists()
+    assert re.search(r"nightly\s+s3://xfer/predictions/shapes/dt=\d{4}-\d{2}-\d{2}/", out)
+    # Nothing left running: no weed process for this data dir, no Ray of its own.
+    leftovers = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = (
+                Path(f"/proc/{pid}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+            )
+        except OSError:
+            continue
+        if str(tmp_path / "demo") in cmd:
+            leftovers.append(cmd)
+    assert not leftovers, leftovers
