@@ -75,7 +75,7 @@ def record(name: str, figures: dict[str, Any], notes: str = "") -> None:
         "figures": figures,
         "notes": notes,
     }
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(data, indent=2) + "\n")  # figures keep their order
     render_markdown(data)
     print(f"\n[{name}]")
     for key, value in figures.items():

@@ -209,7 +209,7 @@ def test_a_failed_run_is_resumed_deliberately_by_id(
     ("override", "message"),
     [
         ("model.base=vgg61", "unknown base 'vgg61'"),
-        ("data.classes=[cat, dog]", "does not match the dataset's classes ['ring', 'star']"),
+        ("data.classes=[cat,dog]", "does not match the dataset's classes ['ring', 'star']"),
         (
             "data.dataset=no-such-dataset",
             "no dataset at s3://xfer-session/xfer/datasets/no-such-dataset",

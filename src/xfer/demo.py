@@ -193,11 +193,14 @@ def run_demo(settings: DemoSettings) -> int:
         baseline = train(baseline_cfg)
 
         next_step("nightly scoring of new images with the published model (xfer score)")
+        model = f"{ROOT}/models/shapes"
+        if not result.published:
+            print(
+                f"the run did not pass its quality gate, so it is not published: scoring {result.run_uri}"
+            )
+            model = result.run_uri
         scored = score(
-            cfg,
-            model=f"{ROOT}/models/shapes",
-            input_uri=f"{raw}/incoming",
-            output=f"{ROOT}/predictions/shapes",
+            cfg, model=model, input_uri=f"{raw}/incoming", output=f"{ROOT}/predictions/shapes"
         )
         print(scored.describe(), flush=True)
 
