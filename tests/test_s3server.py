@@ -118,7 +118,7 @@ def test_context_manager_binds_loopback_and_stops(tmp_path):
         with open("/proc/net/tcp") as f:
             listening = f.read()
         port_hex = f"{int(server.endpoint.rsplit(':', 1)[1]):04X}"
-        # Listening sockets for the S3 port are on 127.0.0.1 (0100007F), never 0.0.0.0.
+        # Listening sockets for the S3 port are on 127.0.0.1 (0100007F), never the wildcard.
         rows = [r.split() for r in listening.splitlines()[1:]]
         local = [r[1] for r in rows if r[1].endswith(":" + port_hex) and r[3] == "0A"]
         assert local and all(addr.startswith("0100007F") for addr in local)
