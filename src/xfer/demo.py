@@ -17,7 +17,6 @@ initialised frozen base, so the summary shows what the pretrained base bought.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -274,4 +273,3 @@ def print_summary(
         "=" * 72,
     ]
     print("\n".join(lines), flush=True)
-    shutil.rmtree(work / "tmp", ignore_errors=True)

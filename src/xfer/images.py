@@ -77,31 +77,43 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def check_image(data: bytes, settings: ImageSettings) -> Accepted | Rejected:
-    """Validate and normalise one encoded image; never raises for bad input."""
+def open_header(data: bytes, max_pixels: int) -> Image.Image | str:
+    """Open an image lazily (the header only) or say why it must not be decoded.
+
+    Empty data, unknown formats and too many pixels are refused here, before any
+    pixel is decoded: the guard against decompression bombs. Shared by sharding
+    (which then decodes with PIL) and scoring (which decodes with TensorFlow).
+    """
     if not data:
-        return Rejected("empty file (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
+        return "empty file (0 bytes)"
     try:
         with warnings.catch_warnings():
             # The size limit is checked below, from the header, against our own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img: Image.Image = Image.open(io.BytesIO(data))
-            fmt = img.format or "unknown"
-            width, height = img.size
     except UnidentifiedImageError:
-        return Rejected("not an image (unrecognised format)", digest)
+        return "not an image (unrecognised format)"
     except Image.DecompressionBombError as exc:
-        return Rejected(f"image too large (decompression bomb): {exc}", digest)
+        return f"image too large (decompression bomb): {exc}"
     except Exception as exc:
-        return Rejected(f"unreadable image header: {type(exc).__name__}: {exc}", digest)
-    if fmt not in READABLE_FORMATS:
-        return Rejected(f"unsupported image format {fmt}", digest)
-    if width * height > settings.max_pixels:
-        return Rejected(
-            f"image too large: {width}x{height} = {width * height} pixels > limit {settings.max_pixels}",
-            digest,
-        )
+        return f"unreadable image header: {type(exc).__name__}: {exc}"
+    if (img.format or "unknown") not in READABLE_FORMATS:
+        return f"unsupported image format {img.format or 'unknown'}"
+    width, height = img.size
+    if width * height > max_pixels:
+        return f"image too large: {width}x{height} = {width * height} pixels > limit {max_pixels}"
+    return img
+
+
+def check_image(data: bytes, settings: ImageSettings) -> Accepted | Rejected:
+    """Validate and normalise one encoded image; never raises for bad input."""
+    digest = hashlib.sha256(data).hexdigest()
+    opened = open_header(data, settings.max_pixels)
+    if isinstance(opened, str):
+        return Rejected(opened, digest)
+    img = opened
+    fmt = img.format or "unknown"
+    width, height = img.size
     if width < 1 or height < 1:
         return Rejected(f"image has no pixels ({width}x{height})", digest)
     if img.mode not in CONVERTIBLE_MODES:

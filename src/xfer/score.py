@@ -30,6 +30,7 @@ from typing import Any
 from xfer import storage
 from xfer.config import ScoreConfig, XferConfig
 from xfer.errors import DataError, NotFoundError, XferError
+from xfer.images import open_header
 
 MODEL_FILE = "model.keras"
 MODEL_INFO = "xfer_model.json"
@@ -114,31 +115,14 @@ def _decoder(image_size: int) -> Any:
     return _DECODERS[image_size]
 
 
-def check_header(data: bytes, max_pixels: int) -> str | None:
-    """Refuse what must not be decoded: empty, not an image, too many pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        return "empty file (0 bytes)"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-    except UnidentifiedImageError:
-        return "not an image (unrecognised format)"
-    except Exception as exc:
-        return f"unreadable image: {type(exc).__name__}: {exc}"
-    if w * h > max_pixels:
-        return f"image too large: {w}x{h} pixels > limit {max_pixels}"
-    return None
-
-
 def decode_images(
     batch: dict[str, Any], image_size: int, max_pixels: int = 50_000_000
 ) -> dict[str, Any]:
     """CPU stage: (fetch and) decode + resize each image; failures become errors.
 
     The same :func:`xfer.preprocess.decode_and_resize` as training. The header is
-    checked first, so a decompression bomb is refused before it is decoded.
+    checked first (:func:`xfer.images.open_header`), so a decompression bomb is
+    refused before it is decoded.
     """
     import numpy as np
 
@@ -156,9 +140,9 @@ def decode_images(
             errors[i] = f"cannot read: {exc}"
             continue
         data = bytes(data)
-        reason = check_header(data, max_pixels)
-        if reason:
-            errors[i] = reason
+        header = open_header(data, max_pixels)
+        if isinstance(header, str):
+            errors[i] = header
             continue
         try:
             pixels[i] = decode(data).numpy()

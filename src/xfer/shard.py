@@ -300,19 +300,11 @@ def piece_schema() -> Any:
 
 
 def shard_schema() -> Any:
+    """The documented shard columns: a piece's, with the label id after the image."""
     import pyarrow as pa
 
-    return pa.schema(
-        [
-            ("key", pa.string()),
-            ("image", pa.binary()),
-            ("label", pa.int32()),
-            ("source_uri", pa.string()),
-            ("sha256", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-        ]
-    )
+    piece = piece_schema()
+    return piece.insert(piece.get_field_index("image") + 1, pa.field("label", pa.int32()))
 
 
 # ---------------------------------------------------- stage 2: shards
