@@ -168,11 +168,19 @@ class OutputConfig(Strict):
 
 
 class FaultConfig(Strict):
-    """Fault injection for tests: the given rank exits once at the start of an epoch."""
+    """Fault injection for the recovery tests: one rank fails once per run, at one point.
+
+    ``action: exit`` ends the process there; ``action: hang`` writes its pid to
+    ``<run>/_fault_injected`` and waits, so that a test can kill it from outside
+    (SIGKILL by pid), as a cluster would.
+    """
 
     rank: int | None = Field(None, ge=0)
+    point: Literal["epoch", "batch", "feature_cache", "test_evaluation", "model_save"] = "epoch"
     phase: Literal["head", "fine_tune"] = "head"
-    epoch: int = Field(1, ge=0)
+    epoch: int = Field(1, ge=0, description="0-based epoch of the phase (points epoch, batch)")
+    batch: int = Field(1, ge=0, description="batch of that epoch (point batch)")
+    action: Literal["exit", "hang"] = "exit"
 
 
 class ScoreConfig(Strict):

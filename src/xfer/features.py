@@ -9,8 +9,17 @@ The key covers everything that determines a feature: the dataset (manifest
 checksum), the base (and alpha), the weights (file checksum, or the Keras ImageNet
 release, or the seed of a random init), the image size, the pooling and the
 preprocessing. Change any of them and the key changes. A cache is used only if its
-manifest (written last) exists, matches the key, and every shard has the size and
-sha256 it lists; anything else is deleted and rebuilt, never silently used.
+manifest exists, matches the key, and every shard has the size and sha256 it lists;
+a damaged one is un-committed and rebuilt, never silently used.
+
+    <root>/features/<key>/manifest.json                      the commit, written last
+    <root>/features/<key>/builds/<run_id>/<split>/part-*.parquet
+
+Each run builds into its own ``builds/<run_id>/`` and commits by writing the
+manifest, which names the shards of that build: two runs with the same key (a
+learning-rate sweep) never write, delete or read each other's unfinished files,
+and a reader takes only a committed manifest. The features come from the very base
+the run trains (whatever its weights), not from a second copy.
 
 The layout mirrors the dataset: feature shard ``i`` holds the rows of dataset shard
 ``i`` with the same row groups, so the training reader's equal-steps plan applies
@@ -23,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,19 +56,19 @@ class CachePlan:
     fields: dict[str, Any]
     build: bool  # False: a valid cache exists
     reason: str  # why it is (re)built, or "hit"
+    build_id: str = ""  # this run's build directory, under builds/
+
+    @property
+    def build_path(self) -> str:
+        """The build's folder, relative to the cache (as the manifest names shards)."""
+        return f"builds/{self.build_id}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "uri": self.uri,
-            "key": self.key,
-            "fields": self.fields,
-            "build": self.build,
-            "reason": self.reason,
-        }
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CachePlan:
-        return cls(d["uri"], d["key"], d["fields"], d["build"], d["reason"])
+        return cls(**d)
 
 
 def weights_fingerprint(cfg: XferConfig, source: WeightsSource) -> str:
@@ -124,19 +134,46 @@ def check_cache(uri: str, fields: dict[str, Any], dataset: Manifest) -> str | No
     return None
 
 
-def plan_cache(cfg: XferConfig, manifest: Manifest, source: WeightsSource) -> CachePlan:
-    """On the driver: the key, and whether a valid cache exists (else clear it)."""
+def plan_cache(
+    cfg: XferConfig, manifest: Manifest, source: WeightsSource, build_id: str = "unnamed"
+) -> CachePlan:
+    """On the driver: the key, and whether a valid cache exists.
+
+    A damaged committed cache is un-committed (its manifest, then its build's files);
+    builds that other runs may still be writing are never touched.
+    """
     fields = cache_fields(cfg, manifest, source)
     key = cache_key(fields)
     uri = f"{cfg.storage.root}/features/{key}"
     problem = check_cache(uri, fields, manifest)
     if problem is None:
-        return CachePlan(uri, key, fields, build=False, reason="hit")
-    removed = storage.delete_prefix(uri)
-    reason = (
-        "no cache yet" if removed == 0 and problem.startswith("no usable manifest") else problem
-    )
-    return CachePlan(uri, key, fields, build=True, reason=reason)
+        return CachePlan(uri, key, fields, build=False, reason="hit", build_id=build_id)
+    manifest_uri = storage.join(uri, MANIFEST)
+    if storage.exists(manifest_uri):
+        damaged = _committed_build(manifest_uri)
+        storage.delete(manifest_uri)
+        if damaged:
+            storage.delete_prefix(storage.join(uri, damaged))
+    elif problem.startswith("no usable manifest"):
+        problem = "no cache yet"
+    return CachePlan(uri, key, fields, build=True, reason=problem, build_id=build_id)
+
+
+def _committed_build(manifest_uri: str) -> str | None:
+    """``builds/<id>`` of the build a manifest commits, if it names one."""
+    try:
+        build = storage.read_json(manifest_uri).get("settings", {}).get("build")
+    except Exception:  # unreadable: nothing to point at
+        return None
+    return f"builds/{build}" if isinstance(build, str) and re.fullmatch(r"[\w.-]+", build) else None
+
+
+def committed_by(plan: CachePlan) -> bool:
+    """Has this run's build already been committed (by an earlier attempt of the run)?"""
+    try:
+        return load_manifest(plan.uri).settings.get("build") == plan.build_id
+    except Exception:
+        return False
 
 
 # ---------------------------------------------------------------- building
@@ -159,12 +196,19 @@ def _encode_row_group(table: Any, extractor: Any, image_size: int, batch_size: i
 
 
 def build_part(
-    cfg: XferConfig, plan: CachePlan, dataset: Manifest, extractor: Any, rank: int, world: int
+    cfg: XferConfig,
+    plan: CachePlan,
+    dataset: Manifest,
+    extractor: Any,
+    rank: int,
+    world: int,
+    after_shard: Any = None,
 ) -> int:
     """Compute this rank's feature shards (dataset shards i with i % world == rank).
 
-    Writes them, and a small note of what it wrote, under the cache prefix; returns
-    how many images went through the base here (the counter tests check).
+    Writes them, and a small note of what it wrote, under this run's build folder;
+    returns how many images went through the base here (the counter tests check).
+    ``after_shard()`` is called after each shard is written.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -200,18 +244,23 @@ def build_part(
                         images += out.num_rows
                 with open(path, "rb") as f:
                     digest = hashlib.sha256(f.read()).hexdigest()
-                info = ShardInfo(shard.path, sum(groups), os.path.getsize(path), digest, groups)
-                storage.upload_file(path, storage.join(plan.uri, shard.path))
+                rel = f"{plan.build_path}/{shard.path}"
+                info = ShardInfo(rel, sum(groups), os.path.getsize(path), digest, groups)
+                storage.upload_file(path, storage.join(plan.uri, rel))
+                if after_shard is not None:
+                    after_shard()
             written.setdefault(split, []).append({"index": index, **dataclasses.asdict(info)})
     note = {"rank": rank, "images": images, "feature_dim": dim, "shards": written}
-    storage.write_json(storage.join(plan.uri, "_parts", f"rank-{rank:05d}.json"), note)
+    storage.write_json(
+        storage.join(plan.uri, plan.build_path, "_parts", f"rank-{rank:05d}.json"), note
+    )
     return images
 
 
 def commit_cache(plan: CachePlan, dataset: Manifest, world: int) -> int:
     """Rank 0, after every rank has written: the manifest, last. Returns images encoded."""
     notes = [
-        storage.read_json(storage.join(plan.uri, "_parts", f"rank-{r:05d}.json"))
+        storage.read_json(storage.join(plan.uri, plan.build_path, "_parts", f"rank-{r:05d}.json"))
         for r in range(world)
     ]
     dims = {n["feature_dim"] for n in notes if n["feature_dim"]}
@@ -240,6 +289,7 @@ def commit_cache(plan: CachePlan, dataset: Manifest, world: int) -> int:
         settings={
             "key": plan.key,
             "key_fields": plan.fields,
+            "build": plan.build_id,
             "feature_dim": dims.pop(),
             "dtype": "float16",
         },

@@ -259,11 +259,16 @@ def compile_model(model: Any, optimizer: Any, num_classes: int) -> None:
     keras = _keras()
     if num_classes == 2:
         loss = keras.losses.BinaryCrossentropy()
-        metrics = [keras.metrics.BinaryAccuracy(name="accuracy")]
+        true_loss = keras.metrics.BinaryCrossentropy(name="loss")
+        metrics = [keras.metrics.BinaryAccuracy(name="accuracy"), true_loss]
     else:
         loss = keras.losses.SparseCategoricalCrossentropy()
-        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-    # weighted_metrics: padding rows (weight 0) must not count in accuracy either.
+        true_loss = keras.metrics.SparseCategoricalCrossentropy(name="loss")
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"), true_loss]
+    # weighted_metrics: padding rows (weight 0) count in neither accuracy nor loss. Keras'
+    # own "loss" divides each batch's weighted sum by the batch size, padding included,
+    # so it understates the mean on the last, padded batch of every epoch; the weighted
+    # metric of the same name (reported in its place) is the mean over real examples.
     model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
 
 

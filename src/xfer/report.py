@@ -139,6 +139,7 @@ def render_report(metrics: dict[str, Any], lineage: dict[str, Any]) -> str:
             f"<p>Test accuracy <b>{_fmt(test.get('accuracy'))}</b>, loss {_fmt(test.get('loss'))} "
             f"on {test.get('examples', '?')} images.</p>"
         )
+    parts.extend(_failures_section(metrics.get("failures") or [], metrics.get("resume_changes")))
     curves = learning_curves(metrics.get("history", {}))
     if curves:
         parts.append(
@@ -165,6 +166,34 @@ def render_report(metrics: dict[str, Any], lineage: dict[str, Any]) -> str:
         )
     parts.append("</table></body></html>")
     return "\n".join(parts)
+
+
+def _failures_section(failures: list[dict[str, Any]], changes: list[str] | None) -> list[str]:
+    """Each failure of the run and how it was recovered; says so when there were none."""
+    esc = html.escape
+    if not failures:
+        return ["<h2>Failures</h2><p>None: the run went through in one attempt.</p>"]
+    rows = [
+        "<h2>Failures</h2><table><tr><th>attempt</th><th>failed in</th><th>rank</th>"
+        "<th>at (UTC)</th><th>error</th><th>resumed by</th><th>resumed from</th>"
+        "<th>epochs redone</th><th>learning rate after resume</th></tr>"
+    ]
+    for f in failures:
+        where = f["stage"] + (f" ({f['phase']} epoch {f['epoch']})" if f.get("phase") else "")
+        start = f.get("resumed_from")
+        start_text = f"{start['phase']} epoch {start['epoch']}" if start else "the start"
+        opt = f.get("optimizer_after_resume") or {}
+        lr = opt.get("learning_rate")
+        rows.append(
+            f"<tr><td>{f['attempt']}</td><td>{esc(where)}</td><td>{f.get('rank', '-')}</td>"
+            f"<td>{esc(str(f.get('at')))}</td><td style='text-align:left'>{esc(str(f.get('error')))}</td>"
+            f"<td>{esc(f['resumed_by'])}</td><td>{esc(start_text)}</td><td>{f['epochs_redone']}</td>"
+            f"<td>{'-' if lr is None else f'{lr:.3g}'}</td></tr>"
+        )
+    rows.append("</table>")
+    if changes:
+        rows.append("<p>Settings changed on resume: " + esc("; ".join(changes)) + "</p>")
+    return rows
 
 
 def _fmt(value: Any, digits: int = 4) -> str:

@@ -342,6 +342,7 @@ def write_yaml(uri: str, obj: Any) -> None:
 class FileInfo:
     uri: str
     size: int
+    version: str | None = None  # changes whenever the content may have: ETag, or mtime locally
 
 
 def exists(uri: str) -> bool:
@@ -371,16 +372,17 @@ def exists(uri: str) -> bool:
 
 
 def stat(uri: str) -> FileInfo:
-    """Size of one object or file; NotFoundError if it is missing."""
+    """Size and version of one object or file; NotFoundError if it is missing."""
     with translate_errors(uri):
         if is_s3(uri):
             bucket, key = split_s3(uri)
             head = s3_client().head_object(Bucket=bucket, Key=key)
-            return FileInfo(uri, int(head["ContentLength"]))
+            return FileInfo(uri, int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
         path = local_path(uri)
         if not os.path.isfile(path):
             raise FileNotFoundError(path)
-        return FileInfo(uri, os.path.getsize(path))
+        st = os.stat(path)
+        return FileInfo(uri, st.st_size, f"mtime:{st.st_mtime_ns}")
 
 
 def list_files(prefix: str) -> list[FileInfo]:

@@ -1,8 +1,9 @@
 """The Keras callback every worker runs at epoch boundaries.
 
-At the end of each epoch: time it, write a checkpoint (every rank), report to Ray
-Train (rank 0 attaches the checkpoint), append TensorBoard scalars (rank 0). At the
-start of each epoch: the fault-injection hook used by the recovery tests.
+At the start of each epoch: note the stage in the run's journal (rank 0) and the
+learning rate the epoch will use; the fault-injection hooks of the recovery tests.
+At the end: time the epoch, write a checkpoint (every rank), report to Ray Train
+(rank 0 attaches the checkpoint), append TensorBoard scalars (rank 0).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 
 from xfer import storage
 from xfer.config import XferConfig
-from xfer.train.checkpoint import TrainState, save_checkpoint
-
-FAULT_MARKER = "_fault_injected"
+from xfer.train.checkpoint import TrainState, optimizer_state, save_checkpoint
+from xfer.train.faults import maybe_fail
+from xfer.train.journal import Journal
 
 
 class EpochEnd:
@@ -35,6 +36,8 @@ class EpochEnd:
         cfg: XferConfig,
         run_uri: str,
         tb_dir: str | None,
+        journal: Journal | None,
+        position: int,
     ):
         import tf_keras
 
@@ -47,7 +50,20 @@ class EpochEnd:
             def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
                 outer.end(epoch, logs or {})
 
-        self.callback = _Callback()
+        class _BatchFault(_Callback):
+            def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+                maybe_fail(
+                    outer.cfg.fault,
+                    outer.run_uri,
+                    outer.rank,
+                    "batch",
+                    outer.phase,
+                    outer.epoch,
+                    batch,
+                )
+
+        wants_batches = cfg.fault.point == "batch" and cfg.fault.rank == rank
+        self.callback = _BatchFault() if wants_batches else _Callback()
         self.ctx, self.phase, self.state, self.model, self.optimizer = (
             ctx,
             phase,
@@ -62,7 +78,10 @@ class EpochEnd:
             run_uri,
             tb_dir,
         )
+        self.journal, self.position = journal, position  # epochs done before this phase
+        self.epoch = 0
         self._t0 = 0.0
+        self._lr = 0.0
         self._writer: Any = None
 
     def write_tensorboard(self, row: dict[str, float]) -> None:
@@ -85,16 +104,13 @@ class EpochEnd:
             )
 
     def begin(self, epoch: int) -> None:
-        fault = self.cfg.fault
-        if fault.rank == self.rank and fault.phase == self.phase and fault.epoch == epoch:
-            marker = storage.join(self.run_uri, FAULT_MARKER)
-            if not storage.exists(marker):
-                storage.write_json(marker, {"rank": self.rank, "phase": self.phase, "epoch": epoch})
-                print(
-                    f"[xfer] fault injection: rank {self.rank} exits at {self.phase} epoch {epoch}",
-                    flush=True,
-                )
-                os._exit(17)
+        self.epoch = epoch
+        if self.journal is not None:
+            self.journal.stage(
+                "train", phase=self.phase, epoch=epoch + 1, position=self.position + epoch
+            )
+        maybe_fail(self.cfg.fault, self.run_uri, self.rank, "epoch", self.phase, epoch)
+        self._lr = optimizer_state(self.optimizer)["learning_rate"]
         self._t0 = time.monotonic()
 
     def end(self, epoch: int, logs: dict[str, Any]) -> None:
@@ -103,7 +119,10 @@ class EpochEnd:
         seconds = time.monotonic() - self._t0
         row = {k: float(v) for k, v in logs.items()}
         row.update(
-            epoch=epoch + 1, seconds=seconds, images_per_s=self.train_rows / max(seconds, 1e-9)
+            epoch=epoch + 1,
+            seconds=seconds,
+            images_per_s=self.train_rows / max(seconds, 1e-9),
+            learning_rate=self._lr,
         )
         self.state.history[self.phase].append(row)
         self.state.phase, self.state.epoch = self.phase, epoch + 1

@@ -4,12 +4,20 @@
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(state_dir) if rank == 0 else None)
 
     state, path = load_checkpoint(ray.train.get_checkpoint())  # on (re)start
-    restore(path, model, optimizer)                             # inside strategy.scope()
+    restore(path, model, optimizer)     # inside strategy.scope(): weights + that optimizer
+    restore(path, model, None)          # weights only: a new phase keeps its own optimizer
 
 Every rank writes (DESIGN.md, decision 2): under MultiWorkerMirroredStrategy reading
 some variables (BatchNorm statistics) is a collective, so a rank that skipped the
 write would leave the others waiting. Only rank 0's directory is attached to the
 report and persisted by Ray Train in the run's storage.
+
+The weights are saved as a flat, ordered set of variables, not as the Keras model
+object: a compiled tf_keras model tracks ``model.optimizer`` as a child, so a
+checkpoint of the model would carry the optimizer along and a "weights only" read
+would silently restore the old phase's learning rate, step count and moments into
+the new phase's optimizer (DESIGN.md, decision 9). Here the optimizer is a
+separate node, restored only when asked for.
 """
 
 from __future__ import annotations
@@ -34,7 +42,6 @@ class TrainState:
     history: dict[str, list[dict[str, float]]] = field(
         default_factory=lambda: {p: [] for p in PHASES}
     )
-    resumes: list[dict[str, Any]] = field(default_factory=list)
 
     def done(self, phase: str, epochs: int) -> bool:
         """Has ``phase`` (of ``epochs`` epochs) been completed?"""
@@ -44,18 +51,23 @@ class TrainState:
     def start_epoch(self, phase: str) -> int:
         return self.epoch if self.phase == phase else 0
 
+    def position(self, epochs: dict[str, int]) -> int:
+        """Epochs done across phases, given each phase's configured epochs."""
+        before = sum(epochs[p] for p in PHASES[: PHASES.index(self.phase)])
+        return before + self.epoch
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:
         d = json.loads(text)
-        return cls(
-            phase=d["phase"],
-            epoch=int(d["epoch"]),
-            history=d["history"],
-            resumes=d.get("resumes", []),
-        )
+        return cls(phase=d["phase"], epoch=int(d["epoch"]), history=d["history"])
+
+
+def _weights(model: Any) -> dict[str, Any]:
+    # Zero-padded positions: the variable order of a model is fixed by its architecture.
+    return {f"{i:05d}": v for i, v in enumerate(model.weights)}
 
 
 def save_checkpoint(model: Any, optimizer: Any, state: TrainState) -> str:
@@ -63,7 +75,9 @@ def save_checkpoint(model: Any, optimizer: Any, state: TrainState) -> str:
     import tensorflow as tf
 
     directory = tempfile.mkdtemp(prefix="xfer-ckpt-")
-    tf.train.Checkpoint(model=model, optimizer=optimizer).write(os.path.join(directory, TF_PREFIX))
+    tf.train.Checkpoint(weights=_weights(model), optimizer=optimizer).write(
+        os.path.join(directory, TF_PREFIX)
+    )
     with open(os.path.join(directory, STATE_FILE), "w") as f:
         f.write(state.to_json())
     return directory
@@ -81,13 +95,23 @@ def load_checkpoint(checkpoint: Any) -> tuple[TrainState, str] | None:
 
 
 def restore(directory: str, model: Any, optimizer: Any | None) -> None:
-    """Load weights (and optimizer state, when given) saved by :func:`save_checkpoint`."""
+    """Load the weights, and the optimizer's state only when ``optimizer`` is given."""
     import tensorflow as tf
 
+    nodes: dict[str, Any] = {"weights": _weights(model)}
     if optimizer is not None:
-        optimizer.build(model.trainable_variables)  # slots must exist to be restored
-        tf.train.Checkpoint(model=model, optimizer=optimizer).read(
-            os.path.join(directory, TF_PREFIX)
-        ).expect_partial()
-    else:
-        tf.train.Checkpoint(model=model).read(os.path.join(directory, TF_PREFIX)).expect_partial()
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # a loss-scale wrapper
+        inner.build(model.trainable_variables)  # slots must exist to be restored
+        nodes["optimizer"] = optimizer
+    status = tf.train.Checkpoint(**nodes).read(os.path.join(directory, TF_PREFIX))
+    status.assert_existing_objects_matched().expect_partial()
+
+
+def optimizer_state(optimizer: Any) -> dict[str, float | int]:
+    """The learning rate the optimizer applies at its next step, and its step count."""
+    from tf_keras import backend
+
+    lr = optimizer.learning_rate
+    iterations = int(backend.get_value(optimizer.iterations))
+    value = lr(iterations) if callable(lr) else lr
+    return {"learning_rate": float(backend.get_value(value)), "iterations": iterations}

@@ -19,6 +19,9 @@ import datetime as dt
 import os
 import secrets
 import time
+from typing import Any
+
+from pydantic import BaseModel
 
 from xfer import storage
 from xfer.config import XferConfig, build_config, merge, resolved_dict
@@ -84,15 +87,98 @@ def check_resources(cfg: XferConfig, local: bool) -> None:
         )
 
 
-def _resume_config(cfg: XferConfig, run_uri: str) -> XferConfig:
-    """A resumed run keeps its own data/model/train settings; cluster/output may change."""
+# Sections a resumed run takes from the new command line; the others (data, model,
+# train) define what is being trained and come from the stored run.
+RESUME_FREE = ("cluster", "output", "storage", "fault", "score")
+# Settings of data/model/train that a resume may change, and why that is safe.
+RESUME_SAFE = {
+    "train.verbose": "console output only",
+    "data.parallel_reads": "read concurrency only",
+    "train.fine_tune.epochs": "more epochs continue the phase",
+    "train.head.epochs": "more epochs continue the head phase, while it is not finished",
+}
+
+
+def _resume_config(cfg: XferConfig, run_uri: str) -> tuple[XferConfig, list[str]]:
+    """The stored run's data/model/train settings with this command's other sections.
+
+    A data/model/train setting given now (in the file or as an override) that differs
+    from the stored run is applied when it is safe (more epochs, verbosity) and said
+    so; any other difference is an error naming the keys: a resumed run keeps the
+    settings its checkpoints were made with. Returns the config and what changed.
+    """
+    from xfer.train.journal import last_position
+
+    config_uri = storage.join(run_uri, "config.yaml")
     try:
-        stored = storage.read_yaml(storage.join(run_uri, "config.yaml"))
+        stored = storage.read_yaml(config_uri)
     except storage.NotFoundError:
         raise XferError(f"output.run_id: no run at {run_uri} to resume") from None
     now = cfg.model_dump(mode="json")
-    keep = {k: now[k] for k in ("cluster", "output", "storage", "fault", "score")}
-    return build_config(merge(stored, keep), f"{run_uri}/config.yaml")
+    changed: dict[str, tuple[Any, Any]] = {}
+    for key, value in explicit_settings(cfg).items():
+        if key.split(".")[0] in RESUME_FREE:
+            continue
+        before = _lookup(stored, key)
+        if before != value:
+            changed[key] = (before, value)
+    refused = [k for k in changed if k not in RESUME_SAFE]
+    for key in ("train.head.epochs", "train.fine_tune.epochs"):
+        if key in changed and (changed[key][1] or 0) < (changed[key][0] or 0):
+            refused.append(key)
+    head_epochs = _lookup(stored, "train.head.epochs") or 0
+    if "train.head.epochs" in changed and last_position(run_uri) >= head_epochs:
+        refused.append("train.head.epochs")
+    if refused:
+        details = "; ".join(
+            f"{k}: {changed[k][0]!r} in the run, {changed[k][1]!r} now"
+            for k in sorted(set(refused))
+        )
+        raise ConfigError(
+            f"output.run_id={run_uri.rsplit('/', 1)[-1]}: settings differ from the run's own "
+            f"({config_uri}): {details}. A resumed run keeps the settings it was started with "
+            "(only more epochs of an unfinished phase, train.verbose and data.parallel_reads may "
+            "change): drop these overrides, or start a new run"
+        )
+    keep = {k: now[k] for k in RESUME_FREE}
+    merged = merge(stored, keep)
+    notes = []
+    for key, (before, after) in sorted(changed.items()):
+        _assign(merged, key, after)
+        notes.append(f"{key}: {before!r} -> {after!r} ({RESUME_SAFE[key]})")
+    resumed = build_config(merged, config_uri)
+    if notes:
+        print("[xfer] applying to the resumed run: " + "; ".join(notes), flush=True)
+        storage.write_yaml(config_uri, resolved_dict(resumed))
+    return resumed, notes
+
+
+def explicit_settings(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """The settings given explicitly (file or overrides), not defaults, as JSON values."""
+    out: dict[str, Any] = {}
+    dumped = model.model_dump(mode="json")
+    for name in model.model_fields_set:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out.update(explicit_settings(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = dumped[name]
+    return out
+
+
+def _lookup(d: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _assign(d: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        d = d.setdefault(part, {})
+    d[last] = value
 
 
 # ------------------------------------------------------------------- train
@@ -103,10 +189,18 @@ def train(cfg: XferConfig) -> TrainResult:
     from ray.train.tensorflow import TensorflowTrainer
 
     from xfer.raycluster import ensure_ray, worker_env
+    from xfer.train.journal import (
+        FailureRecorder,
+        describe_exception,
+        enter_outputs,
+        record_error,
+    )
     from xfer.train.worker import train_loop_per_worker
+    from xfer.weights import fetch_weights
 
     cfg.apply_storage_env()
     started = time.monotonic()
+    resume_notes: list[str] = []
     if cfg.output.run_id:
         run_id = cfg.output.run_id
         run_uri = cfg.run_uri(run_id)
@@ -114,7 +208,7 @@ def train(cfg: XferConfig) -> TrainResult:
             raise XferError(
                 f"run {run_id} is already complete ({run_uri}/{SUCCESS}); nothing to resume"
             )
-        cfg = _resume_config(cfg, run_uri)
+        cfg, resume_notes = _resume_config(cfg, run_uri)
         print(f"[xfer] resuming run {run_id}", flush=True)
     else:
         run_id = new_run_id()
@@ -124,13 +218,14 @@ def train(cfg: XferConfig) -> TrainResult:
         storage.ensure_bucket(run_uri)
     if not cfg.output.run_id:
         storage.write_yaml(storage.join(run_uri, "config.yaml"), resolved_dict(cfg))
+    # Resolved once here; every worker checks that it loads exactly these bytes.
+    weights = fetch_weights(cfg.model.weights)
 
     feature_cache = None
     if cfg.model.head.features == "cached" and cfg.train.head.epochs > 0:
         from xfer.features import plan_cache
-        from xfer.weights import fetch_weights
 
-        plan = plan_cache(cfg, manifest, fetch_weights(cfg.model.weights))
+        plan = plan_cache(cfg, manifest, weights, build_id=run_id)
         state = "hit" if not plan.build else f"miss ({plan.reason}): the workers will build it"
         print(f"[xfer] feature cache {plan.key}: {state}", flush=True)
         feature_cache = plan.to_dict()
@@ -151,6 +246,9 @@ def train(cfg: XferConfig) -> TrainResult:
             "cfg": cfg.model_dump(mode="json"),
             "run_uri": run_uri,
             "feature_cache": feature_cache,
+            "weights_sha256": weights.sha256,
+            # Tells the journal a Ray Train restart (same driver) from a resume by id.
+            "driver": secrets.token_hex(8),
             # Applied first thing on each worker, before TensorFlow is imported.
             "env": worker_env(use_gpu=c.use_gpu),
         },
@@ -163,12 +261,14 @@ def train(cfg: XferConfig) -> TrainResult:
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[FailureRecorder(run_uri)],  # type: ignore[list-item]
         ),
     )
     print(f"[xfer] run {run_id}: {c.num_workers} worker(s), outputs in {run_uri}", flush=True)
     try:
         result = trainer.fit()
     except Exception as exc:
+        record_error(run_uri, None, describe_exception(exc))
         raise XferError(
             f"training run {run_id} failed: {_root_cause(exc)}\n  checkpoints are in {run_uri}; "
             f"resume with: xfer train --config <same config> output.run_id={run_id}"
@@ -176,7 +276,14 @@ def train(cfg: XferConfig) -> TrainResult:
     final = result.metrics or {}
     if not final.get("final"):
         raise XferError(f"training run {run_id} ended without its final report; see the Ray logs")
-    return finish_run(cfg, manifest, run_id, run_uri, final, time.monotonic() - started)
+    enter_outputs(run_uri)
+    try:
+        return finish_run(
+            cfg, manifest, run_id, run_uri, final, time.monotonic() - started, resume_notes
+        )
+    except Exception as exc:
+        record_error(run_uri, None, describe_exception(exc))
+        raise
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from xfer import __version__, storage
 from xfer.config import XferConfig, resolved_dict
 from xfer.manifest import Manifest
 from xfer.score import SUCCESS
+from xfer.train.journal import failures, mark_complete
 
 
 @dataclass
@@ -42,12 +43,17 @@ class TrainResult:
                 f"{info['seconds']:.0f}s, {info['images_per_s']:.1f} images/s"
             )
         if self.test_accuracy is not None:
+            examples = self.metrics["test"].get("examples")
+            on = f" on {examples} images" if examples is not None else ""
+            lines.append(f"  test accuracy {_pct(self.test_accuracy)}{on}")
+        for f in self.metrics.get("failures", []):
             lines.append(
-                f"  test accuracy {_pct(self.test_accuracy)} on {self.metrics['test']['examples']} images"
+                f"  failure (attempt {f['attempt']}): {_where(f)}, rank {f['rank']}; "
+                f"resumed, {f['epochs_redone']} finished epoch(s) redone"
             )
         gate = self.metrics["gate"]
         lines.append(
-            f"  gate (test accuracy >= {gate['min_test_accuracy']}): "
+            f"  gate ({gate['metric'].replace('_', ' ')} >= {gate['min_test_accuracy']}): "
             + ("passed, published as " + gate["latest"] if self.published else "not published")
         )
         lines.append(f"  report: {self.run_uri}/report.html")
@@ -56,6 +62,24 @@ class TrainResult:
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _where(failure: dict[str, Any]) -> str:
+    """``train, fine_tune epoch 2`` or ``model_save``."""
+    if failure.get("phase"):
+        return f"{failure['stage']}, {failure['phase']} epoch {failure['epoch']}"
+    return str(failure["stage"])
+
+
+def gate_value(test: dict[str, Any], history: dict[str, Any]) -> tuple[str, float | None]:
+    """What the gate compares: test accuracy, or validation accuracy when there is no
+    test split (named as such, never passed off as a test figure)."""
+    if test.get("accuracy") is not None:
+        return "test_accuracy", test["accuracy"]
+    for phase in ("fine_tune", "head"):
+        if history.get(phase) and history[phase][-1].get("val_accuracy") is not None:
+            return "val_accuracy", history[phase][-1]["val_accuracy"]
+    return "test_accuracy", None
 
 
 def phase_summary(history: list[dict[str, float]]) -> dict[str, Any]:
@@ -120,6 +144,7 @@ def finish_run(
     run_uri: str,
     final: dict[str, Any],
     wall: float,
+    resume_changes: list[str] | None = None,
 ) -> TrainResult:
     """Predictions, metrics, lineage, report; ``_SUCCESS`` last; then the gate."""
     from xfer.report import classification_metrics, render_report
@@ -147,12 +172,8 @@ def finish_run(
             confusion_matrix=cls["confusion_matrix"],
         )
         test["accuracy_from_predictions"] = cls["accuracy"]
-    gate_value = test.get("accuracy")
-    if gate_value is None and history.get("fine_tune"):
-        gate_value = history["fine_tune"][-1].get("val_accuracy")
-    if gate_value is None and history.get("head"):
-        gate_value = history["head"][-1].get("val_accuracy")
-    passed = gate_value is not None and gate_value >= cfg.output.gate.min_test_accuracy
+    gate_metric, value = gate_value(test, history)
+    passed = value is not None and value >= cfg.output.gate.min_test_accuracy
     latest_uri = storage.join(cfg.model_uri(), "latest.json")
     metrics: dict[str, Any] = {
         "run_id": run_id,
@@ -168,12 +189,14 @@ def finish_run(
         "phases": {p: phase_summary(h) for p, h in history.items() if h},
         "history": history,
         "test": test,
-        "resumes": final["state"].get("resumes", []),
+        "failures": failures(run_uri),
+        "resume_changes": resume_changes or [],
         "feature_cache": final.get("feature_cache") or None,
         "wall_time_s": wall,
         "gate": {
+            "metric": gate_metric,
             "min_test_accuracy": cfg.output.gate.min_test_accuracy,
-            "value": gate_value,
+            "value": value,
             "passed": passed,
             "published": bool(passed and cfg.output.publish),
             "latest": latest_uri,
@@ -193,14 +216,17 @@ def finish_run(
             "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         },
     )
+    mark_complete(run_uri)
     published = False
     if passed and cfg.output.publish:
-        publish(cfg, run_id, run_uri, gate_value)
+        publish(cfg, run_id, run_uri, gate_metric, value)
         published = True
     return TrainResult(run_id, run_uri, metrics, published)
 
 
-def publish(cfg: XferConfig, run_id: str, run_uri: str, accuracy: float | None) -> None:
+def publish(
+    cfg: XferConfig, run_id: str, run_uri: str, metric: str, accuracy: float | None
+) -> None:
     """Point ``models/<name>/latest.json`` at the run (one atomic PUT), keeping history."""
     model_uri = cfg.model_uri()
     latest_uri = storage.join(model_uri, "latest.json")
@@ -211,7 +237,8 @@ def publish(cfg: XferConfig, run_id: str, run_uri: str, accuracy: float | None) 
         "run_id": run_id,
         "run_uri": run_uri,
         "model_uri": storage.join(run_uri, "model"),
-        "test_accuracy": accuracy,
+        "test_accuracy": accuracy if metric == "test_accuracy" else None,
+        "gate": {"metric": metric, "value": accuracy},
         "published_at": now.isoformat(timespec="seconds"),
         "previous_run_id": previous.get("run_id") if previous else None,
     }

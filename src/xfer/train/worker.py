@@ -7,7 +7,17 @@ from the manifest, so every worker runs the same steps over its own disjoint dat
 
 After every epoch every rank writes a checkpoint and reports; rank 0 attaches its
 checkpoint. On a restart (a worker died, or a run is resumed by id) the loop picks
-up at the recorded phase and epoch, with the optimizer state of that phase.
+up where the checkpoint says:
+
+- in the middle of a phase: that phase's weights *and* optimizer (learning rate,
+  step count, moments), exactly as they were;
+- at a phase boundary: the weights only; the new phase starts with its own, new
+  optimizer at its configured learning rate;
+- with every phase done (a failure during test evaluation, model save or the final
+  report): the weights and the last phase's optimizer, then evaluation onwards.
+
+Rank 0 keeps the run's journal (:mod:`xfer.train.journal`): where each attempt
+started and which stage it is in, so that every failure ends up in the metrics.
 """
 
 from __future__ import annotations
@@ -18,15 +28,17 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from xfer import storage
 from xfer.config import XferConfig
 from xfer.devices import enable_memory_growth, set_mixed_precision
-from xfer.features import CachePlan, build_part, commit_cache
-from xfer.manifest import load_manifest
+from xfer.features import CachePlan, build_part, commit_cache, committed_by
+from xfer.manifest import Manifest, load_manifest
 from xfer.model import (
+    REGISTRY,
     build_model,
     compile_model,
     feature_extractor,
@@ -39,41 +51,195 @@ from xfer.preprocess import AugmentSettings
 from xfer.reader import NO_AUGMENT, ReaderSpec, make_dataset
 from xfer.score import MODEL_FILE, MODEL_INFO
 from xfer.train.callbacks import EpochEnd
-from xfer.train.checkpoint import PHASES, TrainState, load_checkpoint, restore, save_checkpoint
-from xfer.weights import fetch_weights
+from xfer.train.checkpoint import (
+    PHASES,
+    TrainState,
+    load_checkpoint,
+    optimizer_state,
+    restore,
+    save_checkpoint,
+)
+from xfer.train.faults import maybe_fail
+from xfer.train.journal import Journal
+from xfer.weights import WeightsSource, fetch_weights
+
+
+@dataclass
+class Worker:
+    """One rank's view of the run, shared by the stages below."""
+
+    cfg: XferConfig
+    run_uri: str
+    strategy: Any
+    ctx: Any
+    rank: int
+    world: int
+    manifest: Manifest
+    weights: WeightsSource
+    state: TrainState
+    restored_dir: str | None  # a checkpoint not yet loaded into the model
+    journal: Journal | None  # rank 0 only
+    model: Any = None
+    base: Any = None
+
+    @property
+    def replicas(self) -> int:
+        return int(self.strategy.num_replicas_in_sync)
+
+    @property
+    def epochs(self) -> dict[str, int]:
+        return {"head": self.cfg.train.head.epochs, "fine_tune": self.cfg.train.fine_tune.epochs}
+
+    def position(self, phase: str, epoch: int) -> int:
+        """Epochs finished across phases when ``epoch`` epochs of ``phase`` are done."""
+        return sum(self.epochs[p] for p in PHASES[: PHASES.index(phase)]) + epoch
+
+    def stage(self, name: str) -> None:
+        if self.journal is not None:
+            self.journal.stage(name, position=self.state.position(self.epochs))
+        maybe_fail(self.cfg.fault, self.run_uri, self.rank, name)
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[xfer] {message}", flush=True)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     for key, value in config.get("env", {}).items():
         os.environ[key] = value
     import ray.train
-    import tensorflow as tf
     import tf_keras
 
     cfg = XferConfig.model_validate(config["cfg"])
-    run_uri: str = config["run_uri"]
     policy = set_mixed_precision(cfg.train.mixed_precision, enable_memory_growth() > 0)
+    w = _start(cfg, config)
+    tf_keras.utils.set_random_seed(cfg.train.seed)
+    with w.strategy.scope():
+        w.model, w.base = build_model(
+            cfg.model, cfg.data.image_size, w.manifest.num_classes, w.weights.local_path
+        )
+    cache = CachePlan.from_dict(config["feature_cache"]) if config.get("feature_cache") else None
+    cache_stats: dict[str, Any] = {}
+    tb_dir = tempfile.mkdtemp(prefix="xfer-tb-") if w.rank == 0 else None
+    for phase in PHASES:
+        if w.epochs[phase] == 0 or w.state.done(phase, w.epochs[phase]):
+            continue
+        if phase == "head" and cache is not None:
+            cache_stats = _ensure_cache(w, cache)
+        _run_phase(w, phase, cache if phase == "head" else None, tb_dir)
+
+    optimizer = _restore_finished(w)
+    w.stage("test_evaluation")
+    test_metrics = _evaluate(w)
+    w.stage("model_save")
+    _save_model(w)
+    w.stage("final_report")
+    # The final report carries a checkpoint too: Ray Train returns the metrics of the
+    # latest checkpoint, and a resumed run that finds every phase done starts here.
+    directory = save_checkpoint(w.model, optimizer, w.state)
+    ray.train.report(
+        {
+            "final": 1,
+            "state": json.loads(w.state.to_json()),
+            "test": test_metrics,
+            "workers": w.world,
+            "replicas": w.replicas,
+            "steps_per_epoch": _steps(cfg, _eval_spec(cfg, w.manifest, "train"), w.replicas),
+            "mixed_precision": policy,
+            "weights": w.weights.lineage(),
+            "feature_cache": cache_stats,
+        },
+        checkpoint=ray.train.Checkpoint.from_directory(directory) if w.rank == 0 else None,
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
+    """The strategy first, then the data, weights, checkpoint and journal of this attempt."""
+    import ray.train
+    import tensorflow as tf
+
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    replicas = strategy.num_replicas_in_sync
-    tf_keras.utils.set_random_seed(cfg.train.seed)
-
-    manifest = load_manifest(cfg.dataset_uri())
-    num_classes = manifest.num_classes
-    weights = fetch_weights(cfg.model.weights)
-    cache = CachePlan.from_dict(config["feature_cache"]) if config.get("feature_cache") else None
+    rank = ctx.get_world_rank()
+    run_uri: str = config["run_uri"]
     restored = load_checkpoint(ray.train.get_checkpoint())
     state = restored[0] if restored else TrainState()
-    if restored:
-        state.resumes.append({"phase": state.phase, "epoch": state.epoch, "at": time.time()})
-        _say(rank, f"resuming from checkpoint: {state.phase} phase, {state.epoch} epoch(s) done")
-    with strategy.scope():
-        model, base = build_model(cfg.model, cfg.data.image_size, num_classes, weights.local_path)
+    journal = Journal(run_uri, config.get("driver", "")) if rank == 0 else None
+    w = Worker(
+        cfg=cfg,
+        run_uri=run_uri,
+        strategy=strategy,
+        ctx=ctx,
+        rank=rank,
+        world=ctx.get_world_size(),
+        manifest=load_manifest(cfg.dataset_uri()),
+        weights=fetch_weights(cfg.model.weights, config.get("weights_sha256")),
+        state=state,
+        restored_dir=restored[1] if restored else None,
+        journal=journal,
+    )
+    if journal is not None:
+        resumed = {"phase": state.phase, "epoch": state.epoch} if restored else None
+        attempt = journal.begin(resumed, position=state.position(w.epochs))
+        if attempt > 1:
+            where = f"{state.phase} phase, {state.epoch} epoch(s) done" if restored else "the start"
+            w.say(f"attempt {attempt} of this run: resuming from {where}")
+    return w
 
+
+def _compile_phase(w: Worker, phase: str, feature_dim: int | None) -> tuple[Any, Any]:
+    """Trainable flags, a new optimizer at the phase's learning rate, compile.
+
+    Returns ``(fit_model, optimizer)``: the model that ``fit`` trains (the head alone
+    on cached features, sharing the full model's variables) and its optimizer.
+    """
+    cfg = w.cfg
+    pcfg = cfg.train.head if phase == "head" else cfg.train.fine_tune
+    if phase == "head":
+        freeze_base(w.base)
+    else:
+        ft = cfg.train.fine_tune
+        n = unfreeze_top(w.base, ft.unfreeze_from, ft.unfreeze_top)
+        w.say(f"fine-tuning: {n} layers of {cfg.model.base} unfrozen")
+    lr_scale = w.replicas if cfg.train.scale_lr else 1
+    compile_model(
+        w.model,
+        make_optimizer(pcfg.optimizer, pcfg.learning_rate * lr_scale),
+        w.manifest.num_classes,
+    )
+    fit_model = w.model
+    if feature_dim:
+        fit_model = head_only_model(w.model, cfg.model, feature_dim)
+        compile_model(fit_model, w.model.optimizer, w.manifest.num_classes)
+    return fit_model, fit_model.optimizer
+
+
+def _restore(w: Worker, optimizer: Any, with_optimizer: bool) -> None:
+    """Load a pending checkpoint (once), and note the optimizer the attempt goes on with."""
+    if w.restored_dir:
+        restore(w.restored_dir, w.model, optimizer if with_optimizer else None)
+        shutil.rmtree(w.restored_dir, ignore_errors=True)
+        w.restored_dir = None
+        if w.journal is not None:
+            w.journal.note(optimizer=optimizer_state(optimizer))
+    elif w.journal is not None and w.journal.record.get("optimizer") is None:
+        w.journal.note(optimizer=optimizer_state(optimizer))
+
+
+def _steps(cfg: XferConfig, spec: ReaderSpec | None, replicas: int) -> int:
+    steps = spec.steps_per_epoch(replicas) if spec is not None else 0
+    return min(steps, cfg.train.max_steps_per_epoch or steps)
+
+
+def _run_phase(w: Worker, phase: str, cache: CachePlan | None, tb_dir: str | None) -> None:
+    """Train one phase from where the state says."""
+    cfg = w.cfg
+    pcfg = cfg.train.head if phase == "head" else cfg.train.fine_tune
+    start = w.state.start_epoch(phase)
     aug = cfg.data.augment
-    image_spec = ReaderSpec(
-        manifest,
+    spec = ReaderSpec(
+        w.manifest,
         "train",
         cfg.data.image_size,
         cfg.train.batch_size,
@@ -83,118 +249,76 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shuffle_buffer=cfg.data.shuffle_buffer,
         parallel_reads=cfg.data.parallel_reads,
     )
-    tb_dir = tempfile.mkdtemp(prefix="xfer-tb-") if rank == 0 else None
-    lr_scale = replicas if cfg.train.scale_lr else 1
-    cache_stats: dict[str, Any] = {}
-    epoch_offset = 0  # data epochs count across phases: every epoch reshuffles
-    restored_dir = restored[1] if restored else None
-    steps = image_spec.steps_per_epoch(replicas)
-    for phase in PHASES:
-        pcfg = cfg.train.head if phase == "head" else cfg.train.fine_tune
-        start = state.start_epoch(phase)
-        if pcfg.epochs == 0 or state.done(phase, pcfg.epochs):
-            epoch_offset += pcfg.epochs
-            continue
-        spec, val_spec = image_spec, _eval_spec(cfg, manifest, "val")
-        if phase == "head" and cache is not None:
-            cache_stats = _ensure_cache(cfg, cache, manifest, weights, strategy, rank, world)
-            spec, val_spec = _feature_specs(cfg, cache, spec)
-        with strategy.scope():
-            if phase == "head":
-                freeze_base(base)
-            else:
-                n = unfreeze_top(
-                    base, cfg.train.fine_tune.unfreeze_from, cfg.train.fine_tune.unfreeze_top
-                )
-                _say(rank, f"fine-tuning: {n} layers of {cfg.model.base} unfrozen")
-            optimizer = make_optimizer(pcfg.optimizer, pcfg.learning_rate * lr_scale)
-            compile_model(model, optimizer, num_classes)
-            fit_model = model
-            if spec.feature_dim:  # the head alone, on cached features; same variables
-                fit_model = head_only_model(model, cfg.model, spec.feature_dim)
-                compile_model(fit_model, optimizer, num_classes)
-            if restored_dir:
-                # Mid-phase: weights and this phase's optimizer state; else weights only.
-                restore(
-                    restored_dir, model, optimizer if start > 0 and state.phase == phase else None
-                )
-                restored_dir = None
-        spec = dataclasses.replace(spec, start_epoch=epoch_offset + start)
-        steps = spec.steps_per_epoch(replicas)
-        if cfg.train.max_steps_per_epoch:
-            steps = min(steps, cfg.train.max_steps_per_epoch)
-        dist = strategy.distribute_datasets_from_function(lambda c, s=spec: make_dataset(s, c))
-        val = None
-        if val_spec is not None:
-            val_dist = strategy.distribute_datasets_from_function(
-                lambda c, s=val_spec: make_dataset(s, c)
-            )
-            val = (val_dist, val_spec.steps_per_epoch(replicas))
-        callback = EpochEnd(
-            ctx,
-            phase=phase,
-            state=state,
-            model=model,
-            optimizer=optimizer,
-            rank=rank,
-            train_rows=spec.num_rows,
-            cfg=cfg,
-            run_uri=run_uri,
-            tb_dir=tb_dir,
+    val_spec = _eval_spec(cfg, w.manifest, "val")
+    if cache is not None:
+        spec, val_spec = _feature_specs(cfg, cache, spec)
+    with w.strategy.scope():
+        fit_model, optimizer = _compile_phase(w, phase, spec.feature_dim)
+        # Mid-phase: this phase's optimizer state too; at a boundary, weights only.
+        _restore(w, optimizer, with_optimizer=start > 0 and w.state.phase == phase)
+    # Data epochs count across phases, so that every epoch reshuffles differently.
+    position = w.position(phase, 0)
+    spec = dataclasses.replace(spec, start_epoch=position + start)
+    steps = _steps(cfg, spec, w.replicas)
+    dist = w.strategy.distribute_datasets_from_function(lambda c, s=spec: make_dataset(s, c))
+    val = None
+    if val_spec is not None:
+        val_dist = w.strategy.distribute_datasets_from_function(
+            lambda c, s=val_spec: make_dataset(s, c)
         )
-        source = "cached features" if spec.feature_dim else "images"
-        _say(
-            rank,
-            f"{phase} phase on {source}: epochs {start + 1}..{pcfg.epochs}, {steps} steps/epoch, "
-            f"global batch {cfg.train.batch_size * replicas} on {world} worker(s)",
-        )
-        fit_model.fit(
-            dist,
-            epochs=pcfg.epochs,
-            initial_epoch=start,
-            steps_per_epoch=steps,
-            validation_data=val[0] if val else None,
-            validation_steps=val[1] if val else None,
-            callbacks=[callback.callback],
-            verbose=cfg.train.verbose if rank == 0 else 0,
-        )
-        epoch_offset += pcfg.epochs
-
-    if restored_dir:  # every phase was already done: only the weights are needed
-        with strategy.scope():
-            restore(restored_dir, model, None)
-    test_metrics: dict[str, float] = {}
-    test_spec = _eval_spec(cfg, manifest, "test")
-    if test_spec is not None:
-        test = strategy.distribute_datasets_from_function(lambda c: make_dataset(test_spec, c))
-        values = model.evaluate(
-            test, steps=test_spec.steps_per_epoch(replicas), verbose=0, return_dict=True
-        )
-        test_metrics = {k: float(v) for k, v in values.items()}
-    _save_model(model, rank, run_uri, cfg, manifest, weights)
-    # The final report carries a checkpoint too: Ray Train returns the metrics of the
-    # latest checkpoint, and a resumed run that finds every phase done starts here.
-    directory = save_checkpoint(model, model.optimizer, state)
-    ray.train.report(
-        {
-            "final": 1,
-            "state": json.loads(state.to_json()),
-            "test": test_metrics,
-            "workers": world,
-            "replicas": replicas,
-            "steps_per_epoch": steps,
-            "mixed_precision": policy,
-            "weights": weights.lineage(),
-            "feature_cache": cache_stats,
-        },
-        checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None,
+        val = (val_dist, val_spec.steps_per_epoch(w.replicas))
+    callback = EpochEnd(
+        w.ctx,
+        phase=phase,
+        state=w.state,
+        model=w.model,
+        optimizer=optimizer,
+        rank=w.rank,
+        train_rows=spec.num_rows,
+        cfg=cfg,
+        run_uri=w.run_uri,
+        tb_dir=tb_dir,
+        journal=w.journal,
+        position=position,
     )
-    shutil.rmtree(directory, ignore_errors=True)
+    source = "cached features" if spec.feature_dim else "images"
+    w.say(
+        f"{phase} phase on {source}: epochs {start + 1}..{pcfg.epochs}, {steps} steps/epoch, "
+        f"global batch {cfg.train.batch_size * w.replicas} on {w.world} worker(s)"
+    )
+    fit_model.fit(
+        dist,
+        epochs=pcfg.epochs,
+        initial_epoch=start,
+        steps_per_epoch=steps,
+        validation_data=val[0] if val else None,
+        validation_steps=val[1] if val else None,
+        callbacks=[callback.callback],
+        verbose=cfg.train.verbose if w.rank == 0 else 0,
+    )
 
 
-def _say(rank: int, message: str) -> None:
-    if rank == 0:
-        print(f"[xfer] {message}", flush=True)
+def _restore_finished(w: Worker) -> Any:
+    """The model compiled for evaluation; on a resume with every phase done, the
+    checkpoint's weights and the last phase's optimizer. Returns that optimizer."""
+    if w.model.optimizer is not None and not w.restored_dir:
+        return w.model.optimizer
+    last = "fine_tune" if w.epochs["fine_tune"] else "head"
+    with w.strategy.scope():
+        _, optimizer = _compile_phase(w, last, None)
+        _restore(w, optimizer, with_optimizer=w.state.phase == last)
+    return optimizer
+
+
+def _evaluate(w: Worker) -> dict[str, float]:
+    test_spec = _eval_spec(w.cfg, w.manifest, "test")
+    if test_spec is None:
+        return {}
+    test = w.strategy.distribute_datasets_from_function(lambda c: make_dataset(test_spec, c))
+    values = w.model.evaluate(
+        test, steps=test_spec.steps_per_epoch(w.replicas), verbose=0, return_dict=True
+    )
+    return {k: float(v) for k, v in values.items()}
 
 
 def barrier(strategy: Any) -> None:
@@ -205,15 +329,7 @@ def barrier(strategy: Any) -> None:
     strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
 
 
-def _ensure_cache(
-    cfg: XferConfig,
-    cache: CachePlan,
-    manifest: Any,
-    weights: Any,
-    strategy: Any,
-    rank: int,
-    world: int,
-) -> dict[str, Any]:
+def _ensure_cache(w: Worker, cache: CachePlan) -> dict[str, Any]:
     """Build the feature cache if the driver found none; returns what was done."""
     stats: dict[str, Any] = {
         "key": cache.key,
@@ -221,24 +337,35 @@ def _ensure_cache(
         "hit": not cache.build,
         "reason": cache.reason,
     }
-    if not cache.build:
-        _say(rank, f"feature cache hit: {cache.uri}")
+    if not cache.build or committed_by(cache):  # a hit, or built by an earlier attempt
+        w.say(f"feature cache hit: {cache.uri}")
         stats["images_encoded"] = 0
         return stats
-    _say(rank, f"building the feature cache ({cache.reason}): {cache.uri}")
+    w.stage("feature_cache")
+    w.say(f"building the feature cache ({cache.reason}): {cache.uri}/{cache.build_path}")
     started = time.monotonic()
-    # A separate copy of the frozen base, outside the strategy: each worker encodes
-    # its own shards with no collectives (the base's weights are the same file).
-    extractor_model, _ = build_model(
-        cfg.model, cfg.data.image_size, manifest.num_classes, weights.local_path
+    # The very weights this run trains (whatever their source), copied into a plain
+    # model outside the strategy: each worker then encodes its own shards with no
+    # collectives (reading a mirrored BatchNorm statistic is one, so the distributed
+    # model itself cannot be called a different number of times on each rank).
+    cfg = w.cfg
+    plain_base = REGISTRY[cfg.model.base].build(
+        (cfg.data.image_size,) * 2 + (3,), None, cfg.model.alpha
     )
-    extractor = feature_extractor(extractor_model, cfg.model)
-    mine = build_part(cfg, cache, manifest, extractor, rank, world)
-    barrier(strategy)
-    total = commit_cache(cache, manifest, world) if rank == 0 else mine
-    barrier(strategy)
+    plain, _ = build_model(cfg.model, cfg.data.image_size, w.manifest.num_classes, base=plain_base)
+    plain.set_weights(w.model.get_weights())  # the same on every rank: one collective each
+    extractor = feature_extractor(plain, cfg.model)
+    fault = w.cfg.fault
+
+    def after_shard() -> None:
+        maybe_fail(fault, w.run_uri, w.rank, "feature_cache")
+
+    mine = build_part(w.cfg, cache, w.manifest, extractor, w.rank, w.world, after_shard)
+    barrier(w.strategy)
+    total = commit_cache(cache, w.manifest, w.world) if w.rank == 0 else mine
+    barrier(w.strategy)
     stats.update(images_encoded=total, seconds=time.monotonic() - started)
-    _say(rank, f"feature cache built: {total} images through the base in {stats['seconds']:.1f}s")
+    w.say(f"feature cache built: {total} images through the base in {stats['seconds']:.1f}s")
     return stats
 
 
@@ -276,13 +403,12 @@ def _eval_spec(cfg: XferConfig, manifest: Any, split: str) -> ReaderSpec | None:
     )
 
 
-def _save_model(
-    model: Any, rank: int, run_uri: str, cfg: XferConfig, manifest: Any, weights: Any
-) -> None:
+def _save_model(w: Worker) -> None:
     """Every rank saves (collectives); rank 0 commits its copy to ``<run>/model/``."""
+    cfg, manifest = w.cfg, w.manifest
     directory = tempfile.mkdtemp(prefix="xfer-model-")
-    model.save(os.path.join(directory, MODEL_FILE))
-    if rank == 0:
+    w.model.save(os.path.join(directory, MODEL_FILE))
+    if w.rank == 0:
         info = {
             "format": "tf_keras",
             "file": MODEL_FILE,
@@ -291,12 +417,12 @@ def _save_model(
             "input": "RGB pixels, float 0..255, resized (squashed) to image_size square",
             "output": "sigmoid P(class 1)" if manifest.num_classes == 2 else "softmax over classes",
             "base": cfg.model.base,
-            "weights": weights.lineage(),
+            "weights": w.weights.lineage(),
             "dataset_checksum": manifest.checksum,
         }
         with open(os.path.join(directory, MODEL_INFO), "w") as f:
             json.dump(info, f, indent=2)
-        final = storage.join(run_uri, "model")
+        final = storage.join(w.run_uri, "model")
         staging = storage.staging_prefix(final)
         storage.upload_dir(directory, staging)
         storage.commit_prefix(staging, final)
