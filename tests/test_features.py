@@ -106,7 +106,8 @@ def test_damaged_or_partial_cache_is_detected_and_cleared(
     storage.write_bytes(shard, bytes(data))
     plan = plan_cache(cfg, manifest, fetch_weights(cfg.model.weights))
     assert plan.build and "fails its checksum" in plan.reason
-    assert storage.list_files(uri) == [], "a damaged cache must not be left to be used"
+    assert not storage.exists(f"{uri}/manifest.json"), "a damaged cache must be un-committed"
+    assert not storage.exists(shard), "and its build removed"
 
 
 @pytest.mark.slow
@@ -123,3 +124,82 @@ def test_partial_cache_is_rebuilt_by_the_next_run(
     assert rebuilt.metrics["feature_cache"]["hit"] is False
     assert rebuilt.metrics["feature_cache"]["images_encoded"] > 0
     assert run.metrics["feature_cache"]["key"] == rebuilt.metrics["feature_cache"]["key"]
+
+
+def _build_in_process(cfg, plan, dataset) -> None:
+    """What the workers do, in this process (one rank): encode, write, commit."""
+    from xfer.features import build_part, commit_cache
+    from xfer.model import build_model, feature_extractor
+
+    weights = fetch_weights(cfg.model.weights)
+    model, _ = build_model(cfg.model, cfg.data.image_size, dataset.num_classes, weights.local_path)
+    build_part(cfg, plan, dataset, feature_extractor(model, cfg.model), rank=0, world=1)
+    commit_cache(plan, dataset, world=1)
+
+
+def test_runs_sharing_a_key_never_delete_or_read_each_others_builds(
+    bucket, pretrained_weights, target_dataset
+):
+    """A learning-rate sweep: several runs with one cache key at the same time."""
+    cfg = cached_cfg(f"{bucket}/root", pretrained_weights, **{"data.dataset": target_dataset})
+    dataset = load_manifest(target_dataset)
+    weights = fetch_weights(cfg.model.weights)
+    a = plan_cache(cfg, dataset, weights, build_id="run-a")
+    b = plan_cache(cfg, dataset, weights, build_id="run-b")
+    assert a.build and b.build and a.key == b.key and a.build_path != b.build_path
+    # Run b is half-way through writing its build when run a commits.
+    b_part = f"{b.uri}/{b.build_path}/train/part-00000.parquet"
+    storage.write_bytes(b_part, b"half written by run b")
+    assert plan_cache(cfg, dataset, weights, build_id="run-c").build, "nothing committed yet"
+    _build_in_process(cfg, a, dataset)
+    committed = load_manifest(a.uri)
+    assert committed.settings["build"] == "run-a"
+    assert all(s.path.startswith("builds/run-a/") for s in committed.split("train").shards)
+    assert not plan_cache(cfg, dataset, weights, build_id="run-c").build  # a hit
+    assert storage.exists(b_part), "committing run a touched run b's build"
+    # A damaged commit is withdrawn with its own build only.
+    shard = f"{a.uri}/{committed.split('train').shards[0].path}"
+    storage.write_bytes(shard, b"damaged")
+    again = plan_cache(cfg, dataset, weights, build_id="run-d")
+    assert again.build and "wrong size" in again.reason
+    assert not storage.exists(f"{a.uri}/manifest.json") and not storage.exists(shard)
+    assert storage.exists(b_part)
+
+
+@pytest.mark.slow
+def test_cached_features_come_from_the_base_that_is_trained(
+    session_root, pretrained_weights, target_dataset
+):
+    """With random weights (model.weights=none) a second copy of the base would not be
+    the base the run trains and saves: the cache must hold the saved base's features."""
+    import tempfile
+
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras
+
+    from xfer.model import feature_extractor
+    from xfer.preprocess import decode_and_resize
+
+    cfg = cached_cfg(
+        session_root,
+        pretrained_weights,
+        **{"model.weights": "none", "train.head.epochs": 1, "train.fine_tune.epochs": 0},
+    )
+    run = train(cfg)
+    path = f"{tempfile.mkdtemp()}/model.keras"
+    storage.download_file(f"{run.run_uri}/model/model.keras", path)
+    extractor = feature_extractor(tf_keras.models.load_model(path, compile=False), cfg.model)
+    cache = load_manifest(run.metrics["feature_cache"]["uri"])
+    cached = storage.read_parquet(cache.shard_uris("val")[0])
+    dataset = load_manifest(target_dataset)
+    images = storage.read_parquet(dataset.shard_uris("val")[0])
+    assert cached.column("key").to_pylist() == images.column("key").to_pylist()
+    pixels = np.stack(
+        [decode_and_resize(tf.constant(b), 48).numpy() for b in images.column("image").to_pylist()]
+    )
+    expected = np.asarray(extractor(pixels, training=False))
+    got = np.stack(
+        [np.frombuffer(v, dtype=np.float16) for v in cached.column("features").to_pylist()]
+    ).astype("float32")
+    np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2 * float(np.abs(expected).max()))

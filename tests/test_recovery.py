@@ -54,7 +54,6 @@ def _overrides(root: str, weights: str, **extra: object) -> list[str]:
         "output.model_name": "shapes-recovery",
         "output.publish": "false",
         "output.predictions": "false",
-        "output.report": "false",
         "train.seed": 3,
     }
     return train_overrides(root, weights, **{**settings, **extra})
@@ -187,6 +186,8 @@ def test_sigkill_at_each_failure_point_recovers(
         reference,
     )
     assert f"failure (attempt {failure['attempt']})" in result.describe()
+    report = storage.read_text(f"{result.run_uri}/report.html")
+    assert "<h2>Failures</h2>" in report and f"<td>{stage}" in report
 
 
 def test_uninterrupted_run_records_no_failure(uninterrupted):
