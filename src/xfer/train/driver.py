@@ -188,6 +188,7 @@ def train(cfg: XferConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
+    from xfer.provenance import code_identity, describe
     from xfer.raycluster import ensure_ray, worker_env
     from xfer.train.journal import (
         FailureRecorder,
@@ -230,6 +231,8 @@ def train(cfg: XferConfig) -> TrainResult:
         print(f"[xfer] feature cache {plan.key}: {state}", flush=True)
         feature_cache = plan.to_dict()
 
+    identity = code_identity()
+    print(f"[xfer] driver: {describe(identity)}", flush=True)
     started_ray = ensure_ray(cfg.cluster.address, cfg.cluster.local_num_cpus)
     local = started_ray and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
     check_resources(cfg, local)
@@ -247,6 +250,7 @@ def train(cfg: XferConfig) -> TrainResult:
             "run_uri": run_uri,
             "feature_cache": feature_cache,
             "weights_sha256": weights.sha256,
+            "code": identity,  # every worker checks it runs this very code
             # Tells the journal a Ray Train restart (same driver) from a resume by id.
             "driver": secrets.token_hex(8),
             # Applied first thing on each worker, before TensorFlow is imported.

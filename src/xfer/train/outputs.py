@@ -11,15 +11,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import platform
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
 from xfer import __version__, storage
 from xfer.config import XferConfig, resolved_dict
 from xfer.manifest import Manifest
+from xfer.provenance import git_commit, source_sha256
 from xfer.score import SUCCESS
 from xfer.train.journal import failures, mark_complete
 
@@ -114,27 +113,16 @@ def lineage(cfg: XferConfig, manifest: Manifest, final: dict[str, Any]) -> dict[
             "manifest_checksum": manifest.checksum,
             "name": manifest.name,
         },
-        "code": {"xfer": __version__, "git_commit": _git_commit()},
+        "code": {
+            "xfer": __version__,
+            "git_commit": git_commit(),
+            "sha256": source_sha256(),
+            "workers": final.get("code"),
+        },
         "packages": {"python": platform.python_version(), **versions},
         "weights": final.get("weights", {"source": cfg.model.weights, "sha256": None}),
         "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
     }
-
-
-def _git_commit() -> str | None:
-    if os.environ.get("XFER_GIT_COMMIT"):
-        return os.environ["XFER_GIT_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=os.path.dirname(__file__),
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def finish_run(

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from xfer.model import (
     unfreeze_top,
 )
 from xfer.preprocess import AugmentSettings
+from xfer.provenance import check_same_code, describe
 from xfer.reader import NO_AUGMENT, ReaderSpec, make_dataset
 from xfer.score import MODEL_FILE, MODEL_INFO
 from xfer.train.callbacks import EpochEnd
@@ -148,6 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "mixed_precision": policy,
             "weights": w.weights.lineage(),
             "feature_cache": cache_stats,
+            "code": check_same_code(None, "")["sha256"],
         },
         checkpoint=ray.train.Checkpoint.from_directory(directory) if w.rank == 0 else None,
     )
@@ -162,6 +165,9 @@ def _start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    where = f"rank {rank} on {socket.gethostname()} (pid {os.getpid()})"
+    identity = check_same_code(config.get("code"), where)
+    print(f"[xfer] {where}: {describe(identity)}", flush=True)
     run_uri: str = config["run_uri"]
     restored = load_checkpoint(ray.train.get_checkpoint())
     state = restored[0] if restored else TrainState()
