@@ -9,12 +9,14 @@ Same as `xfer shard`: the arguments are passed through unchanged.
 import os
 import sys
 
-try:
-    import xfer  # noqa: F401
-except ImportError:  # run from a checkout (ray job submit --working-dir .) without install
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+# The code shipped with the job (`--working-dir .`) comes first, before any xfer
+# installed on the node: an older copy in the image must not win. Its workers get the
+# same code through the runtime env's py_modules (jobs/runtime_env.yaml).
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src")
+if os.path.isdir(os.path.join(_SRC, "xfer")):
+    sys.path.insert(0, os.path.abspath(_SRC))
 
-from xfer.cli import main
+from xfer.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main(["shard", *sys.argv[1:]]))

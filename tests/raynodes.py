@@ -51,7 +51,11 @@ def node_python(tmp: Path, stale: bool = True) -> Path:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     site = Path(
         subprocess.run(
-            [str(env_dir / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            [
+                str(env_dir / "bin" / "python"),
+                "-c",
+                "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+            ],
             check=True,
             capture_output=True,
             text=True,

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 
 import pytest
 
@@ -31,6 +29,7 @@ from xfer.config import load_config
 from xfer.train.driver import train
 
 from .conftest import train_overrides
+from .faultwatch import FaultWatcher
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +39,6 @@ EPOCHS = {"head": 3, "fine_tune": 2}
 # the uninterrupted one by the augmentation it draws after the restart; two images
 # either way is noise, more would be a resume that lost or corrupted training.
 ACCURACY_TOLERANCE = 2 / 14 + 1e-9
-KILL_DELAY_S = 3.0  # after the worker stops: Ray Train registers the last report
 
 
 def _overrides(root: str, weights: str, **extra: object) -> list[str]:
@@ -59,45 +57,14 @@ def _overrides(root: str, weights: str, **extra: object) -> list[str]:
     return train_overrides(root, weights, **{**settings, **extra})
 
 
-class Killer(threading.Thread):
-    """Waits for a worker to stop at its fault point, then SIGKILLs it by pid."""
-
-    def __init__(self, root: str):
-        super().__init__(daemon=True)
-        self.root = root
-        self.before = set(self._markers())
-        self.done = threading.Event()
-        self.killed: dict | None = None
-
-    def _markers(self) -> list[str]:
-        try:
-            files = storage.list_files(f"{self.root}/runs")
-        except storage.NotFoundError:
-            return []
-        return [f.uri for f in files if f.uri.endswith("/_fault_injected")]
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            new = set(self._markers()) - self.before
-            if new:
-                info = storage.read_json(new.pop())
-                time.sleep(KILL_DELAY_S)
-                os.kill(info["pid"], signal.SIGKILL)
-                self.killed = info
-                return
-            time.sleep(0.3)
-
-
 def run_with_kill(root: str, weights: str, **fault: object):
-    killer = Killer(root)
-    killer.start()
-    try:
+    def kill(info: dict) -> None:
+        os.kill(info["pid"], signal.SIGKILL)
+
+    with FaultWatcher(root, kill) as watch:
         result = train(load_config(None, _overrides(root, weights, **fault)))
-    finally:
-        killer.done.set()
-        killer.join(timeout=5)
-    assert killer.killed is not None, "the worker never reached its fault point"
-    return result, killer.killed
+    assert watch.fired is not None, "the worker never reached its fault point"
+    return result, watch.fired
 
 
 @pytest.fixture(scope="module")

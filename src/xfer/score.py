@@ -158,12 +158,26 @@ class Predictor:
     """Actor stage: loads the model once, predicts batches (STYLE: Ray's shape)."""
 
     def __init__(
-        self, model_uri: str, classes: list[str], model_name: str, run_id: str, scored_at: str
+        self,
+        model_uri: str,
+        classes: list[str],
+        model_name: str,
+        run_id: str,
+        scored_at: str,
+        code: dict[str, Any] | None = None,
     ):
+        import socket
+
+        import ray
         import tf_keras
 
         import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
         from xfer.devices import enable_memory_growth
+        from xfer.provenance import check_same_code, describe
+
+        node = ray.get_runtime_context().get_node_id()[:12]
+        where = f"predictor on node {node} ({socket.gethostname()}, pid {os.getpid()})"
+        print(f"[xfer] {where}: {describe(check_same_code(code, where))}", flush=True)
 
         enable_memory_growth()
         local = tempfile.mkdtemp(prefix="xfer-scorer-")
@@ -304,6 +318,7 @@ def predictions(ref: ModelRef, ds: Any, sc: ScoreConfig, scored_at: str) -> Any:
     # Small inputs give fewer blocks than decode tasks; Ray Data warns. Harmless.
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
 
+    from xfer.provenance import code_identity
     from xfer.raycluster import runtime_env
 
     decoded = ds.map_batches(
@@ -327,6 +342,7 @@ def predictions(ref: ModelRef, ds: Any, sc: ScoreConfig, scored_at: str) -> Any:
             "model_name": ref.model_name,
             "run_id": ref.run_id,
             "scored_at": scored_at,
+            "code": code_identity(),  # the actors check they run the driver's code
         },
         batch_size=sc.batch_size,
         batch_format="numpy",

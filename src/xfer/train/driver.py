@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import re
 import secrets
 import time
 from typing import Any
@@ -27,11 +29,30 @@ from xfer import storage
 from xfer.config import XferConfig, build_config, merge, resolved_dict
 from xfer.errors import ConfigError, DataError, XferError
 from xfer.manifest import Manifest, load_manifest
-from xfer.train.outputs import SUCCESS, TrainResult, finish_run
+from xfer.train.outputs import SUCCESS, TrainResult, completed_run, finish_run
 
 
 def new_run_id() -> str:
     return f"{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def submission_run_id() -> str | None:
+    """Under `ray job submit`, a run id made from the job's submission id.
+
+    A submission id is stable across retries of the same submission (KubeRay's
+    submitter re-runs with the RayJob's ``jobId``), so a retried submitter reaches
+    the same run: it resumes it, or finds it complete, instead of starting another.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        submission = json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+    if not submission:
+        return None
+    return re.sub(r"[^A-Za-z0-9._-]", "-", str(submission))[:120]
 
 
 # --------------------------------------------------------------- preflight
@@ -202,22 +223,26 @@ def train(cfg: XferConfig) -> TrainResult:
     cfg.apply_storage_env()
     started = time.monotonic()
     resume_notes: list[str] = []
-    if cfg.output.run_id:
-        run_id = cfg.output.run_id
-        run_uri = cfg.run_uri(run_id)
+    submitted = None if cfg.output.run_id else submission_run_id()
+    run_id = cfg.output.run_id or submitted or new_run_id()
+    run_uri = cfg.run_uri(run_id)
+    resuming = bool(cfg.output.run_id) or (
+        submitted is not None and storage.exists(storage.join(run_uri, "config.yaml"))
+    )
+    if resuming:
         if storage.exists(storage.join(run_uri, SUCCESS)):
+            if submitted:  # the same submission again (a retried submitter): done already
+                print(f"[xfer] run {run_id} of this submission is already complete", flush=True)
+                return completed_run(run_id, run_uri)
             raise XferError(
                 f"run {run_id} is already complete ({run_uri}/{SUCCESS}); nothing to resume"
             )
         cfg, resume_notes = _resume_config(cfg, run_uri)
         print(f"[xfer] resuming run {run_id}", flush=True)
-    else:
-        run_id = new_run_id()
-        run_uri = cfg.run_uri(run_id)
     manifest = preflight(cfg)
     if storage.is_s3(run_uri):
         storage.ensure_bucket(run_uri)
-    if not cfg.output.run_id:
+    if not resuming:
         storage.write_yaml(storage.join(run_uri, "config.yaml"), resolved_dict(cfg))
     # Resolved once here; every worker checks that it loads exactly these bytes.
     weights = fetch_weights(cfg.model.weights)

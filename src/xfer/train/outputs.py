@@ -59,6 +59,12 @@ class TrainResult:
         return "\n".join(lines)
 
 
+def completed_run(run_id: str, run_uri: str) -> TrainResult:
+    """A run that is already committed, as its metrics say."""
+    metrics = storage.read_json(storage.join(run_uri, "metrics.json"))
+    return TrainResult(run_id, run_uri, metrics, bool(metrics["gate"].get("published")))
+
+
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 

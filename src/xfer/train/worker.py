@@ -159,13 +159,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
     """The strategy first, then the data, weights, checkpoint and journal of this attempt."""
+    import ray
     import ray.train
     import tensorflow as tf
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    where = f"rank {rank} on {socket.gethostname()} (pid {os.getpid()})"
+    node = ray.get_runtime_context().get_node_id()[:12]
+    where = f"rank {rank} on node {node} ({socket.gethostname()}, pid {os.getpid()})"
     identity = check_same_code(config.get("code"), where)
     print(f"[xfer] {where}: {describe(identity)}", flush=True)
     run_uri: str = config["run_uri"]
