@@ -183,7 +183,7 @@ def test_scoring_is_submitted_the_same_way(
         text,
     )
     marker = storage.read_json(f"{output}/dt=2026-01-02/_SUCCESS")
-    images = [f for f in storage.list_files(f"{session_root}/raw/shapes") if f.uri.endswith(".png")]
+    images = [f for f in storage.list_files(f"{session_root}/raw/shapes") if f.uri.endswith(".jpg")]
     assert marker["rows"] == len(images) > 0, marker
 
 
