@@ -17,14 +17,17 @@ so Ray Train's two workers land on two different nodes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,6 +102,7 @@ class RayNodes:
         self.logs: dict[str, Path] = {}
         self.gcs = ""
         self.dashboard = ""
+        self.temp_dirs: list[str] = []
 
     def _start(self, name: str, args: list[str]) -> None:
         log = self.tmp / f"ray-{name}.log"
@@ -115,6 +119,8 @@ class RayNodes:
     def _node_ports(self) -> list[str]:
         low = free_port()
         return [
+            # (Ray replaces a loopback address by the machine's own for its internal
+            # ports; the dashboard, where jobs come in, stays on 127.0.0.1.)
             "--node-ip-address=127.0.0.1",
             f"--node-manager-port={free_port()}",
             f"--object-manager-port={free_port()}",
@@ -147,7 +153,19 @@ class RayNodes:
         self.wait_for_nodes(1)
 
     def add_node(self, name: str, num_cpus: int = 1) -> None:
-        self._start(name, [f"--address={self.gcs}", f"--num-cpus={num_cpus}", *self._node_ports()])
+        # A session directory of its own: nodes on one machine would otherwise share
+        # socket paths. Short, because Unix socket paths are limited to 107 bytes.
+        temp = tempfile.mkdtemp(prefix="xr-", dir="/tmp")
+        self.temp_dirs.append(temp)
+        self._start(
+            name,
+            [
+                f"--address={self.gcs}",
+                f"--num-cpus={num_cpus}",
+                f"--temp-dir={temp}",
+                *self._node_ports(),
+            ],
+        )
 
     def alive_nodes(self) -> list[dict]:
         out = subprocess.run(
@@ -210,7 +228,14 @@ class RayNodes:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-            except ProcessLookupError:
                 pass
+            except ProcessLookupError:
+                continue
+            # `ray start --block` may exit before all of its processes have: the rest
+            # of the group (GCS, agents, workers) is ours too.
+            with contextlib.suppress(ProcessLookupError):
+                time.sleep(2)
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        for temp in self.temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)

@@ -295,3 +295,26 @@ def test_reported_losses_are_true_means_over_real_examples(trained_run, target_d
     assert val.num_rows == load_manifest(target_dataset).split("val").rows
     last = m["history"]["fine_tune"][-1]  # measured after the last epoch: the saved model
     assert last["val_loss"] == pytest.approx(_mean_bce(val), abs=2e-4)
+
+
+def test_a_retried_submission_finds_its_run_instead_of_starting_another(
+    trained_run, session_root, pretrained_weights, monkeypatch, capsys
+):
+    """Under `ray job submit` the run id comes from the submission id, which a retried
+    submitter (KubeRay re-running with the RayJob's jobId) reuses: the same run again
+    is found complete, and nothing is trained."""
+    import json
+
+    from xfer.config import load_config
+    from xfer.train.driver import submission_run_id, train
+
+    from .conftest import train_overrides
+
+    metadata = {"metadata": {"job_submission_id": trained_run.run_id}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(metadata))
+    assert submission_run_id() == trained_run.run_id
+    before = storage.read_bytes(f"{trained_run.run_uri}/metrics.json")
+    again = train(load_config(None, train_overrides(session_root, pretrained_weights)))
+    assert again.run_id == trained_run.run_id
+    assert "already complete" in capsys.readouterr().out
+    assert storage.read_bytes(f"{trained_run.run_uri}/metrics.json") == before
