@@ -4,7 +4,7 @@
 #   make demo       the quickstart: embedded S3 + synth + shard + train + score
 #   make test       lint, then the default test suite (a few minutes on 2 cores)
 #   make test-slow  the slow end-to-end tests (ray job submit, fault recovery, ...)
-#   make lint       ruff check + ruff format --check + mypy
+#   make lint       ruff check + ruff format --check + mypy + terraform fmt -check
 #   make bench      the benchmarks; figures go to benchmarks/results/
 
 PYTHON ?= python3
@@ -33,6 +33,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	@if command -v terraform >/dev/null 2>&1; then \
+		echo "terraform fmt -check -recursive infra/terraform"; \
+		terraform fmt -check -recursive infra/terraform; \
+	else \
+		echo "terraform not installed: skipping terraform fmt -check (CI runs it)"; \
+	fi
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -117,8 +117,13 @@ class RayNodes:
             )
 
     def _node_ports(self) -> list[str]:
+        # A session directory per node: nodes on one machine would otherwise share
+        # socket paths. Short, because Unix socket paths are limited to 107 bytes.
+        temp = tempfile.mkdtemp(prefix="xr-", dir="/tmp")
+        self.temp_dirs.append(temp)
         low = free_port()
         return [
+            f"--temp-dir={temp}",
             # (Ray replaces a loopback address by the machine's own for its internal
             # ports; the dashboard, where jobs come in, stays on 127.0.0.1.)
             "--node-ip-address=127.0.0.1",
@@ -153,19 +158,7 @@ class RayNodes:
         self.wait_for_nodes(1)
 
     def add_node(self, name: str, num_cpus: int = 1) -> None:
-        # A session directory of its own: nodes on one machine would otherwise share
-        # socket paths. Short, because Unix socket paths are limited to 107 bytes.
-        temp = tempfile.mkdtemp(prefix="xr-", dir="/tmp")
-        self.temp_dirs.append(temp)
-        self._start(
-            name,
-            [
-                f"--address={self.gcs}",
-                f"--num-cpus={num_cpus}",
-                f"--temp-dir={temp}",
-                *self._node_ports(),
-            ],
-        )
+        self._start(name, [f"--address={self.gcs}", f"--num-cpus={num_cpus}", *self._node_ports()])
 
     def alive_nodes(self) -> list[dict]:
         out = subprocess.run(

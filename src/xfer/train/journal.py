@@ -3,6 +3,7 @@
     <run>/_journal/attempt-00001.json          rank 0: start point, then each stage it enters
     <run>/_journal/error-<ms>-r<rank>.json     the Ray Train controller: a worker's failure
     <run>/_journal/error-<ms>-driver.json      the driver: a run that failed as a whole
+    <run>/_journal/code-r<rank>.json           each rank: the xfer code it runs (lineage)
 
 A checkpoint says where a run *is*, not what happened to it: a worker killed before
 the first checkpoint of an attempt restarts from zero and leaves nothing behind, and
@@ -112,6 +113,15 @@ class Journal:
     def note(self, **fields: Any) -> None:
         self.record.update(fields)
         _write(_attempt_uri(self.run_uri, self.record["attempt"]), self.record)
+
+
+def record_code(run_uri: str, rank: int, identity: dict[str, Any]) -> None:
+    """Which xfer a rank runs (the latest attempt's), for the run's lineage."""
+    _write(storage.join(run_uri, JOURNAL, f"code-r{rank:05d}.json"), {"rank": rank, **identity})
+
+
+def worker_code(run_uri: str) -> list[dict[str, Any]]:
+    return [e for name, e in _entries(run_uri) if name.startswith("code-")]
 
 
 def record_error(run_uri: str, rank: int | None, message: str) -> None:

@@ -20,7 +20,7 @@ from xfer.config import XferConfig, resolved_dict
 from xfer.manifest import Manifest
 from xfer.provenance import git_commit, source_sha256
 from xfer.score import SUCCESS
-from xfer.train.journal import failures, mark_complete
+from xfer.train.journal import failures, mark_complete, worker_code
 
 
 @dataclass
@@ -103,7 +103,9 @@ def phase_summary(history: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def lineage(cfg: XferConfig, manifest: Manifest, final: dict[str, Any]) -> dict[str, Any]:
+def lineage(
+    cfg: XferConfig, manifest: Manifest, final: dict[str, Any], run_uri: str
+) -> dict[str, Any]:
     import importlib.metadata as md
 
     versions: dict[str, str | None] = {}
@@ -123,7 +125,7 @@ def lineage(cfg: XferConfig, manifest: Manifest, final: dict[str, Any]) -> dict[
             "xfer": __version__,
             "git_commit": git_commit(),
             "sha256": source_sha256(),
-            "workers": final.get("code"),
+            "workers": worker_code(run_uri),  # what each rank ran (its latest attempt)
         },
         "packages": {"python": platform.python_version(), **versions},
         "weights": final.get("weights", {"source": cfg.model.weights, "sha256": None}),
@@ -196,7 +198,7 @@ def finish_run(
             "latest": latest_uri,
         },
     }
-    lin = lineage(cfg, manifest, final)
+    lin = lineage(cfg, manifest, final, run_uri)
     storage.write_json(storage.join(run_uri, "metrics.json"), metrics)
     storage.write_json(storage.join(run_uri, "lineage.json"), lin)
     if cfg.output.report:

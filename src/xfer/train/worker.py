@@ -62,7 +62,7 @@ from xfer.train.checkpoint import (
     save_checkpoint,
 )
 from xfer.train.faults import maybe_fail
-from xfer.train.journal import Journal
+from xfer.train.journal import Journal, record_code
 from xfer.weights import WeightsSource, fetch_weights
 
 
@@ -150,7 +150,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "mixed_precision": policy,
             "weights": w.weights.lineage(),
             "feature_cache": cache_stats,
-            "code": check_same_code(None, "")["sha256"],
         },
         checkpoint=ray.train.Checkpoint.from_directory(directory) if w.rank == 0 else None,
     )
@@ -171,6 +170,7 @@ def _start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
     identity = check_same_code(config.get("code"), where)
     print(f"[xfer] {where}: {describe(identity)}", flush=True)
     run_uri: str = config["run_uri"]
+    record_code(run_uri, rank, {**identity, "node": node, "host": socket.gethostname()})
     restored = load_checkpoint(ray.train.get_checkpoint())
     state = restored[0] if restored else TrainState()
     journal = Journal(run_uri, config.get("driver", "")) if rank == 0 else None

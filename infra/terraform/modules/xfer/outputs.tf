@@ -1,9 +1,10 @@
-# What the rest of the deployment needs from this apply:
+# What the rest of the deployment needs from this module (each environment passes them
+# on as its own outputs):
 #
-#   terraform -chdir=infra/terraform output
-#   terraform -chdir=infra/terraform output -raw role_arn
+#   terraform -chdir=infra/terraform/envs/prod output
+#   terraform -chdir=infra/terraform/envs/prod output -raw role_arn
 #
-# role_arn goes into the overlay's ServiceAccount annotation (k8s/overlays/*/);
+# role_arn goes into the overlay's ServiceAccount annotation (k8s/overlays/<env>/);
 # bucket_name is the config's storage.root (s3://<bucket_name>).
 
 output "bucket_name" {

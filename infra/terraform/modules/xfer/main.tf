@@ -1,7 +1,8 @@
-# The bucket of xfer's object-storage layout (README.md), private and versioned.
+# The bucket of xfer's object-storage layout (README.md), private and versioned. A module:
+# each environment applies it from its own directory, with its own state.
 #
-#   terraform -chdir=infra/terraform plan -var-file=prod.tfvars
-#   terraform -chdir=infra/terraform apply -var-file=prod.tfvars
+#   terraform -chdir=infra/terraform/envs/prod plan
+#   terraform -chdir=infra/terraform/envs/prod apply
 
 resource "aws_s3_bucket" "xfer" {
   bucket = var.bucket_name

@@ -1,15 +1,9 @@
-# Inputs of the xfer infrastructure; one apply per environment (dev, prod), e.g.
+# Inputs of the xfer module. Each environment sets them in its own directory
+# (infra/terraform/envs/<env>/main.tf), and applies with its own state:
 #
-#   terraform -chdir=infra/terraform apply -var-file=prod.tfvars
+#   terraform -chdir=infra/terraform/envs/prod apply
 #
-# with prod.tfvars holding bucket_name = "xfer-prod", namespace = "xfer-prod" and the
-# cluster's oidc_provider_arn (aws eks describe-cluster ... identity.oidc.issuer).
-
-variable "region" {
-  description = "AWS region of the bucket (and of the jobs' AWS_REGION in k8s/)."
-  type        = string
-  default     = "us-east-1"
-}
+# The region is not an input here: it is the provider's, configured by the environment.
 
 variable "bucket_name" {
   description = "Bucket holding datasets/, weights/, runs/, models/, predictions/ and _tmp/ (the config's storage.root is s3://<bucket_name>)."
@@ -34,7 +28,6 @@ variable "oidc_provider_arn" {
 variable "namespace" {
   description = "Kubernetes namespace the jobs run in (the overlay's namespace)."
   type        = string
-  default     = "xfer-prod"
 }
 
 variable "service_account" {
@@ -71,10 +64,4 @@ variable "allow_dataset_writes" {
   description = "Also let the job role write datasets/ (for running `xfer shard` with it); off: training and scoring only read datasets."
   type        = bool
   default     = false
-}
-
-variable "tags" {
-  description = "Tags for every resource."
-  type        = map(string)
-  default     = { project = "xfer" }
 }

@@ -1,8 +1,8 @@
 # The IAM role of the xfer jobs (training, nightly scoring), assumed by the Ray pods
 # through IRSA, and its least-privilege S3 policy.
 #
-#   terraform -chdir=infra/terraform apply -var-file=prod.tfvars
-#   terraform -chdir=infra/terraform output -raw role_arn     # -> the overlay's ServiceAccount
+#   terraform -chdir=infra/terraform/envs/prod apply           # this module, for production
+#   terraform -chdir=infra/terraform/envs/prod output -raw role_arn   # -> the overlay's ServiceAccount
 #
 # What the jobs touch (README.md, "Object-storage layout"; src/xfer/storage.py):
 #   read        datasets/ weights/ incoming/   shards, pretrained weights, new images

@@ -1,0 +1,25 @@
+# The module's outputs, for this environment:
+#
+#   terraform -chdir=infra/terraform/envs/dev output -raw role_arn
+#
+# role_arn goes into k8s/overlays/dev/kustomization.yaml (the xfer ServiceAccount).
+
+output "bucket_name" {
+  description = "Name of the xfer bucket."
+  value       = module.xfer.bucket_name
+}
+
+output "bucket_arn" {
+  description = "ARN of the xfer bucket."
+  value       = module.xfer.bucket_arn
+}
+
+output "role_arn" {
+  description = "IAM role for the jobs' service account (eks.amazonaws.com/role-arn)."
+  value       = module.xfer.role_arn
+}
+
+output "policy_arn" {
+  description = "The jobs' S3 policy, attached to role_arn."
+  value       = module.xfer.policy_arn
+}
