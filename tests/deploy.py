@@ -1,0 +1,196 @@
+"""The deployment files as the deploy tests read them (test_k8s_*.py, test_terraform.py).
+
+Kustomizations are rendered by `kubectl kustomize`, the renderer `kubectl apply -k` uses.
+KubeRay objects are checked against the CRDs vendored in k8s/crds/, with unknown fields
+rejected as `kubectl apply --validate=strict` would; RayJob templates held in ConfigMaps
+(the nightly RayJob) are checked as RayJobs too. Nothing outside the repository is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+CRDS = K8S / "crds"
+TERRAFORM = ROOT / "infra" / "terraform"
+ENVS = ("dev", "prod")
+IMAGE = "xfer-job"
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 2 MB of YAML
+
+Resources = tuple[dict[str, Any], ...]
+
+
+@functools.cache
+def load_all(path: Path) -> tuple[Any, ...]:
+    with open(path) as f:
+        return tuple(doc for doc in yaml.load_all(f, Loader=Loader) if doc is not None)
+
+
+def kustomizations() -> list[Path]:
+    """Every kustomization directory under k8s/ that renders on its own (no Components)."""
+    dirs = []
+    for path in sorted(K8S.rglob("kustomization.yaml")):
+        if load_all(path)[0].get("kind", "Kustomization") == "Kustomization":
+            dirs.append(path.parent)
+    return dirs
+
+
+def schedule_dir(env: str, root: Path = K8S) -> Path:
+    return root / "overlays" / env
+
+
+def train_dir(env: str, root: Path = K8S) -> Path:
+    return root / "overlays" / env / "train"
+
+
+@functools.cache
+def kustomize(directory: Path) -> Resources:
+    """`kubectl kustomize directory`, parsed."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is needed to render k8s/ (`kubectl kustomize`); install it")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, f"kubectl kustomize {directory} failed:\n{out.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc is not None)
+
+
+def one(resources: Resources, kind: str, name: str) -> dict[str, Any]:
+    (found,) = [r for r in resources if r["kind"] == kind and r["metadata"]["name"] == name]
+    return found
+
+
+def ray_objects(resources: Resources) -> list[tuple[str, dict[str, Any]]]:
+    """RayJobs and RayCronJobs, including RayJob templates held in ConfigMaps."""
+    out = [(f"{r['kind']}/{r['metadata']['name']}", r) for r in resources]
+    for r in resources:
+        for key, text in (r.get("data") or {}).items() if r["kind"] == "ConfigMap" else ():
+            for doc in yaml.safe_load_all(text):
+                out.append((f"ConfigMap/{r['metadata']['name']}[{key}]", doc))
+    kinds = ("RayJob", "RayCronJob")
+    return [(w, d) for w, d in out if isinstance(d, dict) and d.get("kind") in kinds]
+
+
+def job_specs(resources: Resources) -> list[tuple[str, dict[str, Any]]]:
+    """Every RayJob spec: RayJobs, templates, and RayCronJobs' jobTemplates."""
+    return [
+        (where, obj["spec"]["jobTemplate"] if obj["kind"] == "RayCronJob" else obj["spec"])
+        for where, obj in ray_objects(resources)
+    ]
+
+
+def ray_pods(spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(group, pod spec) of the Ray head and every worker group of a RayJob spec."""
+    cluster = spec["rayClusterSpec"]
+    yield "head", cluster["headGroupSpec"]["template"]["spec"]
+    for group in cluster.get("workerGroupSpecs", []):
+        yield group["groupName"], group["template"]["spec"]
+
+
+def pod_specs(resources: Resources) -> list[tuple[str, dict[str, Any]]]:
+    """Every pod these resources make: Ray heads and workers, RayJob submitters, CronJobs."""
+    pods = []
+    for where, spec in job_specs(resources):
+        pods += [(f"{where} {group}", pod) for group, pod in ray_pods(spec)]
+        submitter = spec.get("submitterPodTemplate")
+        pods.append((f"{where} submitter", (submitter or {}).get("spec")))
+    for r in resources:
+        if r["kind"] == "CronJob":
+            template = r["spec"]["jobTemplate"]["spec"]["template"]
+            pods.append((f"CronJob/{r['metadata']['name']}", template["spec"]))
+    return pods
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk(item)
+
+
+def all_images(resources: Resources) -> list[str]:
+    """Every container image, in resources and in RayJob templates held in ConfigMaps."""
+    nodes = [*resources, *(obj for _, obj in ray_objects(resources))]
+    return [n["image"] for node in nodes for n in walk(node) if "image" in n and "name" in n]
+
+
+def quantity(value: Any) -> float:
+    """Kubernetes quantities used here: plain numbers, millicores, binary suffixes."""
+    text = str(value)
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+# ---------------------------------------------------------------- CRD schemas
+
+
+def _strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI v3 structural schema -> JSON Schema that rejects unknown fields."""
+    s = dict(schema)
+    if s.get("x-kubernetes-int-or-string") and "anyOf" not in s:
+        s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if s.pop("nullable", False) and "type" in s:
+        s["type"] = [s["type"], "null"]
+    if "properties" in s:
+        s["properties"] = {k: _strict(v) for k, v in s["properties"].items()}
+        if not s.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in s:
+            s["additionalProperties"] = False
+    if isinstance(s.get("additionalProperties"), dict):
+        s["additionalProperties"] = _strict(s["additionalProperties"])
+    if isinstance(s.get("items"), dict):
+        s["items"] = _strict(s["items"])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in s:
+            s[key] = [_strict(x) for x in s[key]]
+    return s
+
+
+@functools.cache
+def crd_validator(api_version: str, kind: str) -> jsonschema.Draft4Validator:
+    group, _, version = api_version.partition("/")
+    for path in sorted(CRDS.glob("*.yaml")):
+        for crd in load_all(path):
+            if crd["spec"]["group"] != group or crd["spec"]["names"]["kind"] != kind:
+                continue
+            for v in crd["spec"]["versions"]:
+                if v["name"] == version:
+                    assert v["served"] and not v.get("deprecated"), f"{api_version} {kind}"
+                    return jsonschema.Draft4Validator(_strict(v["schema"]["openAPIV3Schema"]))
+    raise LookupError(f"no CRD in {CRDS} serves {kind} {api_version}")
+
+
+def schema_errors(obj: dict[str, Any]) -> list[str]:
+    """What `kubectl apply --validate=strict` would refuse (CEL rules aside)."""
+    validator = crd_validator(obj["apiVersion"], obj["kind"])
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+        for e in validator.iter_errors(obj)
+    ]
+    meta = obj.get("metadata") or {}
+    if not (meta.get("name") or meta.get("generateName")):
+        errors.append("metadata: needs name or generateName")
+    unknown = set(meta) - {"name", "generateName", "namespace", "labels", "annotations"}
+    if unknown:
+        errors.append(f"metadata: unexpected fields {sorted(unknown)}")
+    return sorted(errors)
