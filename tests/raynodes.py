@@ -197,19 +197,21 @@ class RayNodes:
             time.sleep(1)
 
     def node_of(self, pid: int) -> str:
-        """Which of our nodes a process (a Ray worker) belongs to."""
+        """Which of our nodes a process (a Ray worker) belongs to: its session."""
+        sid = os.getsid(pid)
         for name, proc in self.procs.items():
-            try:
-                if os.getpgid(pid) == proc.pid:
-                    return name
-            except ProcessLookupError:
-                break
+            if sid == proc.pid:
+                return name
         raise LookupError(f"pid {pid} is in none of this test's Ray nodes")
 
     def kill_node(self, name: str) -> None:
-        """The whole node at once, raylet and workers: SIGKILL to its process group."""
+        """The whole node at once: SIGKILL to every process of its session (the
+        `ray start` process, raylet, agents, and the workers, which Ray puts in process
+        groups of their own)."""
         proc = self.procs[name]
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
     def stop(self) -> None:
@@ -225,10 +227,22 @@ class RayNodes:
             except ProcessLookupError:
                 continue
             # `ray start --block` may exit before all of its processes have: the rest
-            # of the group (GCS, agents, workers) is ours too.
-            with contextlib.suppress(ProcessLookupError):
-                time.sleep(2)
-                os.killpg(proc.pid, signal.SIGKILL)
+            # of its session (GCS, agents, workers) is ours too.
+            time.sleep(2)
+            for pid in _session_pids(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=30)
         for temp in self.temp_dirs:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Every live process in session ``sid`` (each node runs in a session of its own)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+    return pids
