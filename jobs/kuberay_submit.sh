@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Submit a Ray job once, follow it, and exit with how it ended. The command of the
-# submitter pod of every xfer RayJob (k8s/), and usable anywhere else:
+# submitter pod of every xfer RayJob (k8s/), and usable anywhere else, e.g. from the
+# repository root against a local head:
 #
 #   RAY_DASHBOARD_ADDRESS=127.0.0.1:8265 RAY_JOB_SUBMISSION_ID=train-20261127 \
-#   RAY_AUTH_MODE=token RAY_AUTH_TOKEN=... \
+#   RAY_AUTH_TOKEN=... XFER_SUBMIT_ARGS="--working-dir . --runtime-env jobs/runtime_env.yaml" \
 #       jobs/kuberay_submit.sh python jobs/train.py --config jobs/configs/local.yaml
 #
 # Usage: jobs/kuberay_submit.sh ENTRYPOINT [ARG ...]
@@ -12,6 +13,8 @@
 #   RAY_DASHBOARD_ADDRESS  the Ray dashboard, host:port (http:// is added) or a URL
 #   RAY_JOB_SUBMISSION_ID  the job's submission id: the same id on every retry
 #   RAY_AUTH_TOKEN         the dashboard token (RAY_AUTH_MODE=token is then implied)
+#   XFER_SUBMIT_ARGS       more `ray job submit` options, e.g. a working dir and runtime
+#                          env (on KubeRay none: the code is in the image, /opt/xfer)
 #   KUBERAY_SUBMIT_WAIT_SECONDS  how long to wait for the dashboard (default 600)
 # KubeRay sets RAY_DASHBOARD_ADDRESS (status.dashboardURL), RAY_JOB_SUBMISSION_ID
 # (status.jobId) and, with authOptions.mode token, RAY_AUTH_MODE and RAY_AUTH_TOKEN in
@@ -90,7 +93,8 @@ done
 
 if [[ $status == NONE ]]; then
   say "submitting job $id: $*"
-  if ! ray job submit --address "$address" --submission-id "$id" --no-wait -- "$@"; then
+  # shellcheck disable=SC2086  # XFER_SUBMIT_ARGS is a list of options on purpose
+  if ! ray job submit --address "$address" --submission-id "$id" --no-wait ${XFER_SUBMIT_ARGS:-} -- "$@"; then
     # The submission may have been accepted although its answer was lost: the id tells.
     status=$(job_status) || {
       tail -n 1 "$errors" >&2

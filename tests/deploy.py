@@ -8,9 +8,12 @@ rejected as `kubectl apply --validate=strict` would; RayJob templates held in Co
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shlex
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
+from xfer.cli import build_parser
+from xfer.config import XferConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -64,6 +70,57 @@ def kustomize(directory: Path) -> Resources:
     )
     assert out.returncode == 0, f"kubectl kustomize {directory} failed:\n{out.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc is not None)
+
+
+RAYCRONJOB_LINE = "  - ../../schedulers/raycronjob\n"
+CRONJOB_LINE = "  # - ../../schedulers/cronjob\n"
+
+
+@functools.cache
+def variant(env: str, scheduler: str = "raycronjob", image: str | None = None) -> Path:
+    """A copy of k8s/ with one documented edit made, as an operator would make it.
+
+    variant(env, "cronjob") swaps the scheduler lines of the env's overlay (docs/runbook.md,
+    "Switch the nightly scheduler"); variant(env, image="<name>@<digest>") names another
+    image in the env's image component. Returns the copy's k8s/ directory.
+    """
+    root = Path(tempfile.mkdtemp(prefix=f"xfer-k8s-{env}-")) / "k8s"
+    atexit.register(shutil.rmtree, root.parent, True)
+    shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("crds"))
+    if scheduler == "cronjob":
+        path = schedule_dir(env, root) / "kustomization.yaml"
+        text = path.read_text()
+        assert text.count(RAYCRONJOB_LINE) == 1 and text.count(CRONJOB_LINE) == 1, path
+        text = text.replace(RAYCRONJOB_LINE, "  # - ../../schedulers/raycronjob\n")
+        path.write_text(text.replace(CRONJOB_LINE, "  - ../../schedulers/cronjob\n"))
+    if image is not None:
+        path = root / "overlays" / env / "image" / "kustomization.yaml"
+        component = yaml.safe_load(path.read_text())
+        name, _, digest = image.partition("@")
+        component["images"] = [{"name": IMAGE, "newName": name, "digest": digest}]
+        path.write_text(yaml.safe_dump(component))
+    return root
+
+
+def schedules(env: str) -> dict[str, Resources]:
+    """The env's schedule rendered with each scheduler: as shipped, and switched."""
+    return {
+        "raycronjob": kustomize(schedule_dir(env)),
+        "cronjob": kustomize(schedule_dir(env, variant(env, "cronjob"))),
+    }
+
+
+def renderings() -> list[str]:
+    """Names of everything that makes pods, for rendering(): schedules, training runs."""
+    return [name for env in ENVS for name in (env, f"{env}+cronjob", f"{env}/train")]
+
+
+def rendering(name: str) -> Resources:
+    env, _, rest = name.partition("/")
+    if rest:
+        return kustomize(train_dir(env))
+    env, _, scheduler = name.partition("+")
+    return schedules(env)[scheduler or "raycronjob"]
 
 
 def one(resources: Resources, kind: str, name: str) -> dict[str, Any]:
@@ -140,6 +197,28 @@ def quantity(value: Any) -> float:
         if text.endswith(suffix):
             return float(text[: -len(suffix)]) * factor
     return float(text)
+
+
+def env_image(env: str) -> str:
+    (image,) = load_all(K8S / "overlays" / env / "image" / "kustomization.yaml")[0]["images"]
+    assert image["name"] == IMAGE
+    if "digest" in image:
+        return f"{image['newName']}@{image['digest']}"
+    return f"{image['newName']}:{image['newTag']}"
+
+
+def entrypoint_config(entrypoint: str) -> tuple[str, Any, XferConfig]:
+    """(subcommand, parsed args, loaded config) of `python /opt/xfer/jobs/<x>.py ...`."""
+    argv = shlex.split(entrypoint)
+    assert argv[0] == "python" and argv[1].startswith("/opt/xfer/"), entrypoint
+    script = ROOT / argv[1].removeprefix("/opt/xfer/")
+    assert script.is_file(), f"{argv[1]}: no {script.relative_to(ROOT)} in the repo"
+    command = {"jobs/train.py": "train", "jobs/score.py": "score"}[str(script.relative_to(ROOT))]
+    args = build_parser().parse_args([command, *argv[2:]])
+    assert args.config and args.config.startswith("/opt/xfer/"), f"no --config in {entrypoint}"
+    config = ROOT / args.config.removeprefix("/opt/xfer/")
+    assert config.is_file(), f"{args.config}: no {config.relative_to(ROOT)} in the repo"
+    return command, args, load_config(str(config), args.overrides)
 
 
 # ---------------------------------------------------------------- CRD schemas
