@@ -103,6 +103,7 @@ class RayNodes:
         self.gcs = ""
         self.dashboard = ""
         self.temp_dirs: list[str] = []
+        self.killed: set[str] = set()
 
     def _start(self, name: str, args: list[str]) -> None:
         log = self.tmp / f"ray-{name}.log"
@@ -190,7 +191,9 @@ class RayNodes:
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while len(self.alive_nodes()) != count:
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            dead = [
+                n for n, p in self.procs.items() if p.poll() is not None and n not in self.killed
+            ]
             if time.monotonic() > deadline or dead:
                 tails = {n: self.logs[n].read_text()[-2000:] for n in self.procs}
                 raise RuntimeError(f"expected {count} Ray nodes (exited: {dead}): {tails}")
@@ -209,6 +212,7 @@ class RayNodes:
         `ray start` process, raylet, agents, and the workers, which Ray puts in process
         groups of their own)."""
         proc = self.procs[name]
+        self.killed.add(name)
         for pid in _session_pids(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

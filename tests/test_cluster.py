@@ -229,3 +229,41 @@ def test_a_node_killed_mid_training_is_replaced_and_the_run_recovers(
     assert failure["resumed_from"] == {"phase": "head", "epoch": 1}, failure
     assert failure["epochs_redone"] == 0
     assert [r["epoch"] for r in m["history"]["head"]] == [1, 2, 3]
+
+
+def _kuberay_submit(cluster: RayNodes, submission_id: str, *entrypoint: str):
+    """jobs/kuberay_submit.sh with what KubeRay gives its submitter container."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env.update(
+        RAY_DASHBOARD_ADDRESS=cluster.dashboard.removeprefix("http://"),
+        RAY_JOB_SUBMISSION_ID=submission_id,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=cluster.token,
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+    )
+    proc = subprocess.run(
+        [str(ROOT / "jobs" / "kuberay_submit.sh"), *entrypoint],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_a_retried_kuberay_submitter_neither_resubmits_nor_hides_a_failure(cluster):
+    """KubeRay pitfalls: a retried submitter failing on "submission ID exists"
+    (kuberay#2317), and one that exits 0 after a failed job (kuberay#3211)."""
+    ok_id, bad_id = f"xfer-ok-{os.getpid()}", f"xfer-bad-{os.getpid()}"
+    code, out = _kuberay_submit(cluster, ok_id, "python", "-c", "print('the job ran')")
+    assert code == 0 and "the job ran" in out, out[-3000:]
+    code, out = _kuberay_submit(cluster, ok_id, "python", "-c", "print('the job ran')")
+    assert code == 0, out[-3000:]
+    assert "not submitting it again" in out and "submitting job" not in out, out[-3000:]
+
+    code, out = _kuberay_submit(cluster, bad_id, "python", "-c", "raise SystemExit(3)")
+    assert code == 1, out[-3000:]
+    code, out = _kuberay_submit(cluster, bad_id, "python", "-c", "raise SystemExit(3)")
+    assert code == 1 and "not submitting it again" in out, out[-3000:]
