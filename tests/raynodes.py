@@ -104,6 +104,7 @@ class RayNodes:
         self.dashboard = ""
         self.temp_dirs: list[str] = []
         self.killed: set[str] = set()
+        self.taken: set[int] = set()
 
     def _start(self, name: str, args: list[str]) -> None:
         log = self.tmp / f"ray-{name}.log"
@@ -122,26 +123,39 @@ class RayNodes:
         # socket paths. Short, because Unix socket paths are limited to 107 bytes.
         temp = tempfile.mkdtemp(prefix="xr-", dir="/tmp")
         self.temp_dirs.append(temp)
-        low = free_port()
+        # Ports are picked free now but bound later, so every port of the cluster is
+        # kept apart from every node's worker range (and from each other).
+        while (low := free_port()) + 60 > 65535 or self.taken & set(range(low, low + 61)):
+            pass
+        self.taken |= set(range(low, low + 61))
+        port = self.port
+
         return [
             f"--temp-dir={temp}",
             # (Ray replaces a loopback address by the machine's own for its internal
             # ports; the dashboard, where jobs come in, stays on 127.0.0.1.)
             "--node-ip-address=127.0.0.1",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={port()}",
+            f"--object-manager-port={port()}",
+            f"--dashboard-agent-listen-port={port()}",
+            f"--dashboard-agent-grpc-port={port()}",
+            f"--runtime-env-agent-port={port()}",
+            f"--metrics-export-port={port()}",
             f"--min-worker-port={low}",
             f"--max-worker-port={low + 60}",
             "--object-store-memory=200000000",
             "--disable-usage-stats",
         ]
 
+    def port(self) -> int:
+        """A free port that no other part of this cluster was given."""
+        while (p := free_port()) in self.taken:
+            pass
+        self.taken.add(p)
+        return p
+
     def start_head(self) -> None:
-        port, dashboard = free_port(), free_port()
+        port, dashboard = self.port(), self.port()
         self.gcs = f"127.0.0.1:{port}"
         self.dashboard = f"http://127.0.0.1:{dashboard}"
         self._start(
@@ -151,7 +165,7 @@ class RayNodes:
                 f"--port={port}",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={free_port()}",
+                f"--ray-client-server-port={self.port()}",
                 "--num-cpus=0",  # drivers and controllers only; training runs on the nodes
                 *self._node_ports(),
             ],
