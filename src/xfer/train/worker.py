@@ -28,7 +28,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +35,11 @@ import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from xfer import storage
 from xfer.config import XferConfig
 from xfer.devices import enable_memory_growth, set_mixed_precision
-from xfer.features import CachePlan, build_part, commit_cache, committed_by
+from xfer.features import CachePlan
 from xfer.manifest import Manifest, load_manifest
 from xfer.model import (
-    REGISTRY,
     build_model,
     compile_model,
-    feature_extractor,
     freeze_base,
     head_only_model,
     make_optimizer,
@@ -50,8 +47,9 @@ from xfer.model import (
 )
 from xfer.preprocess import AugmentSettings
 from xfer.provenance import check_same_code, describe
-from xfer.reader import NO_AUGMENT, ReaderSpec, make_dataset
+from xfer.reader import ReaderSpec, make_dataset
 from xfer.score import MODEL_FILE, MODEL_INFO
+from xfer.train.cachestage import ensure_cache, feature_specs
 from xfer.train.callbacks import EpochEnd
 from xfer.train.checkpoint import (
     PHASES,
@@ -127,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if w.epochs[phase] == 0 or w.state.done(phase, w.epochs[phase]):
             continue
         if phase == "head" and cache is not None:
-            cache_stats = _ensure_cache(w, cache)
+            cache_stats = ensure_cache(w, cache)
         _run_phase(w, phase, cache if phase == "head" else None, tb_dir)
 
     optimizer = _restore_finished(w)
@@ -259,7 +257,7 @@ def _run_phase(w: Worker, phase: str, cache: CachePlan | None, tb_dir: str | Non
     )
     val_spec = _eval_spec(cfg, w.manifest, "val")
     if cache is not None:
-        spec, val_spec = _feature_specs(cfg, cache, spec)
+        spec, val_spec = feature_specs(cfg, cache, spec)
     with w.strategy.scope():
         fit_model, optimizer = _compile_phase(w, phase, spec.feature_dim)
         # Mid-phase: this phase's optimizer state too; at a boundary, weights only.
@@ -327,76 +325,6 @@ def _evaluate(w: Worker) -> dict[str, float]:
         test, steps=test_spec.steps_per_epoch(w.replicas), verbose=0, return_dict=True
     )
     return {k: float(v) for k, v in values.items()}
-
-
-def barrier(strategy: Any) -> None:
-    """Wait for every worker: an all-reduce of a constant."""
-    import tensorflow as tf
-
-    value = strategy.run(lambda: tf.constant(1.0))
-    strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-
-
-def _ensure_cache(w: Worker, cache: CachePlan) -> dict[str, Any]:
-    """Build the feature cache if the driver found none; returns what was done."""
-    stats: dict[str, Any] = {
-        "key": cache.key,
-        "uri": cache.uri,
-        "hit": not cache.build,
-        "reason": cache.reason,
-    }
-    if not cache.build or committed_by(cache):  # a hit, or built by an earlier attempt
-        w.say(f"feature cache hit: {cache.uri}")
-        stats["images_encoded"] = 0
-        return stats
-    w.stage("feature_cache")
-    w.say(f"building the feature cache ({cache.reason}): {cache.uri}/{cache.build_path}")
-    started = time.monotonic()
-    # The very weights this run trains (whatever their source), copied into a plain
-    # model outside the strategy: each worker then encodes its own shards with no
-    # collectives (reading a mirrored BatchNorm statistic is one, so the distributed
-    # model itself cannot be called a different number of times on each rank).
-    cfg = w.cfg
-    plain_base = REGISTRY[cfg.model.base].build(
-        (cfg.data.image_size,) * 2 + (3,), None, cfg.model.alpha
-    )
-    plain, _ = build_model(cfg.model, cfg.data.image_size, w.manifest.num_classes, base=plain_base)
-    plain.set_weights(w.model.get_weights())  # the same on every rank: one collective each
-    extractor = feature_extractor(plain, cfg.model)
-    fault = w.cfg.fault
-
-    def after_shard() -> None:
-        maybe_fail(fault, w.run_uri, w.rank, "feature_cache")
-
-    mine = build_part(w.cfg, cache, w.manifest, extractor, w.rank, w.world, after_shard)
-    barrier(w.strategy)
-    total = commit_cache(cache, w.manifest, w.world) if w.rank == 0 else mine
-    barrier(w.strategy)
-    stats.update(images_encoded=total, seconds=time.monotonic() - started)
-    w.say(f"feature cache built: {total} images through the base in {stats['seconds']:.1f}s")
-    return stats
-
-
-def _feature_specs(
-    cfg: XferConfig, cache: CachePlan, image_spec: ReaderSpec
-) -> tuple[ReaderSpec, ReaderSpec | None]:
-    features = load_manifest(cache.uri)
-    dim = int(features.settings["feature_dim"])
-    train = dataclasses.replace(
-        image_spec, manifest=features, column="features", feature_dim=dim, augment=NO_AUGMENT
-    )
-    val = None
-    if "val" in features.splits and features.splits["val"].rows:
-        val = ReaderSpec(
-            features,
-            "val",
-            cfg.data.image_size,
-            cfg.train.batch_size,
-            column="features",
-            feature_dim=dim,
-            parallel_reads=cfg.data.parallel_reads,
-        )
-    return train, val
 
 
 def _eval_spec(cfg: XferConfig, manifest: Any, split: str) -> ReaderSpec | None:

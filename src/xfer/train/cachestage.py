@@ -1,0 +1,93 @@
+"""The head phase on cached features, on the workers: build the cache, then read it.
+
+    stats = ensure_cache(worker, plan)            # builds it when the driver found none
+    spec, val_spec = feature_specs(cfg, plan, image_spec)
+
+See :mod:`xfer.features` for the cache itself (key, layout, commit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+from xfer.config import XferConfig
+from xfer.features import CachePlan, build_part, commit_cache, committed_by
+from xfer.manifest import load_manifest
+from xfer.model import REGISTRY, build_model, feature_extractor
+from xfer.reader import NO_AUGMENT, ReaderSpec
+from xfer.train.faults import maybe_fail
+
+if TYPE_CHECKING:
+    from xfer.train.worker import Worker
+
+
+def barrier(strategy: Any) -> None:
+    """Wait for every worker: an all-reduce of a constant."""
+    import tensorflow as tf
+
+    value = strategy.run(lambda: tf.constant(1.0))
+    strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+
+def ensure_cache(w: Worker, cache: CachePlan) -> dict[str, Any]:
+    """Build the feature cache if the driver found none; returns what was done."""
+    stats: dict[str, Any] = {
+        "key": cache.key,
+        "uri": cache.uri,
+        "hit": not cache.build,
+        "reason": cache.reason,
+    }
+    if not cache.build or committed_by(cache):  # a hit, or built by an earlier attempt
+        w.say(f"feature cache hit: {cache.uri}")
+        stats["images_encoded"] = 0
+        return stats
+    w.stage("feature_cache")
+    w.say(f"building the feature cache ({cache.reason}): {cache.uri}/{cache.build_path}")
+    started = time.monotonic()
+    # The very weights this run trains (whatever their source), copied into a plain
+    # model outside the strategy: each worker then encodes its own shards with no
+    # collectives (reading a mirrored BatchNorm statistic is one, so the distributed
+    # model itself cannot be called a different number of times on each rank).
+    cfg = w.cfg
+    plain_base = REGISTRY[cfg.model.base].build(
+        (cfg.data.image_size,) * 2 + (3,), None, cfg.model.alpha
+    )
+    plain, _ = build_model(cfg.model, cfg.data.image_size, w.manifest.num_classes, base=plain_base)
+    plain.set_weights(w.model.get_weights())  # the same on every rank: one collective each
+    extractor = feature_extractor(plain, cfg.model)
+    fault = w.cfg.fault
+
+    def after_shard() -> None:
+        maybe_fail(fault, w.run_uri, w.rank, "feature_cache")
+
+    mine = build_part(w.cfg, cache, w.manifest, extractor, w.rank, w.world, after_shard)
+    barrier(w.strategy)
+    total = commit_cache(cache, w.manifest, w.world) if w.rank == 0 else mine
+    barrier(w.strategy)
+    stats.update(images_encoded=total, seconds=time.monotonic() - started)
+    w.say(f"feature cache built: {total} images through the base in {stats['seconds']:.1f}s")
+    return stats
+
+
+def feature_specs(
+    cfg: XferConfig, cache: CachePlan, image_spec: ReaderSpec
+) -> tuple[ReaderSpec, ReaderSpec | None]:
+    features = load_manifest(cache.uri)
+    dim = int(features.settings["feature_dim"])
+    train = dataclasses.replace(
+        image_spec, manifest=features, column="features", feature_dim=dim, augment=NO_AUGMENT
+    )
+    val = None
+    if "val" in features.splits and features.splits["val"].rows:
+        val = ReaderSpec(
+            features,
+            "val",
+            cfg.data.image_size,
+            cfg.train.batch_size,
+            column="features",
+            feature_dim=dim,
+            parallel_reads=cfg.data.parallel_reads,
+        )
+    return train, val
