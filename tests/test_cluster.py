@@ -226,8 +226,10 @@ def test_a_node_killed_mid_training_is_replaced_and_the_run_recovers(
     [failure] = m["failures"]
     assert (failure["stage"], failure["phase"], failure["epoch"]) == ("train", "head", 2)
     assert failure["rank"] == 1 and failure["resumed_by"] == "ray_train_restart", failure
-    assert failure["resumed_from"] == {"phase": "head", "epoch": 1}, failure
-    assert failure["epochs_redone"] == 0
+    # From head epoch 1, reported seconds before the loss (or, had Ray Train not
+    # registered that checkpoint yet, from the start, redoing that one epoch).
+    start = failure["resumed_from"] or {"phase": "head", "epoch": 0}
+    assert start["phase"] == "head" and failure["epochs_redone"] == 1 - start["epoch"] <= 1
     assert [r["epoch"] for r in m["history"]["head"]] == [1, 2, 3]
 
 

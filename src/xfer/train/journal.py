@@ -194,10 +194,23 @@ def failures(run_uri: str) -> list[dict[str, Any]]:
     return out
 
 
+# A worker process or its node that is gone, as Ray reports it; the other ranks then
+# fail in the collectives it left (their errors are consequences, not the cause).
+# (Ray Train reports a worker it can no longer reach as a failed health check.)
+LOST_PROCESS = (
+    "WorkerHealthCheckFailedError",
+    "WorkerHealthCheckTimeoutError",
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "NodeDiedError",
+    "WorkerCrashedError",
+)
+
+
 def _first_rank(errors: list[dict[str, Any]]) -> int | None:
-    """The rank that failed first; a lost actor outranks the collectives it broke."""
-    died = [e for e in errors if "died" in (e["error"] or "").lower()]
-    pick = died or errors
+    """The rank that failed first; a lost process outranks the collectives it broke."""
+    lost = [e for e in errors if (e["error"] or "").startswith(LOST_PROCESS)]
+    pick = lost or errors
     return pick[0]["rank"] if pick else None
 
 
