@@ -220,3 +220,36 @@ def test_decoding_runs_in_cpu_tasks_apart_from_the_predictor_actors(trained_run,
     stats = out.stats()
     assert "MapBatches(decode_images)->MapBatches(Predictor)" not in stats
     assert "MapBatches(decode_images)" in stats and "MapBatches(Predictor)" in stats
+
+
+def test_a_scoring_config_this_machine_cannot_run_fails_at_once(trained_run, bucket):
+    """The shipped nightly config (4 GPU actors) run locally: on main it waited forever
+    on resources it could never get; now it stops before any work, naming the keys."""
+    inputs, out = f"{bucket}/incoming", f"{bucket}/preds"
+    make_inputs(inputs)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xfer",
+            "score",
+            "--config",
+            "jobs/configs/nightly_score.yaml",
+            "--model",
+            trained_run.run_uri,
+            "--input",
+            inputs,
+            "--output",
+            out,
+            "cluster.local_num_cpus=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_ADDRESS": ""},
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "this machine cannot run the job: it needs 17 CPUs" in proc.stderr
+    assert "score.num_actors" in proc.stderr and "Traceback" not in proc.stderr
+    assert storage.list_files(out) == []

@@ -42,6 +42,11 @@ def runtime_env(extra: dict[str, str] | None = None, use_gpu: bool = True) -> di
     return {"env_vars": worker_env(extra, use_gpu)}
 
 
+def is_local(started: bool, address: str | None) -> bool:
+    """A Ray instance this process started on this machine (not a cluster's)."""
+    return started and not (address or os.environ.get("RAY_ADDRESS"))
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to (or start) Ray once per process; True if this call started it."""
     import ray
@@ -74,3 +79,31 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
             **kwargs,
         )
     return True
+
+
+def check_capacity(need_cpu: float, need_gpu: float, keys: str, local: bool) -> None:
+    """Can this Ray cluster ever run what the config asks for?
+
+    ``keys`` names the settings that decide ``need_*`` (for the message). On a local
+    instance a shortfall can never be made up: a ConfigError now, instead of a job
+    that waits forever on resources. On a cluster an autoscaler may add nodes, so
+    it is a warning.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    problems = []
+    if need_cpu > have.get("CPU", 0):
+        problems.append(f"{need_cpu:g} CPUs, the cluster has {have.get('CPU', 0):g}")
+    if need_gpu > have.get("GPU", 0):
+        problems.append(f"{need_gpu:g} GPUs, the cluster has {have.get('GPU', 0):g}")
+    if not problems:
+        return
+    needs = "; ".join(problems)
+    if local:
+        from xfer.errors import ConfigError
+
+        raise ConfigError(f"this machine cannot run the job: it needs {needs} (set by {keys})")
+    print(
+        f"[xfer] warning: waiting for resources (autoscaling?): needs {needs} ({keys})", flush=True
+    )

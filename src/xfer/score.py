@@ -440,7 +440,7 @@ def score(
     cfg: XferConfig, model: str, input_uri: str, output: str, date: str | None = None
 ) -> ScoreResult:
     """Score ``input_uri`` with ``model`` into ``output/dt=<date>/`` (replaced whole)."""
-    from xfer.raycluster import ensure_ray
+    from xfer.raycluster import check_capacity, ensure_ray, is_local
 
     cfg.apply_storage_env()
     day = date or dt.datetime.now(dt.timezone.utc).date().isoformat()
@@ -450,7 +450,16 @@ def score(
         raise XferError(f"--date {day!r} is not a date (YYYY-MM-DD)") from None
     start = time.monotonic()
     ref = resolve_model(model)
-    ensure_ray(cfg.cluster.address, cfg.cluster.local_num_cpus)
+    started = ensure_ray(cfg.cluster.address, cfg.cluster.local_num_cpus)
+    sc = cfg.score
+    # The actors, plus at least one CPU for the decode tasks beside them.
+    check_capacity(
+        sc.num_actors * sc.cpus_per_actor + 1,
+        sc.num_actors * sc.gpus_per_actor if sc.use_gpu else 0,
+        "score.num_actors x score.cpus_per_actor / gpus_per_actor (+1 CPU to decode), "
+        "score.use_gpu",
+        is_local(started, cfg.cluster.address),
+    )
     ds, _ = input_dataset(input_uri, cfg.score.split)
     final = storage.join(output, f"dt={day}")
     if storage.is_s3(final):

@@ -84,28 +84,15 @@ def preflight(cfg: XferConfig) -> Manifest:
 
 
 def check_resources(cfg: XferConfig, local: bool) -> None:
-    import ray
+    from xfer.raycluster import check_capacity
 
-    have = ray.cluster_resources()
     c = cfg.cluster
-    need_cpu = c.num_workers * c.cpus_per_worker
-    need_gpu = c.num_workers * c.gpus_per_worker if c.use_gpu else 0
-    problems = []
-    if need_cpu > have.get("CPU", 0):
-        problems.append(
-            f"{need_cpu:g} CPUs (cluster.num_workers x cluster.cpus_per_worker), the cluster has {have.get('CPU', 0):g}"
-        )
-    if need_gpu > have.get("GPU", 0):
-        problems.append(
-            f"{need_gpu:g} GPUs (cluster.use_gpu), the cluster has {have.get('GPU', 0):g}"
-        )
-    if problems and local:
-        raise ConfigError("this machine cannot run the job: it needs " + "; ".join(problems))
-    if problems:
-        print(
-            f"[xfer] warning: waiting for resources (autoscaling?): needs {'; '.join(problems)}",
-            flush=True,
-        )
+    check_capacity(
+        c.num_workers * c.cpus_per_worker,
+        c.num_workers * c.gpus_per_worker if c.use_gpu else 0,
+        "cluster.num_workers x cluster.cpus_per_worker / gpus_per_worker, cluster.use_gpu",
+        local,
+    )
 
 
 # Sections a resumed run takes from the new command line; the others (data, model,
@@ -210,7 +197,7 @@ def train(cfg: XferConfig) -> TrainResult:
     from ray.train.tensorflow import TensorflowTrainer
 
     from xfer.provenance import code_identity, describe
-    from xfer.raycluster import ensure_ray, worker_env
+    from xfer.raycluster import ensure_ray, is_local, worker_env
     from xfer.train.journal import (
         FailureRecorder,
         describe_exception,
@@ -259,8 +246,7 @@ def train(cfg: XferConfig) -> TrainResult:
     identity = code_identity()
     print(f"[xfer] driver: {describe(identity)}", flush=True)
     started_ray = ensure_ray(cfg.cluster.address, cfg.cluster.local_num_cpus)
-    local = started_ray and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
-    check_resources(cfg, local)
+    check_resources(cfg, is_local(started_ray, cfg.cluster.address))
     c = cfg.cluster
     resources: dict[str, float] = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
