@@ -65,15 +65,21 @@ def runtime_env_file(tmp_path_factory, s3_server) -> Path:
     return path
 
 
+def client_env(**settings: str) -> dict[str, str]:
+    """The submitting machine's environment (its `ray` CLI first on PATH), plus ``settings``."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env.update(settings)
+    return env
+
+
 def submit(cluster: RayNodes, runtime_env: Path, *args: str, token: str | None = None):
     """`jobs/submit.sh ...` from this checkout, as a user at a laptop runs it."""
-    bin_dir = os.path.dirname(sys.executable)  # the submitting machine's `ray` CLI
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(
+    env = client_env(
         RAY_ADDRESS=cluster.dashboard,
         RAY_AUTH_TOKEN=token or cluster.token,
         XFER_RUNTIME_ENV=str(runtime_env),
-        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
     )
     return subprocess.run(
         [str(ROOT / "jobs" / "submit.sh"), *args],
@@ -235,14 +241,11 @@ def test_a_node_killed_mid_training_is_replaced_and_the_run_recovers(
 
 def _kuberay_submit(cluster: RayNodes, submission_id: str, *entrypoint: str):
     """jobs/kuberay_submit.sh with what KubeRay gives its submitter container."""
-    bin_dir = os.path.dirname(sys.executable)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    env.update(
+    env = client_env(
         RAY_DASHBOARD_ADDRESS=cluster.dashboard.removeprefix("http://"),
         RAY_JOB_SUBMISSION_ID=submission_id,
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=cluster.token,
-        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
     )
     proc = subprocess.run(
         [str(ROOT / "jobs" / "kuberay_submit.sh"), *entrypoint],

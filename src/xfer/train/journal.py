@@ -69,12 +69,16 @@ def _write(uri: str, obj: dict[str, Any]) -> None:
         print(f"[xfer] warning: could not write the run journal ({exc})", flush=True)
 
 
-def _entries(run_uri: str) -> list[tuple[str, dict[str, Any]]]:
+def _names(run_uri: str) -> list[str]:
     try:
         files = storage.list_files(storage.join(run_uri, JOURNAL))
     except storage.NotFoundError:
         return []
-    return [(storage.basename(f.uri), storage.read_json(f.uri)) for f in files]
+    return [storage.basename(f.uri) for f in files]
+
+
+def _entries(run_uri: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(n, storage.read_json(storage.join(run_uri, JOURNAL, n))) for n in _names(run_uri)]
 
 
 @dataclass
@@ -86,7 +90,7 @@ class Journal:
     record: dict[str, Any] = field(default_factory=dict)
 
     def begin(self, resumed_from: dict[str, Any] | None, position: int) -> int:
-        names = [name for name, _ in _entries(self.run_uri) if name.startswith("attempt-")]
+        names = [name for name in _names(self.run_uri) if name.startswith("attempt-")]
         number = 1 + max((int(re.sub(r"\D", "", n)) for n in names), default=0)
         self.record = {
             "attempt": number,
