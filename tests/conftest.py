@@ -149,7 +149,9 @@ def target_dataset(session_root: str, ray_local: None) -> str:
     shard_dataset(
         f"{session_root}/raw/shapes",
         f"{session_root}/datasets/shapes",
-        ShardSettings(target_shard_mb=0.05),
+        # max_side: recorded with the dataset and the model; scoring pre-resizes raw
+        # images larger than this the same way (the generated ones are this size).
+        ShardSettings(target_shard_mb=0.05, max_side=IMAGE_SIZE),
     )
     return f"{session_root}/datasets/shapes"
 

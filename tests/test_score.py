@@ -37,19 +37,22 @@ def make_inputs(prefix: str) -> dict[str, str]:
 
 
 def local_predictions(run_uri: str, blobs: dict[str, bytes]) -> dict[str, float]:
-    """P(star) from plain tf_keras model.predict on the same decoded images."""
+    """P(star) from plain tf_keras model.predict on the same prepared images.
+
+    The images are 60 px and the model records a 48 px pre-resize: prepared as a
+    shard would prepare them (xfer.images.normalise), then resized as in training.
+    """
     import tempfile
 
-    import tensorflow as tf
     import tf_keras
 
-    from xfer.preprocess import decode_and_resize
+    from xfer.scorer import image_pixels
 
     path = os.path.join(tempfile.mkdtemp(), "model.keras")
     storage.download_file(f"{run_uri}/model/model.keras", path)
     model = tf_keras.models.load_model(path, compile=False)
     keys = sorted(blobs)
-    x = np.stack([decode_and_resize(tf.constant(blobs[k]), IMAGE_SIZE).numpy() for k in keys])
+    x = np.stack([image_pixels(blobs[k], IMAGE_SIZE, max_side=IMAGE_SIZE) for k in keys])
     return dict(zip(keys, model.predict(x, verbose=0).reshape(-1).tolist(), strict=True))
 
 
@@ -207,21 +210,6 @@ def test_resolve_model_follows_latest(trained_run, session_root):
     )
 
 
-def test_decoding_runs_in_cpu_tasks_apart_from_the_predictor_actors(trained_run, session_root):
-    """Ray Data must not fuse decoding into the actors (it would run serially there)."""
-    from xfer.manifest import load_manifest
-    from xfer.score import input_dataset, predictions
-
-    cfg = load_config(None, [f"storage.root={session_root}"])
-    ref = resolve_model(trained_run.run_uri)
-    ds, rows = input_dataset(load_manifest(f"{session_root}/datasets/shapes").uri, "test")
-    out = predictions(ref, ds, cfg.score, "2026-01-01T00:00:00+00:00").materialize()
-    assert out.count() == rows
-    stats = out.stats()
-    assert "MapBatches(decode_images)->MapBatches(Predictor)" not in stats
-    assert "MapBatches(decode_images)" in stats and "MapBatches(Predictor)" in stats
-
-
 def test_a_scoring_config_this_machine_cannot_run_fails_at_once(trained_run, bucket):
     """The shipped nightly config (4 GPU actors) run locally: on main it waited forever
     on resources it could never get; now it stops before any work, naming the keys."""
@@ -250,6 +238,118 @@ def test_a_scoring_config_this_machine_cannot_run_fails_at_once(trained_run, buc
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "this machine cannot run the job: it needs 17 CPUs" in proc.stderr
+    assert "this machine cannot run the job: it needs 16 CPUs" in proc.stderr
     assert "score.num_actors" in proc.stderr and "Traceback" not in proc.stderr
     assert storage.list_files(out) == []
+
+
+# Measured on the session's model: EXIF-rotated and RGBA copies score exactly like
+# their plain copies (the pixels are identical after normalisation); 5x upscaled
+# copies, pre-resized back to the model's recorded 48 px, and JPEG re-encoded shard
+# copies differ by at most a few hundredths (see the asserts for the bounds).
+UPSCALED_TOLERANCE = 0.1
+SHARD_TOLERANCE = 1e-6
+
+
+def _png(img: Image.Image, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kwargs)
+    return buf.getvalue()
+
+
+def photo_like_inputs(prefix: str) -> None:
+    """Plain images and, of each, an EXIF-rotated, an RGBA and a 5x upscaled copy."""
+    from xfer.synth import render
+
+    for i in range(6):
+        shape = ["ring", "star"][i % 2]
+        plain = render(shape, IMAGE_SIZE, np.random.default_rng([7, i])).convert("RGB")
+        # RGBA: a transparent corner (black under it) whose composite on white is the plain.
+        rgba = plain.convert("RGBA")
+        corner = Image.new("RGBA", (12, 12), (0, 0, 0, 0))
+        rgba.paste(corner, (0, 0))
+        plain.paste((255, 255, 255), (0, 0, 12, 12))
+        storage.write_bytes(f"{prefix}/plain/{shape}{i}.png", _png(plain))
+        storage.write_bytes(f"{prefix}/rgba/{shape}{i}.png", _png(rgba))
+        # Stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view").
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        sideways = plain.transpose(Image.Transpose.ROTATE_90)
+        storage.write_bytes(f"{prefix}/exif/{shape}{i}.png", _png(sideways, exif=exif))
+        big = plain.resize((IMAGE_SIZE * 5, IMAGE_SIZE * 5), Image.Resampling.BICUBIC)
+        storage.write_bytes(f"{prefix}/big/{shape}{i}.png", _png(big))
+
+
+def test_raw_images_score_like_their_plain_and_sharded_copies(trained_run, session_root, bucket):
+    """One normalisation for shard, train and score: EXIF orientation, alpha, the
+    model's recorded pre-resize. On main the sideways copies scored sideways and the
+    RGBA copies lost their alpha (transparent black instead of white)."""
+    from xfer.shard import ShardSettings, shard_dataset
+
+    inputs = f"{bucket}/photos"
+    photo_like_inputs(inputs)
+    cfg = load_config(None, [f"storage.root={session_root}", "score.split=all"])
+    raw = score(cfg, trained_run.run_uri, inputs, f"{bucket}/raw", date="2026-04-01")
+    assert raw.rows == 24 and raw.errors == 0
+    assert resolve_model(trained_run.run_uri).max_side == IMAGE_SIZE  # recorded by training
+    table = storage.read_parquet(
+        f"{raw.output}/{storage.read_json(raw.output + '/_SUCCESS')['files'][0]}"
+    )
+    p = {r["key"]: r["prob_star"] for r in table.to_pylist()}
+    stems = sorted(k.split("/")[1] for k in p if k.startswith("plain/"))
+    for stem in stems:
+        assert p[f"exif/{stem}"] == pytest.approx(p[f"plain/{stem}"], abs=1e-6), stem
+        assert p[f"rgba/{stem}"] == pytest.approx(p[f"plain/{stem}"], abs=1e-6), stem
+    upscaled = {s: round(abs(p[f"big/{s}"] - p[f"plain/{s}"]), 4) for s in stems}
+    assert max(upscaled.values()) <= UPSCALED_TOLERANCE, upscaled
+    # Without the normalisation the copies would not agree: the test can tell.
+    sideways_differs = any(abs(p[f"plain/{s}"] - p[f"exif/{s}"]) > 1e-6 for s in stems)
+    assert not sideways_differs
+
+    # The same images through `xfer shard` (the model's 48 px pre-resize) and scored
+    # from the dataset agree with the raw scores.
+    shard_dataset(
+        inputs, f"{bucket}/ds", ShardSettings(max_side=IMAGE_SIZE, split_fractions=(0.4, 0.3, 0.3))
+    )
+    sharded = score(
+        cfg, trained_run.run_uri, f"{bucket}/ds", f"{bucket}/sharded", date="2026-04-01"
+    )
+    marker = storage.read_json(sharded.output + "/_SUCCESS")
+    rows = [
+        r
+        for f in marker["files"]
+        for r in storage.read_parquet(f"{sharded.output}/{f}").to_pylist()
+    ]
+    by_source = {r["source_uri"]: r["prob_star"] for r in rows}
+    raw_by_source = {r["source_uri"]: r["prob_star"] for r in table.to_pylist()}
+    assert set(by_source) == set(raw_by_source) and len(by_source) == 24
+    diffs = {u: abs(by_source[u] - raw_by_source[u]) for u in by_source}
+    # Plain RGB PNGs are kept byte for byte in the shards: identical scores.
+    assert max(d for u, d in diffs.items() if "/plain/" in u) <= 1e-6
+    assert max(diffs.values()) <= SHARD_TOLERANCE, diffs
+
+
+def test_nightly_inputs_by_date_and_typed_columns(trained_run, session_root, bucket):
+    """`--input` takes a {date} template; scored_at is a timestamp; the class order is
+    in the file's metadata; classes that would share a column are refused."""
+    import pyarrow as pa
+
+    from xfer.scoreplan import class_columns
+
+    synthesize(f"{bucket}/incoming/2026-05-02", ["ring", "star"], per_class=2, size=48, seed=3)
+    synthesize(f"{bucket}/incoming/2026-05-03", ["ring", "star"], per_class=3, size=48, seed=4)
+    cfg = load_config(None, [f"storage.root={session_root}"])
+    template = f"{bucket}/incoming/{{date}}/"
+    result = score(cfg, trained_run.run_uri, template, f"{bucket}/preds", date="2026-05-03")
+    assert result.rows == 6
+    marker = storage.read_json(f"{result.output}/_SUCCESS")
+    assert marker["input"] == f"{bucket}/incoming/2026-05-03/"
+    table = storage.read_parquet(f"{result.output}/{marker['files'][0]}")
+    assert table.schema.field("scored_at").type == pa.timestamp("ms", tz="UTC")
+    assert table.schema.metadata[b"xfer.classes"] == b'["ring", "star"]'
+    with pytest.raises(XferError, match=r"only template field is \{date\}"):
+        score(cfg, trained_run.run_uri, f"{bucket}/in/{{day}}/", f"{bucket}/preds")
+    with pytest.raises(
+        XferError, match="'a-b' and 'a_b' would both be written as column 'prob_a_b'"
+    ):
+        class_columns(["a-b", "a_b"])

@@ -280,7 +280,7 @@ def test_reported_losses_are_true_means_over_real_examples(trained_run, target_d
     so their one step of 16 carries 2 padding rows (weight 0): a loss divided by the
     padded batch reads 12.5% low."""
     from xfer.config import ScoreConfig
-    from xfer.score import input_dataset, resolve_model, write_predictions
+    from xfer.score import resolve_model, write_predictions
 
     m = trained_run.metrics
     test = storage.read_parquet(f"{trained_run.run_uri}/predictions/test.parquet")
@@ -288,9 +288,10 @@ def test_reported_losses_are_true_means_over_real_examples(trained_run, target_d
     assert m["test"]["loss"] == pytest.approx(_mean_bce(test), abs=2e-4)
 
     ref = resolve_model(trained_run.run_uri)
-    ds, _ = input_dataset(target_dataset, "val")
     out = f"{trained_run.run_uri}-val-check"
-    write_predictions(ref, ds, ScoreConfig(), out, single_file="val.parquet")
+    write_predictions(
+        ref, target_dataset, ScoreConfig(), out, single_file="val.parquet", split="val"
+    )
     val = storage.read_parquet(f"{out}/val.parquet")
     assert val.num_rows == load_manifest(target_dataset).split("val").rows
     last = m["history"]["fine_tune"][-1]  # measured after the last epoch: the saved model

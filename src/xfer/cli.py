@@ -8,7 +8,8 @@
     xfer demo [--workdir D] [--keep] [--weights source|imagenet]
 
 Each subcommand parses its flags and calls one library function. Problems the user
-can fix (XferError) print as one line and exit with status 2.
+can fix (XferError) print as one line and exit with status 2; a store that stayed
+unreachable past its retry budget exits with 75 (EX_TEMPFAIL: try again later).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from xfer.errors import XferError
+from xfer.errors import EXIT_STORE_UNAVAILABLE, EXIT_USER_ERROR, StoreUnavailable, XferError
 
 
 def _s3_server(args: argparse.Namespace) -> int:
@@ -165,9 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except StoreUnavailable as exc:
+        # Transient by nature: a scheduler may run the job again later.
+        print(f"xfer: error: {exc}", file=sys.stderr)
+        return EXIT_STORE_UNAVAILABLE
     except XferError as exc:
         print(f"xfer: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("xfer: interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ looks like a secret before the config is written next to a run's outputs.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from typing import Any, Literal
 
@@ -184,13 +185,55 @@ class FaultConfig(Strict):
 
 
 class ScoreConfig(Strict):
-    batch_size: int = Field(64, ge=1)
-    num_actors: int = Field(1, ge=1)
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="images per model call; auto: 256 on a GPU, 64 on CPUs"
+    )
+    num_actors: int | Literal["auto"] = Field(
+        "auto", description="scoring actors; auto: as many as the cluster's CPUs/GPUs fit"
+    )
     use_gpu: bool = False
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(1.0, ge=0)
-    read_parallelism: int = Field(2, ge=1)
-    split: str = Field("test", description="split to score when the input is a dataset")
+    decode_threads: int | Literal["auto"] = Field(
+        "auto", description="threads preparing images in each actor; auto: its CPUs"
+    )
+    block_size: int = Field(
+        2048, ge=1, description="images per block: the unit of work, of resuming and of a part file"
+    )
+    store_outage_seconds: float = Field(
+        180.0, ge=0, description="how long to ride out an unreachable or failing object store"
+    )
+    resource_wait_seconds: float = Field(
+        600.0, ge=0, description="on a cluster: how long to wait for the actors' resources"
+    )
+    split: str = Field(
+        "test", description="split to score when the input is a dataset ('all': every split)"
+    )
+
+    @field_validator("batch_size", "num_actors", "decode_threads")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return v
+
+    def actors(self, cpus: float, gpus: float) -> int:
+        """``num_actors``, with auto resolved against the cluster's resources."""
+        if self.num_actors != "auto":
+            return int(self.num_actors)
+        if self.use_gpu:
+            return max(1, int(gpus // max(self.gpus_per_actor, 1e-9)))
+        return max(1, int(cpus // self.cpus_per_actor))
+
+    def batch(self) -> int:
+        if self.batch_size != "auto":
+            return int(self.batch_size)
+        return 256 if self.use_gpu else 64
+
+    def threads(self) -> int:
+        if self.decode_threads != "auto":
+            return int(self.decode_threads)
+        return max(1, math.ceil(self.cpus_per_actor))
 
 
 class XferConfig(Strict):

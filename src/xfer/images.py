@@ -8,12 +8,14 @@ What is checked, in order: empty file; not an image (or a format tf.data cannot
 decode); more pixels than the limit, checked from the header *before* decoding
 (decompression bombs); truncated or corrupt data (a full decode); then the mode is
 normalised to RGB (grayscale, palette, CMYK, alpha composited onto white) and EXIF
-rotation applied. Originals that are already plain RGB JPEG/PNG are kept
-byte-for-byte unless a resize is asked for; anything converted is re-encoded as JPEG.
+rotation applied (:func:`normalise`, shared with scoring). Originals that are already
+plain, upright RGB JPEG/PNG are kept byte-for-byte unless a resize is asked for;
+anything converted is re-encoded: as PNG if it came in a lossless format, else JPEG.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import warnings
@@ -21,8 +23,10 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+EXIF_ORIENTATION = 0x0112
 # Formats TensorFlow's decode_image reads after normalisation; others are re-encoded.
 PASSTHROUGH_FORMATS = {"JPEG", "PNG"}
+LOSSLESS_FORMATS = {"PNG", "BMP", "PPM", "TIFF"}  # re-encoded as PNG when converted
 READABLE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "MPO"}
 CONVERTIBLE_MODES = {
     "1",
@@ -105,6 +109,66 @@ def open_header(data: bytes, max_pixels: int) -> Image.Image | str:
     return img
 
 
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored), read from the header."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:
+        return 1  # a broken EXIF block is not worth rejecting the image for
+
+
+def needs_conversion(img: Image.Image, max_side: int | None) -> bool:
+    """Whether :func:`normalise` would change this image (from its header alone).
+
+    Plain RGB JPEG/PNG, upright, single-frame and within ``max_side`` is used as
+    encoded: sharding keeps its bytes and scoring decodes them as training does.
+    """
+    return (
+        (img.format or "") not in PASSTHROUGH_FORMATS
+        or img.mode != "RGB"
+        or orientation(img) != 1
+        or bool(max_side and max(img.size) > max_side)
+        or getattr(img, "n_frames", 1) != 1
+    )
+
+
+def normalise(img: Image.Image, max_side: int | None) -> Image.Image:
+    """The one image normalisation of sharding and scoring (a loaded image in, RGB out).
+
+    1. EXIF orientation applied (a phone photo stored sideways comes out upright);
+    2. colour modes to RGB, alpha composited onto white, 16-bit scaled to 8;
+    3. if the longest side is above ``max_side``: an antialiased pre-resize
+       (``reduce`` by an integer factor, then bilinear; ``reducing_gap=2.0``).
+
+    Training then decodes what sharding stored and resizes it to the model's square
+    input (:func:`xfer.preprocess.decode_and_resize`); scoring applies the same
+    resize to these pixels, so a raw image scores like its sharded copy, up to the
+    JPEG re-encoding a converted image gets in a shard.
+    """
+    if orientation(img) != 1:
+        # A broken EXIF block: keep the pixels as stored.
+        with contextlib.suppress(Exception):
+            img = ImageOps.exif_transpose(img)
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    if max_side and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return img
+
+
+def preparation_record(max_side: int | None) -> dict[str, object]:
+    """How images were prepared, as recorded with a dataset and the models trained on it."""
+    return {
+        "exif_orientation": "applied",
+        "alpha": "composited onto white",
+        "max_side": max_side,
+        "pre_resize": "PIL reduce + bilinear (reducing_gap 2.0) when the longest side > max_side",
+        "resize": "tf.image.resize bilinear (no antialias) to image_size x image_size (squash)",
+    }
+
+
 def check_image(data: bytes, settings: ImageSettings) -> Accepted | Rejected:
     """Validate and normalise one encoded image; never raises for bad input."""
     digest = hashlib.sha256(data).hexdigest()
@@ -112,37 +176,27 @@ def check_image(data: bytes, settings: ImageSettings) -> Accepted | Rejected:
     if isinstance(opened, str):
         return Rejected(opened, digest)
     img = opened
-    fmt = img.format or "unknown"
     width, height = img.size
     if width < 1 or height < 1:
         return Rejected(f"image has no pixels ({width}x{height})", digest)
     if img.mode not in CONVERTIBLE_MODES:
         return Rejected(f"unsupported image mode {img.mode}", digest)
+    convert = needs_conversion(img, settings.max_side)
     try:
         img.load()  # full decode: catches truncated and corrupt data
     except Exception as exc:
         return Rejected(f"truncated or corrupt image data ({type(exc).__name__}: {exc})", digest)
-
-    original_mode = img.mode
-    changed = False
-    try:
-        transposed = ImageOps.exif_transpose(img)
-    except Exception:
-        transposed = img  # a broken EXIF block is not worth rejecting the image for
-    if transposed is not img and transposed is not None:
-        img, changed = transposed, True
-    if img.mode != "RGB":
-        img, changed = _to_rgb(img), True
-    if settings.max_side and max(img.size) > settings.max_side:
-        scale = settings.max_side / max(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img, changed = img.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0), True
-    if fmt in PASSTHROUGH_FORMATS and not changed and getattr(img, "n_frames", 1) == 1:
-        encoded = data
-    else:
+    original_mode, fmt = img.mode, img.format or ""
+    if convert:
+        img = normalise(img, settings.max_side)
         buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=settings.jpeg_quality)
+        if fmt in LOSSLESS_FORMATS:  # lossless stays lossless: no JPEG artefacts added
+            img.save(buf, format="PNG")
+        else:
+            img.save(buf, format="JPEG", quality=settings.jpeg_quality)
         encoded = buf.getvalue()
+    else:
+        encoded = data
     return Accepted(
         image=encoded,
         sha256=digest,

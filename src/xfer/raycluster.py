@@ -22,6 +22,7 @@ FORWARDED_ENV = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "XFER_S3_MAX_ATTEMPTS",
+    "XFER_STORE_RETRY_SECONDS",
     "TF_CPP_MIN_LOG_LEVEL",
 )
 
@@ -81,14 +82,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def check_capacity(need_cpu: float, need_gpu: float, keys: str, local: bool) -> None:
-    """Can this Ray cluster ever run what the config asks for?
-
-    ``keys`` names the settings that decide ``need_*`` (for the message). On a local
-    instance a shortfall can never be made up: a ConfigError now, instead of a job
-    that waits forever on resources. On a cluster an autoscaler may add nodes, so
-    it is a warning.
-    """
+def _shortfall(need_cpu: float, need_gpu: float) -> str:
     import ray
 
     have = ray.cluster_resources()
@@ -97,13 +91,44 @@ def check_capacity(need_cpu: float, need_gpu: float, keys: str, local: bool) -> 
         problems.append(f"{need_cpu:g} CPUs, the cluster has {have.get('CPU', 0):g}")
     if need_gpu > have.get("GPU", 0):
         problems.append(f"{need_gpu:g} GPUs, the cluster has {have.get('GPU', 0):g}")
-    if not problems:
-        return
-    needs = "; ".join(problems)
-    if local:
-        from xfer.errors import ConfigError
+    return "; ".join(problems)
 
+
+def check_capacity(
+    need_cpu: float, need_gpu: float, keys: str, local: bool, wait_seconds: float | None = None
+) -> None:
+    """Can this Ray cluster ever run what the config asks for?
+
+    ``keys`` names the settings that decide ``need_*`` (for the message). On a local
+    instance a shortfall can never be made up: a ConfigError now, instead of a job
+    that waits forever on resources. On a cluster an autoscaler may add nodes: with
+    ``wait_seconds`` it waits that long for them (saying so every 30 s), then fails
+    naming the keys; without, it warns and goes on.
+    """
+    import time
+
+    from xfer.errors import ConfigError
+
+    needs = _shortfall(need_cpu, need_gpu)
+    if not needs:
+        return
+    if local:
         raise ConfigError(f"this machine cannot run the job: it needs {needs} (set by {keys})")
-    print(
-        f"[xfer] warning: waiting for resources (autoscaling?): needs {needs} ({keys})", flush=True
-    )
+    if wait_seconds is None:
+        print(f"[xfer] warning: waiting for resources (autoscaling?): needs {needs} ({keys})")
+        return
+    deadline = time.monotonic() + wait_seconds
+    while needs:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ConfigError(
+                f"the cluster did not provide the resources within {wait_seconds:.0f}s: "
+                f"the job needs {needs} (set by {keys}; the wait by score.resource_wait_seconds)"
+            )
+        print(
+            f"[xfer] waiting up to {remaining:.0f}s more for resources (autoscaling?): "
+            f"needs {needs} ({keys})",
+            flush=True,
+        )
+        time.sleep(min(30.0, max(remaining, 0.1)))
+        needs = _shortfall(need_cpu, need_gpu)

@@ -50,7 +50,10 @@ def weed_binary() -> str:
 
 
 def _port_free(port: int) -> bool:
+    """Nobody listens on ``port`` (connections in TIME_WAIT from a stopped server do
+    not count: servers, weed included, bind with SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
@@ -117,6 +120,12 @@ class EmbeddedS3:
         self.access_key, self.secret_key = load_or_create_credentials(data)
         taken: set[int] = set()
         if self.port is not None:
+            # A server just stopped on this port may take a few seconds to let go of it.
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (
+                _port_free(self.port) and _port_free(self.port + GRPC_OFFSET)
+            ):
+                time.sleep(0.5)
             if not (_port_free(self.port) and _port_free(self.port + GRPC_OFFSET)):
                 raise XferError(
                     f"port {self.port} (or its gRPC twin {self.port + GRPC_OFFSET}) "

@@ -37,7 +37,8 @@ from urllib.parse import urlparse
 
 import yaml
 
-from xfer.errors import NotFoundError, StorageError
+from xfer.errors import NotFoundError, StorageError, StoreUnavailable
+from xfer.retry import ride_through
 
 TMP_PREFIX = "_tmp"
 
@@ -172,8 +173,35 @@ _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "Forbidden", "403"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 
+# Answers that mean "try again later": server errors and throttling.
+_TRANSIENT_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "429",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "RequestTimeout",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+}
+
+
+def _unavailable(uri: str, reason: str) -> StoreUnavailable:
+    endpoint = S3Settings.from_env().describe()
+    where = f"endpoint {endpoint}" if reason.endswith("S3") else f"at {endpoint}"
+    return StoreUnavailable(f"{reason} {where} for {uri}", endpoint=endpoint, reason=reason)
+
+
 def _describe_client_error(uri: str, code: str, message: str) -> StorageError:
     endpoint = S3Settings.from_env().describe()
+    if code in _TRANSIENT_CODES:
+        return _unavailable(uri, f"S3 answered {code}")
     if code == "NoSuchBucket":
         bucket = split_s3(uri)[0]
         return NotFoundError(f"bucket {bucket!r} does not exist (at {endpoint}), for {uri}")
@@ -204,8 +232,10 @@ def _translate_arrow_error(uri: str, exc: Exception) -> StorageError:
             f"access denied to {uri} at {endpoint}: the credentials are wrong or lack permission"
         )
     if "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "curlCode" in text:
-        endpoint = S3Settings.from_env().describe()
-        return StorageError(f"cannot reach S3 endpoint {endpoint} for {uri}")
+        return _unavailable(uri, "cannot reach S3")
+    for code in ("SlowDown", "ServiceUnavailable", "InternalError", "Throttling", "HTTP 503"):
+        if code in text:
+            return _unavailable(uri, f"S3 answered {code}")
     if "Bucket" in text and ("does not exist" in text or "NOT_FOUND" in text):
         return _describe_client_error(uri, "NoSuchBucket", "")
     return StorageError(f"storage error for {uri}: {text.splitlines()[0][:300]}")
@@ -231,10 +261,11 @@ def translate_errors(uri: str) -> Iterator[None]:
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
-        EndpointConnectionError,
+        HTTPClientError,
         NoCredentialsError,
         PartialCredentialsError,
     )
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     try:
         yield
@@ -245,9 +276,10 @@ def translate_errors(uri: str) -> Iterator[None]:
         raise _describe_client_error(
             uri, str(err.get("Code", "")), str(err.get("Message", ""))
         ) from None
-    except EndpointConnectionError:
-        endpoint = S3Settings.from_env().describe()
-        raise StorageError(f"cannot reach S3 endpoint {endpoint} for {uri}") from None
+    except BotoConnectionError:  # refused, unreachable, connect timeout
+        raise _unavailable(uri, "cannot reach S3") from None
+    except HTTPClientError as exc:  # read timeout, connection reset or closed
+        raise _unavailable(uri, f"S3 connection failed ({type(exc).__name__})") from None
     except (NoCredentialsError, PartialCredentialsError):
         raise StorageError(
             f"no AWS credentials found for {uri}: set AWS_ACCESS_KEY_ID and "
@@ -273,6 +305,7 @@ def translate_errors(uri: str) -> Iterator[None]:
 # ---------------------------------------------------------------- bytes & text
 
 
+@ride_through("reading")
 def read_bytes(uri: str) -> bytes:
     with translate_errors(uri):
         if is_s3(uri):
@@ -282,6 +315,7 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
 
 
+@ride_through("writing")
 def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
     """Write ``data`` so that readers see either nothing/the old object or all of it."""
     with translate_errors(uri):
@@ -345,6 +379,7 @@ class FileInfo:
     version: str | None = None  # changes whenever the content may have: ETag, or mtime locally
 
 
+@ride_through("looking for")
 def exists(uri: str) -> bool:
     """True if an object (or a local file or directory) exists at ``uri``."""
     with translate_errors(uri):
@@ -371,6 +406,7 @@ def exists(uri: str) -> bool:
         return os.path.exists(local_path(uri))
 
 
+@ride_through("looking at")
 def stat(uri: str) -> FileInfo:
     """Size and version of one object or file; NotFoundError if it is missing."""
     with translate_errors(uri):
@@ -385,6 +421,7 @@ def stat(uri: str) -> FileInfo:
         return FileInfo(uri, st.st_size, f"mtime:{st.st_mtime_ns}")
 
 
+@ride_through("listing")
 def list_files(prefix: str) -> list[FileInfo]:
     """All objects under ``prefix`` (recursive), sorted by URI."""
     with translate_errors(prefix):
@@ -409,6 +446,39 @@ def list_files(prefix: str) -> list[FileInfo]:
         return sorted(out, key=lambda f: f.uri)
 
 
+def iter_files(prefix: str) -> Iterator[FileInfo]:
+    """Objects under ``prefix`` page by page (1,000 at a time on S3), in key order.
+
+    For listings too long to hold at once; each page is fetched (and retried
+    through an outage) on its own.
+    """
+    if not is_s3(prefix):
+        yield from list_files(prefix)
+        return
+    token: str | None = None
+    while True:
+        infos, token = _list_page(prefix, token)
+        yield from infos
+        if not token:
+            return
+
+
+@ride_through("listing")
+def _list_page(prefix: str, token: str | None) -> tuple[list[FileInfo], str | None]:
+    with translate_errors(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        extra = {"ContinuationToken": token} if token else {}
+        page = s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1000, **extra)
+        infos = [
+            FileInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]))
+            for obj in page.get("Contents", [])
+            if not obj["Key"].endswith("/")
+        ]
+        return infos, page.get("NextContinuationToken") if page.get("IsTruncated") else None
+
+
+@ride_through("deleting")
 def delete(uri: str) -> None:
     with translate_errors(uri):
         if is_s3(uri):
@@ -419,6 +489,7 @@ def delete(uri: str) -> None:
                 os.remove(local_path(uri))
 
 
+@ride_through("deleting")
 def delete_prefix(prefix: str) -> int:
     """Delete everything under ``prefix``; returns how many objects were removed."""
     with translate_errors(prefix):
@@ -437,6 +508,7 @@ def delete_prefix(prefix: str) -> int:
         return n
 
 
+@ride_through("copying")
 def copy(src: str, dst: str) -> None:
     """Copy one object; server-side when both ends are S3."""
     if is_s3(src) and is_s3(dst):
@@ -457,6 +529,7 @@ def copy(src: str, dst: str) -> None:
             os.replace(tmp, local_path(dst))
 
 
+@ride_through("uploading to")
 def upload_file(path: str, uri: str) -> None:
     if not is_s3(uri):
         copy(path, uri)
@@ -466,6 +539,7 @@ def upload_file(path: str, uri: str) -> None:
         s3_client().upload_file(path, bucket, key)
 
 
+@ride_through("downloading")
 def download_file(uri: str, path: str) -> None:
     if not is_s3(uri):
         copy(uri, path)
@@ -616,6 +690,7 @@ def write_parquet(table: Any, uri: str, **kwargs: Any) -> None:
             copy(path, uri)
 
 
+@ride_through("reading")
 def read_parquet(uri: str, columns: list[str] | None = None) -> Any:
     import pyarrow.parquet as pq
 
@@ -625,6 +700,29 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> Any:
         return pq.read_table(local_path(uri), columns=columns)
 
 
+@ride_through("reading")
+def read_row_groups(uri: str, groups: list[int], columns: list[str] | None = None) -> Any:
+    """Some row groups of a Parquet file, read (and retried) as one step."""
+    import pyarrow.parquet as pq
+
+    with translate_errors(uri):
+        filesystem, path = arrow_filesystem(uri)
+        with filesystem.open_input_file(path) as f:
+            return pq.ParquetFile(f).read_row_groups(groups, columns=columns)
+
+
+@ride_through("reading the footer of")
+def parquet_metadata(uri: str) -> Any:
+    """A Parquet file's footer (row counts, column statistics) without its data."""
+    import pyarrow.parquet as pq
+
+    with translate_errors(uri):
+        filesystem, path = arrow_filesystem(uri)
+        with filesystem.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata
+
+
+@ride_through("opening")
 def open_parquet(uri: str) -> Any:
     """A ``ParquetFile`` that streams row groups from storage (no full download)."""
     import pyarrow.parquet as pq
@@ -634,6 +732,7 @@ def open_parquet(uri: str) -> Any:
         return pq.ParquetFile(filesystem.open_input_file(path))
 
 
+@ride_through("checking the bucket of")
 def ensure_bucket(uri: str) -> None:
     """Create the bucket of an ``s3://`` URI if it is missing (local: the directory)."""
     with translate_errors(uri):

@@ -144,7 +144,7 @@ def finish_run(
 ) -> TrainResult:
     """Predictions, metrics, lineage, report; ``_SUCCESS`` last; then the gate."""
     from xfer.report import classification_metrics, render_report
-    from xfer.score import input_dataset, resolve_model, write_predictions
+    from xfer.score import resolve_model, write_predictions
 
     history = final["state"]["history"]
     test = dict(final.get("test") or {})
@@ -152,9 +152,10 @@ def finish_run(
         import pyarrow.compute as pc
 
         ref = resolve_model(run_uri, require_committed=False)
-        ds, _ = input_dataset(manifest.uri, "test")
         preds_uri = storage.join(run_uri, "predictions")
-        write_predictions(ref, ds, cfg.score, preds_uri, single_file="test.parquet")
+        write_predictions(
+            ref, manifest.uri, cfg.score, preds_uri, single_file="test.parquet", split="test"
+        )
         table = storage.read_parquet(storage.join(preds_uri, "test.parquet"))
         table = table.filter(pc.is_null(table.column("error")))
         cls = classification_metrics(

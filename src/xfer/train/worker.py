@@ -36,6 +36,7 @@ from xfer import storage
 from xfer.config import XferConfig
 from xfer.devices import enable_memory_growth, set_mixed_precision
 from xfer.features import CachePlan
+from xfer.images import preparation_record
 from xfer.manifest import Manifest, load_manifest
 from xfer.model import (
     build_model,
@@ -355,6 +356,8 @@ def _save_model(w: Worker) -> None:
             "base": cfg.model.base,
             "weights": w.weights.lineage(),
             "dataset_checksum": manifest.checksum,
+            # How its images were prepared: scoring applies the same steps to raw images.
+            "preparation": preparation_record(manifest.settings.get("max_side")),
         }
         with open(os.path.join(directory, MODEL_INFO), "w") as f:
             json.dump(info, f, indent=2)

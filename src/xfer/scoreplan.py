@@ -1,0 +1,335 @@
+"""A night of scoring as a plan of blocks, staged, resumable, committed once.
+
+    night = plan_night(ref, input_uri, split, final, sc)   # or resume the staged one
+    ... actors score the blocks not yet in ``night["parts_uri"]`` ...
+    commit_night(night, summaries)                          # dt=<date>/ replaced whole
+
+Layout, for a partition ``<out>/dt=<date>`` (on S3 under the bucket's ``_tmp/``,
+which one lifecycle rule expires; locally a hidden sibling directory)::
+
+    <night root>/_night.json              identity of the night, its token, the plan
+    <night root>/<token>/plan/block-N.parquet   key, source_uri of block N (objects)
+    <night root>/<token>/parts/part-N-<token>.parquet   predictions of block N
+
+A block's predictions are one object written in one PUT, so a block is done exactly
+when its part exists. A night started again for the same partition, model, input
+and settings keeps the plan it made the first time (the input as listed then) and
+skips the blocks already done; anything else starts a new night. Nothing is ever
+written into the live partition except by :func:`commit_night`, which copies the
+parts in, switches ``_SUCCESS`` and then removes what the new marker does not list.
+The live prefix is never written with an "overwrite" mode (Ray Data's
+``write_parquet(mode=overwrite)`` has lost rows at scale, ray-project/ray#54949).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from xfer import storage
+from xfer.errors import DataError, NotFoundError, XferError
+
+NIGHT_FILE = "_night.json"
+IMAGE_COLUMNS = ["key", "image", "label", "source_uri"]
+
+
+# ------------------------------------------------------------------ columns
+
+
+def class_column(name: str) -> str:
+    return "prob_" + re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
+def class_columns(classes: list[str]) -> list[str]:
+    """``prob_<class>`` for each class; classes that would share a column fail here."""
+    seen: dict[str, str] = {}
+    for name in classes:
+        col = class_column(name)
+        if col in seen:
+            raise XferError(
+                f"classes {seen[col]!r} and {name!r} would both be written as column {col!r}: "
+                "rename one of them (class names map to columns by replacing characters "
+                "other than letters, digits and '_' with '_')"
+            )
+        seen[col] = name
+    return list(seen)
+
+
+def predictions_table(
+    night: dict[str, Any], items: list[dict[str, Any]], probs: Any, errors: list[str | None]
+) -> Any:
+    """The Parquet rows of one block (the schema is fixed: every part has the same)."""
+    import numpy as np
+    import pyarrow as pa
+
+    classes = night["classes"]
+    n = len(items)
+    ok = np.array([e is None for e in errors], dtype=bool)
+    index = np.where(ok, np.nan_to_num(probs, nan=-1.0).argmax(axis=1) if n else 0, -1)
+    top = [
+        float(probs[r, i]) if o else None for r, (i, o) in enumerate(zip(index, ok, strict=True))
+    ]
+    cols: dict[str, Any] = {
+        "key": pa.array([str(it["key"]) for it in items], pa.string()),
+        "source_uri": pa.array([str(it["source_uri"]) for it in items], pa.string()),
+        "predicted_label": pa.array(
+            [classes[i] if o else None for i, o in zip(index, ok, strict=True)], pa.string()
+        ),
+        "predicted_index": pa.array(
+            [int(i) if o else None for i, o in zip(index, ok, strict=True)], pa.int32()
+        ),
+        "probability": pa.array(top, pa.float64()),
+    }
+    for c, col in enumerate(class_columns(classes)):
+        cols[col] = pa.array(
+            [float(p) if o else None for p, o in zip(probs[:, c], ok, strict=True)], pa.float64()
+        )
+    if night["has_labels"]:
+        # Labels index the dataset's classes; true_index is the model's index of that class.
+        names = [night["label_classes"][it["label"]] for it in items]
+        position = {c: i for i, c in enumerate(classes)}
+        cols["true_index"] = pa.array([position.get(c) for c in names], pa.int32())
+        cols["true_label"] = pa.array(names, pa.string())
+    cols["model_name"] = pa.array([night["model_name"]] * n, pa.string())
+    cols["run_id"] = pa.array([night["run_id"]] * n, pa.string())
+    scored_at = dt.datetime.fromisoformat(night["scored_at"])
+    cols["scored_at"] = pa.array([scored_at] * n, pa.timestamp("ms", tz="UTC"))
+    cols["error"] = pa.array(errors, pa.string())
+    metadata = {"xfer.classes": json.dumps(classes), "xfer.run_id": night["run_id"]}
+    return pa.table(cols).replace_schema_metadata(metadata)
+
+
+# ------------------------------------------------------------------ the plan
+
+
+def night_root(final: str) -> str:
+    """Where the night for partition ``final`` is staged: the same place every attempt."""
+    if storage.is_s3(final):
+        bucket, key = storage.split_s3(final)
+        return f"s3://{bucket}/{storage.TMP_PREFIX}/xfer-score/{key.strip('/')}"
+    path = storage.local_path(final).rstrip("/")
+    return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.scoring")
+
+
+def part_name(night: dict[str, Any], block: int) -> str:
+    return f"part-{block:05d}-{night['token']}.parquet"
+
+
+def done_blocks(night: dict[str, Any]) -> dict[int, str]:
+    """Blocks whose part exists (block -> file name)."""
+    try:
+        files = storage.list_files(night["parts_uri"])
+    except NotFoundError:
+        return {}
+    done = {}
+    suffix = f"-{night['token']}.parquet"
+    for f in files:
+        name = storage.basename(f.uri)
+        if name.startswith("part-") and name.endswith(suffix):
+            done[int(name[len("part-") : -len(suffix)])] = name
+    return done
+
+
+def plan_night(
+    identity: dict[str, Any], input_uri: str, split: str, final: str, block_size: int
+) -> tuple[dict[str, Any], bool]:
+    """The staged night for ``final`` if it is the same night, else a new plan.
+
+    Returns (night, resumed). ``identity`` holds what must match for a night to be
+    resumed (model run, input, split, settings that change the rows).
+    """
+    root = night_root(final)
+    night_uri = storage.join(root, NIGHT_FILE)
+    identity = {**identity, "input": input_uri, "split": split, "block_size": block_size}
+    old = storage.read_json(night_uri) if storage.exists(night_uri) else None
+    if old and old.get("identity") == identity and old.get("planned"):
+        old["attempt"] = int(old.get("attempt", 1)) + 1
+        storage.write_json(night_uri, old)
+        return old, True
+    if old:
+        print(
+            f"[xfer] discarding a night staged for other settings ({old.get('token')})", flush=True
+        )
+        storage.delete_prefix(root)
+    token = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    base = storage.join(root, token)
+    night: dict[str, Any] = {
+        "identity": identity,
+        "token": token,
+        "attempt": 1,
+        "planned": False,
+        "plan_uri": storage.join(base, "plan"),
+        "parts_uri": storage.join(base, "parts"),
+        "final": final,
+    }
+    night.update(_plan_input(input_uri, split, block_size, night["plan_uri"]))
+    night["planned"] = True
+    storage.write_json(night_uri, night)
+    return night, False
+
+
+def _plan_input(input_uri: str, split: str, block_size: int, plan_uri: str) -> dict[str, Any]:
+    from xfer.manifest import MANIFEST, load_manifest
+
+    uri = input_uri.rstrip("/")
+    if uri.endswith(MANIFEST) or storage.exists(storage.join(uri, MANIFEST)):
+        manifest = load_manifest(uri)
+        splits = list(manifest.splits) if split == "all" else [split]
+        shards: list[str] = []
+        blocks: list[list[int]] = []  # [shard, first row group, end row group, rows]
+        for name in splits:
+            info = manifest.split(name)
+            for shard, uri_ in zip(info.shards, manifest.shard_uris(name), strict=True):
+                shards.append(uri_)
+                groups = shard.row_groups or [shard.rows]
+                first, rows = 0, 0
+                for g, n in enumerate(groups):
+                    if rows and rows + n > block_size:
+                        blocks.append([len(shards) - 1, first, g, rows])
+                        first, rows = g, 0
+                    rows += n
+                if rows:
+                    blocks.append([len(shards) - 1, first, len(groups), rows])
+        total = sum(b[3] for b in blocks)
+        if total == 0:
+            raise DataError(f"--input {uri}: split {split!r} is empty; nothing to score")
+        return {
+            "kind": "dataset",
+            "shards": shards,
+            "blocks": len(blocks),
+            "units": blocks,
+            "rows": total,
+            "has_labels": True,
+            "label_classes": list(manifest.classes),
+        }
+    listing = _list_objects(uri)
+    rows = blocks = 0
+    with ThreadPoolExecutor(8) as pool:
+        futures = []
+        for chunk in _chunks(listing, block_size):
+            futures.append(pool.submit(_write_plan_block, plan_uri, blocks, chunk))
+            rows += len(chunk)
+            blocks += 1
+        for f in futures:
+            f.result()
+    if rows == 0:
+        raise DataError(f"--input {uri}: no images found; nothing to score")
+    return {"kind": "objects", "blocks": blocks, "rows": rows, "has_labels": False}
+
+
+def _chunks(rows: Any, size: int) -> Any:
+    chunk: list[dict[str, str]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_plan_block(plan_uri: str, block: int, rows: list[dict[str, str]]) -> None:
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "key": pa.array([r["key"] for r in rows], pa.string()),
+            "source_uri": pa.array([r["source_uri"] for r in rows], pa.string()),
+        }
+    )
+    storage.write_parquet(table, storage.join(plan_uri, f"block-{block:05d}.parquet"))
+
+
+def _list_objects(uri: str) -> Any:
+    """key/source_uri of each image under a prefix or in a CSV/Parquet list (streamed)."""
+    if uri.lower().endswith((".csv", ".parquet")):
+        yield from _list_rows(uri)
+        return
+    base = uri + "/"
+    try:
+        for f in storage.iter_files(uri):
+            if storage.basename(f.uri).startswith((".", "_")):
+                continue
+            key = f.uri[len(base) :] if f.uri.startswith(base) else f.uri
+            yield {"key": key, "source_uri": f.uri}
+    except NotFoundError as exc:
+        raise DataError(f"--input {uri}: {exc}") from None
+
+
+def _list_rows(uri: str) -> list[dict[str, str]]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    data = storage.read_bytes(uri)
+    try:
+        table = (
+            pacsv.read_csv(io.BytesIO(data))
+            if uri.lower().endswith(".csv")
+            else pq.read_table(io.BytesIO(data))
+        )
+    except Exception as exc:
+        raise DataError(f"--input {uri}: cannot read the list: {exc}") from None
+    if "uri" not in table.column_names:
+        raise DataError(f"--input {uri}: needs a 'uri' column")
+    base = storage.parent(uri)
+    rows = []
+    for u in table.column("uri").to_pylist():
+        if u:
+            u = str(u).strip()
+            full = u if storage.is_s3(u) or u.startswith("/") else storage.join(base, u)
+            rows.append({"key": u, "source_uri": full})
+    return rows
+
+
+def block_items(night: dict[str, Any], block: int) -> list[dict[str, Any]]:
+    """The rows of one block: key, source_uri and (datasets) image bytes and label."""
+    if night["kind"] == "objects":
+        table = storage.read_parquet(storage.join(night["plan_uri"], f"block-{block:05d}.parquet"))
+        return table.to_pylist()
+    shard, first, end, _ = night["units"][block]
+    table = storage.read_row_groups(night["shards"][shard], list(range(first, end)), IMAGE_COLUMNS)
+    return table.to_pylist()
+
+
+# ---------------------------------------------------------------- the commit
+
+
+def commit_night(
+    night: dict[str, Any],
+    summaries: dict[int, dict[str, Any]],
+    marker: dict[str, Any],
+    single_file: str | None = None,
+) -> dict[str, Any]:
+    """Publish the night's parts as the partition, ``_SUCCESS`` last; then clean up."""
+    from xfer.score import SUCCESS
+
+    missing = [b for b in range(night["blocks"]) if b not in summaries]
+    if missing:
+        raise XferError(f"internal: blocks {missing[:5]} were not scored; nothing committed")
+    files = [summaries[b]["file"] for b in range(night["blocks"])]
+    parts = night["parts_uri"]
+    if single_file:
+        import pyarrow as pa
+
+        tables = [storage.read_parquet(storage.join(parts, f)) for f in files]
+        storage.delete_prefix(parts)
+        storage.write_parquet(pa.concat_tables(tables), storage.join(parts, single_file))
+        files = [single_file]
+    marker = {
+        **marker,
+        "rows": sum(s["rows"] for s in summaries.values()),
+        "errors": sum(s["errors"] for s in summaries.values()),
+        "files": files,
+        "blocks": night["blocks"],
+        "attempts": night["attempt"],
+    }
+    body = json.dumps(marker, indent=2).encode()
+    storage.commit_partition(parts, night["final"], marker=SUCCESS, marker_body=body, keep=files)
+    storage.delete_prefix(night_root(night["final"]))
+    return marker

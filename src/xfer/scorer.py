@@ -1,0 +1,199 @@
+"""The scoring actor: one block of a night at a time, read to written.
+
+Each :class:`BlockScorer` actor loads the model once, then for every block it is
+given reads the block's images (objects, or rows of a dataset's shards), prepares
+them in a thread pool while the model predicts the previous batch, and writes the
+block's predictions as one Parquet object into the night's staging prefix (one PUT:
+a block is either wholly there or not at all). Only a one-row summary goes back to
+the driver, so its memory does not grow with the number of images.
+
+Pixels: :func:`image_pixels` applies the same normalisation as sharding
+(:func:`xfer.images.normalise`) with the pre-resize the model recorded, then the
+training path's resize; a plain upright RGB JPEG/PNG is decoded exactly as training
+decodes it (:func:`xfer.preprocess.decode_and_resize`).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from xfer import storage
+from xfer.errors import StorageError, StoreUnavailable
+from xfer.images import CONVERTIBLE_MODES, needs_conversion, normalise, open_header
+
+_FUNCTIONS: dict[tuple[str, int], Any] = {}
+
+
+def _tf_function(kind: str, image_size: int) -> Any:
+    """Compiled decode/resize functions, once per process and size."""
+    if (kind, image_size) not in _FUNCTIONS:
+        import tensorflow as tf
+
+        import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+        from xfer.preprocess import decode_and_resize
+
+        if kind == "decode":
+            fn = tf.function(
+                lambda b: decode_and_resize(b, image_size),
+                input_signature=[tf.TensorSpec((), tf.string)],
+            )
+        else:
+            fn = tf.function(
+                lambda x: tf.clip_by_value(
+                    tf.image.resize(tf.cast(x, tf.float32), [image_size, image_size]), 0.0, 255.0
+                ),
+                input_signature=[tf.TensorSpec((None, None, 3), tf.uint8)],
+            )
+        _FUNCTIONS[(kind, image_size)] = fn
+    return _FUNCTIONS[(kind, image_size)]
+
+
+def image_pixels(
+    data: bytes, image_size: int, max_side: int | None, max_pixels: int = 50_000_000
+) -> Any:
+    """Encoded bytes -> float32 [size, size, 3] pixels, or a reason (str) it cannot be.
+
+    The header is checked first (:func:`xfer.images.open_header`): empty files,
+    non-images and decompression bombs are refused before any pixel is decoded.
+    """
+    import numpy as np
+
+    header = open_header(data, max_pixels)
+    if isinstance(header, str):
+        return header
+    if header.mode not in CONVERTIBLE_MODES:
+        return f"unsupported image mode {header.mode}"
+    try:
+        if not needs_conversion(header, max_side):
+            return _tf_function("decode", image_size)(data).numpy()
+        header.load()
+        rgb = np.asarray(normalise(header, max_side), dtype=np.uint8)
+        return _tf_function("resize", image_size)(rgb).numpy()
+    except Exception as exc:
+        return f"cannot decode: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+class BlockScorer:
+    """Actor stage of the night (``map_batches`` over block numbers; STYLE: Ray's shape)."""
+
+    def __init__(self, night: dict[str, Any], code: dict[str, Any] | None = None):
+        import ray
+
+        import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+        from xfer.provenance import check_same_code, describe
+
+        node = ray.get_runtime_context().get_node_id()[:12]
+        where = f"scorer on node {node} ({socket.gethostname()}, pid {os.getpid()})"
+        print(f"[xfer] {where}: {describe(check_same_code(code, where))}", flush=True)
+        self.night = night
+        self.threads = max(1, int(night["threads"]))
+        self.model = self._load_model(night["model_uri"], self.threads)
+        import tensorflow as tf
+
+        self.forward = tf.function(lambda x: self.model(x, training=False))
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="xfer-decode")
+
+    @staticmethod
+    def _load_model(model_uri: str, threads: int) -> Any:
+        import tensorflow as tf
+        import tf_keras
+
+        from xfer.devices import enable_memory_growth
+
+        # As many compute threads as CPUs this actor was given: actors sharing a node
+        # must not each use every core.
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(2)
+        enable_memory_growth()
+        path = os.path.join(tempfile.mkdtemp(prefix="xfer-scorer-"), "model.keras")
+        storage.download_file(storage.join(model_uri, "model.keras"), path)  # rides through
+        return tf_keras.models.load_model(path, compile=False)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, list[Any]] = collections.defaultdict(list)
+        for block in batch["block"]:
+            summary = self.score_block(int(block))
+            for key, value in summary.items():
+                out[key].append(value)
+        return dict(out)
+
+    # ----------------------------------------------------------------- a block
+
+    def score_block(self, block: int) -> dict[str, Any]:
+        from xfer.scoreplan import block_items, part_name, predictions_table
+
+        night = self.night
+        start = time.monotonic()
+        items = block_items(night, block)
+        probs, errors = self._predict(items)
+        table = predictions_table(night, items, probs, errors)
+        name = part_name(night, block)
+        storage.write_parquet(table, storage.join(night["parts_uri"], name))
+        return {
+            "block": block,
+            "rows": table.num_rows,
+            "errors": sum(e is not None for e in errors),
+            "file": name,
+            "seconds": time.monotonic() - start,
+        }
+
+    def _prepare(self, item: dict[str, Any]) -> Any:
+        data = item.get("image")
+        if data is None:
+            try:
+                data = storage.read_bytes(item["source_uri"])
+            except StoreUnavailable:
+                raise  # past the budget: the night fails, nothing is committed
+            except StorageError as exc:
+                return f"cannot read: {exc}"
+        return image_pixels(
+            bytes(data), self.night["image_size"], self.night["max_side"], self.night["max_pixels"]
+        )
+
+    def _predict(self, items: list[dict[str, Any]]) -> tuple[Any, list[str | None]]:
+        """Probabilities [n, classes] (NaN for errors) and the error of each row.
+
+        Images are prepared by the thread pool up to two batches ahead of the model.
+        """
+        import numpy as np
+
+        n, size = len(items), int(self.night["batch_size"])
+        num_classes = len(self.night["classes"])
+        probs = np.full((n, num_classes), np.nan)
+        errors: list[str | None] = [None] * n
+        pending: collections.deque[tuple[int, list[Future[Any]]]] = collections.deque()
+        starts = iter(range(0, n, size))
+
+        def submit() -> None:
+            begin = next(starts, None)
+            if begin is not None:
+                chunk = items[begin : begin + size]
+                pending.append((begin, [self.pool.submit(self._prepare, it) for it in chunk]))
+
+        for _ in range(3):
+            submit()
+        while pending:
+            begin, futures = pending.popleft()
+            results = [f.result() for f in futures]
+            submit()
+            good = [i for i, r in enumerate(results) if not isinstance(r, str)]
+            for i, r in enumerate(results):
+                if isinstance(r, str):
+                    errors[begin + i] = r
+            if good:
+                x = np.zeros((size, *results[good[0]].shape), dtype=np.float32)
+                for j, i in enumerate(good):
+                    x[j] = results[i]
+                # Always a full batch: one traced shape, padding rows ignored.
+                out = np.asarray(self.forward(x), dtype=np.float64)[: len(good)]
+                if num_classes == 2:
+                    out = np.stack([1.0 - out.reshape(-1), out.reshape(-1)], axis=1)
+                for j, i in enumerate(good):
+                    probs[begin + i] = out[j]
+        return probs, errors
