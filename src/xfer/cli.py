@@ -15,6 +15,7 @@ unreachable past its retry budget exits with 75 (EX_TEMPFAIL: try again later).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 
@@ -160,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_ray() -> None:
+    """Disconnect from Ray (stopping a local instance), so that the workers' last log
+    lines come out before the error line, which is then the last thing printed."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):  # the error being reported matters more
+            ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -168,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except StoreUnavailable as exc:
         # Transient by nature: a scheduler may run the job again later.
+        _stop_ray()
         print(f"xfer: error: {exc}", file=sys.stderr)
         return EXIT_STORE_UNAVAILABLE
     except XferError as exc:
+        _stop_ray()
         print(f"xfer: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ training job writes its ``predictions/test.parquet`` through this same code.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import re
 import time
@@ -100,7 +101,10 @@ class ScoreResult:
     seconds: float
     model: ModelRef
     startup_seconds: float = 0.0  # from the start until the first block was written
-    steady_images_per_s: float = 0.0  # after the first block
+    # Start-up: until the first actor began its first block (Ray, the plan, actors,
+    # loading the model). Steady: the images of this attempt over the time from then
+    # until the last block was written.
+    steady_images_per_s: float = 0.0
     blocks: int = 0
     resumed_blocks: int = 0  # done by an earlier attempt at the same night
 
@@ -190,8 +194,8 @@ def write_predictions(
         "threads": sc.threads(),
         "scored_at": scored_at,
     }
-    first_done = None
-    rows_after_first = 0
+    began = last_done = None
+    rows_now = 0
     if todo:
         blocks = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=len(todo))
         scored = blocks.map_batches(
@@ -204,13 +208,16 @@ def write_predictions(
             runtime_env=runtime_env(use_gpu=sc.use_gpu),
         )
         every = max(1, len(todo) // 20)
+        # A failed block is reported below, as one line when the store was down;
+        # Ray Data's own copy of the user-code stack trace would bury it.
+        logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
         try:
             for n, row in enumerate(scored.iter_rows(), start=1):
                 summaries[int(row["block"])] = dict(row)
-                if first_done is None:
-                    first_done = time.monotonic()
-                else:
-                    rows_after_first += int(row["rows"])
+                last_done = time.monotonic()
+                rows_now += int(row["rows"])
+                if began is None:
+                    began = last_done - float(row["seconds"])
                 if n % every == 0 or n == len(todo):
                     print(
                         f"[xfer] scored {n}/{len(todo)} blocks "
@@ -235,15 +242,15 @@ def write_predictions(
         single_file=single_file,
     )
     end = time.monotonic()
-    steady = end - first_done if first_done is not None else 0.0
+    steady = last_done - began if began is not None and last_done is not None else 0.0
     return ScoreResult(
         output=final,
         rows=marker["rows"],
         errors=marker["errors"],
         seconds=end - start,
         model=ref,
-        startup_seconds=(first_done or end) - start,
-        steady_images_per_s=rows_after_first / steady if steady > 0 else 0.0,
+        startup_seconds=(began or end) - start,
+        steady_images_per_s=rows_now / steady if steady > 0 else 0.0,
         blocks=night["blocks"],
         resumed_blocks=len(done),
     )
