@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \\
         python jobs/score.py --config jobs/configs/nightly_score.yaml \\
-        --model s3://xfer-prod/models/pets --input s3://xfer-prod/incoming/pets \\
+        --model s3://xfer-prod/models/pets --input s3://xfer-prod/incoming/pets/{date}/ \\
         --output s3://xfer-prod/predictions/pets
 
 Same as `xfer score`: the arguments are passed through unchanged.
