@@ -158,12 +158,25 @@ def normalise(img: Image.Image, max_side: int | None) -> Image.Image:
     return img
 
 
-def preparation_record(max_side: int | None) -> dict[str, object]:
+def encode_converted(img: Image.Image, source_format: str, jpeg_quality: int) -> bytes:
+    """How a shard stores a converted image: lossless sources as PNG (no JPEG artefacts
+    added), others as JPEG at ``jpeg_quality``."""
+    buf = io.BytesIO()
+    if source_format in LOSSLESS_FORMATS:
+        img.save(buf, format="PNG")
+    else:
+        img.save(buf, format="JPEG", quality=jpeg_quality)
+    return buf.getvalue()
+
+
+def preparation_record(max_side: int | None, jpeg_quality: int = 90) -> dict[str, object]:
     """How images were prepared, as recorded with a dataset and the models trained on it."""
     return {
         "exif_orientation": "applied",
         "alpha": "composited onto white",
         "max_side": max_side,
+        "jpeg_quality": jpeg_quality,
+        "converted_images": "re-encoded: PNG from lossless sources, else JPEG at jpeg_quality",
         "pre_resize": "PIL reduce + bilinear (reducing_gap 2.0) when the longest side > max_side",
         "resize": "tf.image.resize bilinear (no antialias) to image_size x image_size (squash)",
     }
@@ -189,12 +202,7 @@ def check_image(data: bytes, settings: ImageSettings) -> Accepted | Rejected:
     original_mode, fmt = img.mode, img.format or ""
     if convert:
         img = normalise(img, settings.max_side)
-        buf = io.BytesIO()
-        if fmt in LOSSLESS_FORMATS:  # lossless stays lossless: no JPEG artefacts added
-            img.save(buf, format="PNG")
-        else:
-            img.save(buf, format="JPEG", quality=settings.jpeg_quality)
-        encoded = buf.getvalue()
+        encoded = encode_converted(img, fmt, settings.jpeg_quality)
     else:
         encoded = data
     return Accepted(

@@ -17,13 +17,14 @@ budget the error says which endpoint, what was being done and for how long.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from xfer.errors import StoreUnavailable
@@ -31,6 +32,20 @@ from xfer.errors import StoreUnavailable
 ENV = "XFER_STORE_RETRY_SECONDS"
 F = TypeVar("F", bound=Callable[..., Any])
 _depth = threading.local()  # how deep in wrapped calls this thread is
+
+
+@contextlib.contextmanager
+def budget(seconds: float) -> Iterator[None]:
+    """Ride out outages for ``seconds`` within the block (this process)."""
+    saved = os.environ.get(ENV)
+    os.environ[ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = saved
 
 
 def budget_seconds() -> float:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ class ModelRef:
     classes: list[str]
     image_size: int
     max_side: int | None = None  # the pre-resize of the images it was trained on
+    jpeg_quality: int | None = None  # how its shards re-encoded converted images
 
 
 def resolve_model(uri: str, require_committed: bool = True) -> ModelRef:
@@ -87,6 +87,7 @@ def resolve_model(uri: str, require_committed: bool = True) -> ModelRef:
         classes=list(info["classes"]),
         image_size=int(info["image_size"]),
         max_side=(info.get("preparation") or {}).get("max_side"),
+        jpeg_quality=(info.get("preparation") or {}).get("jpeg_quality"),
     )
 
 
@@ -160,12 +161,19 @@ def write_predictions(
 
     from xfer.provenance import code_identity
     from xfer.raycluster import runtime_env
+    from xfer.retry import ENV as RETRY_ENV
+    from xfer.retry import budget_seconds
     from xfer.scoreplan import class_columns, commit_night, done_blocks, plan_night
     from xfer.scorer import BlockScorer
 
     start = time.monotonic()
     class_columns(ref.classes)  # colliding class columns fail before any work
-    identity = {"run_id": ref.run_id, "max_side": ref.max_side, "image_size": ref.image_size}
+    identity = {
+        "run_id": ref.run_id,
+        "max_side": ref.max_side,
+        "jpeg_quality": ref.jpeg_quality,
+        "image_size": ref.image_size,
+    }
     night, resumed = plan_night(identity, input_uri, split or sc.split, final, sc.block_size)
     done = done_blocks(night)
     todo = [b for b in range(night["blocks"]) if b not in done]
@@ -189,6 +197,7 @@ def write_predictions(
         "run_id": ref.run_id,
         "image_size": ref.image_size,
         "max_side": ref.max_side,
+        "jpeg_quality": ref.jpeg_quality,
         "max_pixels": MAX_PIXELS,
         "batch_size": sc.batch(),
         "threads": sc.threads(),
@@ -205,7 +214,8 @@ def write_predictions(
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=sc.cpus_per_actor,
             num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
-            runtime_env=runtime_env(use_gpu=sc.use_gpu),
+            # The driver's store-outage budget (xfer.retry), for every actor.
+            runtime_env=runtime_env({RETRY_ENV: str(budget_seconds())}, use_gpu=sc.use_gpu),
         )
         every = max(1, len(todo) // 20)
         # A failed block is reported below, as one line when the store was down;
@@ -286,12 +296,19 @@ def score(
     cfg: XferConfig, model: str, input_uri: str, output: str, date: str | None = None
 ) -> ScoreResult:
     """Score ``input_uri`` with ``model`` into ``output/dt=<date>/`` (replaced whole)."""
-    from xfer.raycluster import check_capacity, ensure_ray, is_local
-    from xfer.retry import ENV as RETRY_ENV
+    from xfer.retry import budget
 
     cfg.apply_storage_env()
+    with budget(cfg.score.store_outage_seconds):  # the actors get it through their env
+        return _score(cfg, model, input_uri, output, date)
+
+
+def _score(
+    cfg: XferConfig, model: str, input_uri: str, output: str, date: str | None
+) -> ScoreResult:
+    from xfer.raycluster import check_capacity, ensure_ray, is_local
+
     sc = cfg.score
-    os.environ[RETRY_ENV] = str(sc.store_outage_seconds)  # forwarded to every actor
     day = date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     try:
         dt.date.fromisoformat(day)

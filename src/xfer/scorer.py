@@ -25,7 +25,14 @@ from typing import Any
 
 from xfer import storage
 from xfer.errors import StorageError, StoreUnavailable
-from xfer.images import CONVERTIBLE_MODES, needs_conversion, normalise, open_header
+from xfer.images import (
+    CONVERTIBLE_MODES,
+    LOSSLESS_FORMATS,
+    encode_converted,
+    needs_conversion,
+    normalise,
+    open_header,
+)
 
 _FUNCTIONS: dict[tuple[str, int], Any] = {}
 
@@ -55,9 +62,19 @@ def _tf_function(kind: str, image_size: int) -> Any:
 
 
 def image_pixels(
-    data: bytes, image_size: int, max_side: int | None, max_pixels: int = 50_000_000
+    data: bytes,
+    image_size: int,
+    max_side: int | None,
+    max_pixels: int = 50_000_000,
+    jpeg_quality: int | None = None,
 ) -> Any:
     """Encoded bytes -> float32 [size, size, 3] pixels, or a reason (str) it cannot be.
+
+    Exactly the pixels training saw for the sharded copy of the image: kept bytes are
+    decoded as training decodes them; a converted image is re-encoded as its shard
+    would be (``jpeg_quality`` from the model's record; lossless sources need no
+    re-encoding) and decoded the same way. Without a recorded quality (older models)
+    the normalised pixels are used as they are.
 
     The header is checked first (:func:`xfer.images.open_header`): empty files,
     non-images and decompression bombs are refused before any pixel is decoded.
@@ -72,8 +89,13 @@ def image_pixels(
     try:
         if not needs_conversion(header, max_side):
             return _tf_function("decode", image_size)(data).numpy()
+        fmt = header.format or ""
         header.load()
-        rgb = np.asarray(normalise(header, max_side), dtype=np.uint8)
+        img = normalise(header, max_side)
+        if jpeg_quality and fmt not in LOSSLESS_FORMATS:
+            shard_bytes = encode_converted(img, fmt, jpeg_quality)
+            return _tf_function("decode", image_size)(shard_bytes).numpy()
+        rgb = np.asarray(img, dtype=np.uint8)
         return _tf_function("resize", image_size)(rgb).numpy()
     except Exception as exc:
         return f"cannot decode: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -152,8 +174,13 @@ class BlockScorer:
                 raise  # past the budget: the night fails, nothing is committed
             except StorageError as exc:
                 return f"cannot read: {exc}"
+        night = self.night
         return image_pixels(
-            bytes(data), self.night["image_size"], self.night["max_side"], self.night["max_pixels"]
+            bytes(data),
+            night["image_size"],
+            night["max_side"],
+            night["max_pixels"],
+            night.get("jpeg_quality"),
         )
 
     def _predict(self, items: list[dict[str, Any]]) -> tuple[Any, list[str | None]]:

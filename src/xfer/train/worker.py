@@ -357,7 +357,9 @@ def _save_model(w: Worker) -> None:
             "weights": w.weights.lineage(),
             "dataset_checksum": manifest.checksum,
             # How its images were prepared: scoring applies the same steps to raw images.
-            "preparation": preparation_record(manifest.settings.get("max_side")),
+            "preparation": preparation_record(
+                manifest.settings.get("max_side"), manifest.settings.get("jpeg_quality", 90)
+            ),
         }
         with open(os.path.join(directory, MODEL_INFO), "w") as f:
             json.dump(info, f, indent=2)
