@@ -229,9 +229,11 @@ def write_predictions(
                 if began is None:
                     began = last_done - float(row["seconds"])
                 if n % every == 0 or n == len(todo):
+                    rate = rows_now / max(last_done - began, 1e-9)
+                    left = night["rows"] - sum(int(s.get("rows", 0)) for s in summaries.values())
                     print(
-                        f"[xfer] scored {n}/{len(todo)} blocks "
-                        f"({sum(int(s.get('rows', 0)) for s in summaries.values())} images)",
+                        f"[xfer] scored {n}/{len(todo)} blocks, {rows_now} images this attempt, "
+                        f"{rate:.0f} images/s, about {left / max(rate, 1e-9):.0f}s left",
                         flush=True,
                     )
         except Exception as exc:
