@@ -21,6 +21,7 @@ from typing import Any
 import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
 RESULTS = Path(__file__).parent / "results"
+SERVER: dict[str, Any] = {}  # the running environment's S3 server ("pid")
 BUCKET = "bench"
 ROOT = f"s3://{BUCKET}/xfer"
 
@@ -35,6 +36,7 @@ def environment(workdir: str | None = None) -> Iterator[str]:
 
     work = workdir or tempfile.mkdtemp(prefix="xfer-bench-")
     with EmbeddedS3(os.path.join(work, "s3"), buckets=(BUCKET,)) as server:
+        SERVER["pid"] = server.pid
         os.environ.update(server.env())
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ensure_ray(num_cpus=os.cpu_count() or 2)
