@@ -374,3 +374,36 @@ def test_on_a_cluster_resources_that_never_come_fail_after_the_wait(ray_local, c
         )
     assert "waiting up to 2s more for resources" in capsys.readouterr().out
     check_capacity(1, 0, "score.num_actors", local=False, wait_seconds=2)  # fits: no wait
+
+
+def test_test_time_augmentation_averages_the_image_and_its_mirror(
+    trained_run, session_root, bucket
+):
+    import tempfile
+
+    import tf_keras
+
+    from xfer.scorer import image_pixels
+
+    synthesize(f"{bucket}/tta", ["ring", "star"], per_class=3, size=48, seed=11)
+    cfg = load_config(None, [f"storage.root={session_root}", "score.tta=true"])
+    result = score(cfg, trained_run.run_uri, f"{bucket}/tta", f"{bucket}/tta-preds", "2026-05-04")
+    marker = storage.read_json(f"{result.output}/_SUCCESS")
+    rows = storage.read_parquet(f"{result.output}/{marker['files'][0]}").to_pylist()
+    path = os.path.join(tempfile.mkdtemp(), "model.keras")
+    storage.download_file(f"{trained_run.run_uri}/model/model.keras", path)
+    model = tf_keras.models.load_model(path, compile=False)
+    x = np.stack(
+        [
+            image_pixels(
+                storage.read_bytes(r["source_uri"]), IMAGE_SIZE, IMAGE_SIZE, jpeg_quality=90
+            )
+            for r in rows
+        ]
+    )
+    plain = model.predict(x, verbose=0).reshape(-1)
+    mirrored = model.predict(x[:, :, ::-1, :], verbose=0).reshape(-1)
+    by_hand = (plain + mirrored) / 2
+    got = np.array([r["prob_star"] for r in rows])
+    assert np.allclose(got, by_hand, atol=1e-5)
+    assert not np.allclose(got, plain, atol=1e-5), "the mirror must change something"

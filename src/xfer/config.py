@@ -200,6 +200,9 @@ class ScoreConfig(Strict):
     block_size: int = Field(
         2048, ge=1, description="images per block: the unit of work, of resuming and of a part file"
     )
+    tta: bool = Field(
+        False, description="test-time augmentation: average the image's and its mirror's outputs"
+    )
     store_outage_seconds: float = Field(
         180.0, ge=0, description="how long to ride out an unreachable or failing object store"
     )

@@ -173,6 +173,7 @@ def write_predictions(
         "max_side": ref.max_side,
         "jpeg_quality": ref.jpeg_quality,
         "image_size": ref.image_size,
+        "tta": sc.tta,
     }
     night, resumed = plan_night(identity, input_uri, split or sc.split, final, sc.block_size)
     done = done_blocks(night)
@@ -201,6 +202,7 @@ def write_predictions(
         "max_pixels": MAX_PIXELS,
         "batch_size": sc.batch(),
         "threads": sc.threads(),
+        "tta": sc.tta,
         "scored_at": scored_at,
     }
     began = last_done = None

@@ -118,7 +118,14 @@ class BlockScorer:
         self.model = self._load_model(night["model_uri"], self.threads)
         import tensorflow as tf
 
-        self.forward = tf.function(lambda x: self.model(x, training=False))
+        model = self.model
+        if night.get("tta"):
+            # Test-time augmentation: the mean of the image's and its mirror's outputs.
+            self.forward = tf.function(
+                lambda x: (model(x, training=False) + model(x[:, :, ::-1, :], training=False)) / 2
+            )
+        else:
+            self.forward = tf.function(lambda x: model(x, training=False))
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="xfer-decode")
 
     @staticmethod
