@@ -81,3 +81,36 @@ def test_gate_names_the_metric_it_used():
     assert gate_value({"accuracy": 0.8}, history) == ("test_accuracy", 0.8)
     assert gate_value({}, history) == ("val_accuracy", 0.9)
     assert gate_value({}, {"head": [], "fine_tune": []}) == ("test_accuracy", None)
+
+
+def test_mixed_precision_checkpoint_keeps_the_loss_scale():
+    """GPU training uses mixed_float16 with a dynamic loss scale (a loss-scale
+    optimizer wrapping the phase's optimizer). A resume must come back with the scale
+    and its growth counter, not restart at 2**15 and overflow its first steps again.
+    Exercised on CPU with the same policy."""
+    import tf_keras
+
+    cfg = load_config(None, ["model.base=tiny_cnn", "model.weights=none"])
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, _ = build_model(cfg.model, 32, 2)
+        compile_model(model, make_optimizer("adam", 1e-3), 2)
+        optimizer = model.optimizer
+        assert isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+        rng = np.random.default_rng(0)
+        x = rng.uniform(0, 255, (24, 32, 32, 3)).astype("float32")
+        model.fit(x, rng.integers(0, 2, 24), batch_size=8, epochs=1, verbose=0)
+        # As after a run of overflows and good steps: a scale of its own and a count.
+        optimizer._loss_scale.current_loss_scale.assign(512.0)
+        optimizer._loss_scale.counter.assign(7)
+        directory = save_checkpoint(model, optimizer, TrainState(phase="head", epoch=1))
+
+        fresh, _ = build_model(cfg.model, 32, 2)
+        compile_model(fresh, make_optimizer("adam", 1e-3), 2)
+        assert float(fresh.optimizer.loss_scale) == 2.0**15  # the default it would restart at
+        restore(directory, fresh, fresh.optimizer)
+        assert float(fresh.optimizer.loss_scale) == 512.0
+        assert int(fresh.optimizer._loss_scale.counter.numpy()) == 7
+        assert optimizer_state(fresh.optimizer)["iterations"] == 3
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")

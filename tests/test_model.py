@@ -130,3 +130,14 @@ def test_mixed_precision_runs_on_cpu_with_float32_outputs():
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")
     assert set_mixed_precision(False, have_gpu=True) is None
+
+
+def test_all_reduce_is_nccl_exactly_when_workers_have_gpus():
+    import tensorflow as tf
+
+    from xfer.devices import communication_options
+
+    impl = tf.distribute.experimental.CommunicationImplementation
+    assert communication_options(0).implementation == impl.RING
+    assert communication_options(1).implementation == impl.NCCL
+    assert communication_options(8).implementation == impl.NCCL

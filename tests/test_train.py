@@ -21,8 +21,9 @@ from xfer.manifest import load_manifest
 MIN_TEST_ACCURACY = 0.80
 
 
-def test_both_phases_run_and_all_outputs_exist(trained_run):
+def test_both_phases_run_and_all_outputs_exist(trained_run, target_dataset):
     r = trained_run
+    train_rows = load_manifest(target_dataset).split("train").rows
     m = r.metrics
     assert [len(m["history"]["head"]), len(m["history"]["fine_tune"])] == [4, 1]
     assert m["workers"] == 2 and m["replicas"] == 2
@@ -31,6 +32,10 @@ def test_both_phases_run_and_all_outputs_exist(trained_run):
         info = m["phases"][phase]
         assert info["seconds"] > 0 and info["images_per_s"] > 0
         assert info["val_accuracy"] is not None
+        for row in m["history"][phase]:
+            # The epoch's img/s counts training time only, not validation.
+            assert 0 < row["train_seconds"] < row["seconds"], row
+            assert row["images_per_s"] * row["train_seconds"] == pytest.approx(train_rows)
     per_class = m["test"]["per_class"]
     assert set(per_class) == {"ring", "star"}
     assert all(0 <= v["precision"] <= 1 and 0 <= v["recall"] <= 1 for v in per_class.values())

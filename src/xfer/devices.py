@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 
 def enable_memory_growth() -> int:
@@ -18,6 +19,18 @@ def enable_memory_growth() -> int:
         with contextlib.suppress(RuntimeError):
             tf.config.experimental.set_memory_growth(gpu, True)
     return len(gpus)
+
+
+def communication_options(gpus: int) -> Any:
+    """All-reduce for MultiWorkerMirroredStrategy: NCCL between workers that have GPUs,
+    ring all-reduce over gRPC between CPU-only ones. (AUTO picks ring on CPUs but may
+    also pick ring for GPUs; NCCL is the fast path there.)"""
+    import tensorflow as tf
+
+    impl = tf.distribute.experimental.CommunicationImplementation
+    return tf.distribute.experimental.CommunicationOptions(
+        implementation=impl.NCCL if gpus > 0 else impl.RING
+    )
 
 
 def set_mixed_precision(enabled: bool, have_gpu: bool) -> str | None:

@@ -29,7 +29,7 @@ import json
 import os
 import re
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from xfer import storage
@@ -209,18 +209,20 @@ def _plan_input(input_uri: str, split: str, block_size: int, plan_uri: str) -> d
             "label_classes": list(manifest.classes),
         }
     listing = _list_objects(uri)
-    rows = blocks = 0
+    rows = count = 0
     with ThreadPoolExecutor(8) as pool:
-        futures = []
+        pending: list[Future[None]] = []
         for chunk in _chunks(listing, block_size):
-            futures.append(pool.submit(_write_plan_block, plan_uri, blocks, chunk))
+            if len(pending) >= 16:  # bounded: the listing never runs far ahead of writes
+                pending.pop(0).result()
+            pending.append(pool.submit(_write_plan_block, plan_uri, count, chunk))
             rows += len(chunk)
-            blocks += 1
-        for f in futures:
+            count += 1
+        for f in pending:
             f.result()
     if rows == 0:
         raise DataError(f"--input {uri}: no images found; nothing to score")
-    return {"kind": "objects", "blocks": blocks, "rows": rows, "has_labels": False}
+    return {"kind": "objects", "blocks": count, "rows": rows, "has_labels": False}
 
 
 def _chunks(rows: Any, size: int) -> Any:

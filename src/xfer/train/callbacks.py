@@ -50,6 +50,9 @@ class EpochEnd:
             def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
                 outer.end(epoch, logs or {})
 
+            def on_test_begin(self, logs: Any = None) -> None:
+                outer.validation_begins()
+
         class _BatchFault(_Callback):
             def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
                 maybe_fail(
@@ -81,6 +84,7 @@ class EpochEnd:
         self.journal, self.position = journal, position  # epochs done before this phase
         self.epoch = 0
         self._t0 = 0.0
+        self._t_val: float | None = None
         self._lr = 0.0
         self._writer: Any = None
 
@@ -112,16 +116,24 @@ class EpochEnd:
         maybe_fail(self.cfg.fault, self.run_uri, self.rank, "epoch", self.phase, epoch)
         self._lr = optimizer_state(self.optimizer)["learning_rate"]
         self._t0 = time.monotonic()
+        self._t_val = None
+
+    def validation_begins(self) -> None:
+        if self._t_val is None:
+            self._t_val = time.monotonic()
 
     def end(self, epoch: int, logs: dict[str, Any]) -> None:
         import ray.train
 
-        seconds = time.monotonic() - self._t0
+        now = time.monotonic()
+        seconds = now - self._t0
+        train_seconds = (self._t_val or now) - self._t0  # validation excluded
         row = {k: float(v) for k, v in logs.items()}
         row.update(
             epoch=epoch + 1,
             seconds=seconds,
-            images_per_s=self.train_rows / max(seconds, 1e-9),
+            train_seconds=train_seconds,
+            images_per_s=self.train_rows / max(train_seconds, 1e-9),
             learning_rate=self._lr,
         )
         self.state.history[self.phase].append(row)

@@ -34,7 +34,7 @@ from typing import Any
 import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from xfer import storage
 from xfer.config import XferConfig
-from xfer.devices import enable_memory_growth, set_mixed_precision
+from xfer.devices import communication_options, enable_memory_growth, set_mixed_precision
 from xfer.features import CachePlan
 from xfer.images import preparation_record
 from xfer.manifest import Manifest, load_manifest
@@ -161,7 +161,11 @@ def _start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
     import ray.train
     import tensorflow as tf
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # Memory growth before anything initialises the GPUs; the strategy does.
+    gpus = enable_memory_growth()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=communication_options(gpus)
+    )
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     node = ray.get_runtime_context().get_node_id()[:12]
