@@ -141,3 +141,61 @@ def test_all_reduce_is_nccl_exactly_when_workers_have_gpus():
     assert communication_options(0).implementation == impl.RING
     assert communication_options(1).implementation == impl.NCCL
     assert communication_options(8).implementation == impl.NCCL
+
+
+def test_phase_learning_rate_schedules():
+    from xfer.model import make_optimizer, phase_learning_rate
+    from xfer.train.checkpoint import optimizer_state
+
+    assert phase_learning_rate(1e-3, "constant", 5, 0.0, 10) == 1e-3
+    cosine = phase_learning_rate(1e-3, "cosine", 5, 1.0, 10)  # 50 steps, 10 of warm-up
+    assert float(cosine(0)) == pytest.approx(0.0)
+    assert float(cosine(5)) == pytest.approx(0.5e-3)
+    assert float(cosine(10)) == pytest.approx(1e-3)
+    assert float(cosine(30)) == pytest.approx(0.5e-3, rel=1e-3)  # half way down the cosine
+    assert float(cosine(50)) == pytest.approx(0.0, abs=1e-9)
+    flat = phase_learning_rate(1e-3, "constant", 5, 0.5, 10)  # warm-up, then constant
+    assert float(flat(2)) == pytest.approx(0.4e-3) and float(flat(40)) == pytest.approx(1e-3)
+    # The optimizer reports the rate of its next step: where a restored step count is.
+    optimizer = make_optimizer("adam", cosine)
+    optimizer.iterations.assign(30)
+    assert optimizer_state(optimizer)["learning_rate"] == pytest.approx(0.5e-3, rel=1e-3)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_label_smoothing_keeps_the_model_from_certainty(num_classes):
+    """Trained to separate trivially separable data, a model with label smoothing 0.2
+    stops short of certainty; without, it heads for 0/1. The reported loss stays the
+    plain cross-entropy either way."""
+    import tf_keras
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, num_classes, 256)
+    x = np.eye(num_classes)[y].astype("float32") * 4 + rng.normal(0, 0.1, (256, num_classes))
+    tops = {}
+    for smoothing in (0.0, 0.2):
+        tf_keras.utils.set_random_seed(0)
+        units, activation = (1, "sigmoid") if num_classes == 2 else (num_classes, "softmax")
+        model = tf_keras.Sequential(
+            [tf_keras.Input((num_classes,)), tf_keras.layers.Dense(units, activation=activation)]
+        )
+        compile_model(model, make_optimizer("adam", 0.1), num_classes, label_smoothing=smoothing)
+        history = model.fit(x, y, epochs=30, batch_size=64, verbose=0)
+        p = model.predict(x, verbose=0)
+        p = np.concatenate([1 - p, p], axis=1) if num_classes == 2 else p
+        tops[smoothing] = float(p.max(axis=1).mean())
+        true = p[np.arange(256), y]
+        assert history.history["loss"][-1] == pytest.approx(-np.log(true).mean(), rel=0.05)
+    assert tops[0.0] > 0.99 and tops[0.2] < 0.95, tops
+
+
+def test_xla_compiled_train_step_trains():
+    import tf_keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    model = tf_keras.Sequential([tf_keras.Input((4,)), tf_keras.layers.Dense(1, "sigmoid")])
+    compile_model(model, make_optimizer("adam", 0.1), 2, jit_compile=True)
+    history = model.fit(x, y, epochs=20, batch_size=16, verbose=0)
+    assert model._jit_compile and history.history["accuracy"][-1] > 0.9

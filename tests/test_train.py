@@ -324,3 +324,32 @@ def test_a_retried_submission_finds_its_run_instead_of_starting_another(
     assert again.run_id == trained_run.run_id
     assert "already complete" in capsys.readouterr().out
     assert storage.read_bytes(f"{trained_run.run_uri}/metrics.json") == before
+
+
+@pytest.mark.slow
+def test_warmup_cosine_and_label_smoothing_on_two_workers(
+    session_root, pretrained_weights, target_dataset
+):
+    """The learning rate follows the phase's schedule epoch by epoch on two workers
+    (recorded as the rate of each epoch's first step), and a smoothed loss trains."""
+    from xfer.config import load_config
+    from xfer.model import phase_learning_rate
+    from xfer.train.driver import train
+
+    from .conftest import train_overrides
+
+    extra = {
+        "train.head.schedule": "cosine",
+        "train.head.warmup_epochs": 1,
+        "train.label_smoothing": 0.1,
+        "output.model_name": "shapes-schedule",
+        "output.publish": "false",
+    }
+    result = train(load_config(None, train_overrides(session_root, pretrained_weights, **extra)))
+    m = result.metrics
+    rates = [row["learning_rate"] for row in m["history"]["head"]]
+    steps = m["steps_per_epoch"]
+    curve = phase_learning_rate(0.005, "cosine", 4, 1.0, steps)
+    assert rates == pytest.approx([float(curve(e * steps)) for e in range(4)], rel=1e-4)
+    assert rates[0] == 0.0 and rates[1] == pytest.approx(0.005) and rates[3] < rates[2] < rates[1]
+    assert m["test"]["accuracy"] >= MIN_TEST_ACCURACY

@@ -111,15 +111,23 @@ class ModelConfig(Strict):
 Optimizer = Literal["adam", "sgd", "rmsprop"]
 
 
-class HeadPhase(Strict):
+class Phase(Strict):
     epochs: int = Field(5, ge=0)
     optimizer: Optimizer = "adam"
     learning_rate: float = Field(1e-3, gt=0.0, le=10.0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="learning rate over the phase: constant, or cosine decay to 0"
+    )
+    warmup_epochs: float = Field(
+        0.0, ge=0.0, description="linear warm-up from 0 to learning_rate over these epochs"
+    )
 
 
-class FineTunePhase(Strict):
-    epochs: int = Field(5, ge=0)
-    optimizer: Optimizer = "adam"
+class HeadPhase(Phase):
+    pass
+
+
+class FineTunePhase(Phase):
     learning_rate: float = Field(1e-5, gt=0.0, le=10.0)
     unfreeze_from: str | int | None = Field(
         None, description="layer name or index of the base: it and every layer above train"
@@ -139,6 +147,10 @@ class TrainConfig(Strict):
     fine_tune: FineTunePhase = FineTunePhase()
     scale_lr: bool = Field(False, description="multiply learning rates by the replica count")
     mixed_precision: bool = False
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="training loss only; reported losses stay plain"
+    )
+    jit_compile: bool = Field(False, description="XLA-compile the train step (GPUs)")
     seed: int = 0
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap (quick runs only)")
     verbose: int = Field(2, ge=0, le=2, description="Keras verbosity on rank 0")

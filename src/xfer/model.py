@@ -255,21 +255,83 @@ def make_optimizer(name: str, learning_rate: float) -> Any:
     return optimizers.Adam(learning_rate=learning_rate)
 
 
-def compile_model(model: Any, optimizer: Any, num_classes: int) -> None:
+def phase_learning_rate(
+    value: float, schedule: str, epochs: int, warmup_epochs: float, steps_per_epoch: int
+) -> Any:
+    """The phase's learning rate: a float, or a schedule over its optimizer's steps.
+
+    ``cosine`` decays to 0 by the phase's last step; ``warmup_epochs`` ramps linearly
+    from 0 first. The schedule is a function of the optimizer's step count, which a
+    checkpoint restores, so a resumed phase goes on where it was on the curve.
+    """
+    if schedule == "constant" and not warmup_epochs:
+        return value
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(total - 1, round(warmup_epochs * steps_per_epoch)) if warmup_epochs else 0
+    return _keras().optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else value,
+        decay_steps=max(1, total - warmup),
+        alpha=1.0 if schedule == "constant" else 0.0,
+        warmup_target=value if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
+def _smoothed_sparse_ce(label_smoothing: float, num_classes: int) -> Any:
+    """Sparse categorical cross-entropy with label smoothing (Keras has no such loss)."""
+    keras = _keras()
+
+    @keras.saving.register_keras_serializable(package="xfer")
+    class SmoothedSparseCrossentropy(keras.losses.Loss):  # type: ignore[misc, name-defined]
+        def __init__(self, label_smoothing: float, num_classes: int, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.label_smoothing, self.num_classes = label_smoothing, num_classes
+
+        def call(self, y_true: Any, y_pred: Any) -> Any:
+            import tensorflow as tf
+
+            labels = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), self.num_classes)
+            return keras.losses.categorical_crossentropy(
+                labels, y_pred, label_smoothing=self.label_smoothing
+            )
+
+        def get_config(self) -> dict[str, Any]:
+            return {
+                **super().get_config(),
+                "label_smoothing": self.label_smoothing,
+                "num_classes": self.num_classes,
+            }
+
+    return SmoothedSparseCrossentropy(label_smoothing, num_classes)
+
+
+def compile_model(
+    model: Any,
+    optimizer: Any,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    jit_compile: bool = False,
+) -> None:
     keras = _keras()
     if num_classes == 2:
-        loss = keras.losses.BinaryCrossentropy()
+        loss = keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
         true_loss = keras.metrics.BinaryCrossentropy(name="loss")
         metrics = [keras.metrics.BinaryAccuracy(name="accuracy"), true_loss]
     else:
-        loss = keras.losses.SparseCategoricalCrossentropy()
+        loss = (
+            _smoothed_sparse_ce(label_smoothing, num_classes)
+            if label_smoothing
+            else keras.losses.SparseCategoricalCrossentropy()
+        )
         true_loss = keras.metrics.SparseCategoricalCrossentropy(name="loss")
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"), true_loss]
     # weighted_metrics: padding rows (weight 0) count in neither accuracy nor loss. Keras'
     # own "loss" divides each batch's weighted sum by the batch size, padding included,
     # so it understates the mean on the last, padded batch of every epoch; the weighted
     # metric of the same name (reported in its place) is the mean over real examples.
-    model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
+    # (Label smoothing changes the training loss only: the reported "loss" stays the
+    # plain cross-entropy of the true labels.)
+    model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics, jit_compile=jit_compile)
 
 
 def extract_base(model: Any) -> Any:

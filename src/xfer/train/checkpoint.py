@@ -110,8 +110,13 @@ def restore(directory: str, model: Any, optimizer: Any | None) -> None:
 def optimizer_state(optimizer: Any) -> dict[str, float | int]:
     """The learning rate the optimizer applies at its next step, and its step count."""
     from tf_keras import backend
+    from tf_keras.optimizers.schedules import LearningRateSchedule
 
-    lr = optimizer.learning_rate
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # a loss-scale wrapper
     iterations = int(backend.get_value(optimizer.iterations))
+    # A schedule: its value at the next step (Keras' learning_rate is the last step's).
+    lr = getattr(inner, "_learning_rate", None)
+    if not isinstance(lr, LearningRateSchedule):
+        lr = optimizer.learning_rate
     value = lr(iterations) if callable(lr) else lr
     return {"learning_rate": float(backend.get_value(value)), "iterations": iterations}

@@ -44,6 +44,7 @@ from xfer.model import (
     freeze_base,
     head_only_model,
     make_optimizer,
+    phase_learning_rate,
     unfreeze_top,
 )
 from xfer.preprocess import AugmentSettings
@@ -199,7 +200,9 @@ def _start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
     return w
 
 
-def _compile_phase(w: Worker, phase: str, feature_dim: int | None) -> tuple[Any, Any]:
+def _compile_phase(
+    w: Worker, phase: str, feature_dim: int | None, steps_per_epoch: int
+) -> tuple[Any, Any]:
     """Trainable flags, a new optimizer at the phase's learning rate, compile.
 
     Returns ``(fit_model, optimizer)``: the model that ``fit`` trains (the head alone
@@ -214,15 +217,20 @@ def _compile_phase(w: Worker, phase: str, feature_dim: int | None) -> tuple[Any,
         n = unfreeze_top(w.base, ft.unfreeze_from, ft.unfreeze_top)
         w.say(f"fine-tuning: {n} layers of {cfg.model.base} unfrozen")
     lr_scale = w.replicas if cfg.train.scale_lr else 1
-    compile_model(
-        w.model,
-        make_optimizer(pcfg.optimizer, pcfg.learning_rate * lr_scale),
-        w.manifest.num_classes,
+    lr = phase_learning_rate(
+        pcfg.learning_rate * lr_scale,
+        pcfg.schedule,
+        pcfg.epochs,
+        pcfg.warmup_epochs,
+        steps_per_epoch,
     )
+    smoothing, jit = cfg.train.label_smoothing, cfg.train.jit_compile
+    classes = w.manifest.num_classes
+    compile_model(w.model, make_optimizer(pcfg.optimizer, lr), classes, smoothing, jit)
     fit_model = w.model
     if feature_dim:
         fit_model = head_only_model(w.model, cfg.model, feature_dim)
-        compile_model(fit_model, w.model.optimizer, w.manifest.num_classes)
+        compile_model(fit_model, w.model.optimizer, classes, smoothing, jit)
     return fit_model, fit_model.optimizer
 
 
@@ -264,7 +272,9 @@ def _run_phase(w: Worker, phase: str, cache: CachePlan | None, tb_dir: str | Non
     if cache is not None:
         spec, val_spec = feature_specs(cfg, cache, spec)
     with w.strategy.scope():
-        fit_model, optimizer = _compile_phase(w, phase, spec.feature_dim)
+        fit_model, optimizer = _compile_phase(
+            w, phase, spec.feature_dim, _steps(cfg, spec, w.replicas)
+        )
         # Mid-phase: this phase's optimizer state too; at a boundary, weights only.
         _restore(w, optimizer, with_optimizer=start > 0 and w.state.phase == phase)
     # Data epochs count across phases, so that every epoch reshuffles differently.
@@ -315,8 +325,9 @@ def _restore_finished(w: Worker) -> Any:
     if w.model.optimizer is not None and not w.restored_dir:
         return w.model.optimizer
     last = "fine_tune" if w.epochs["fine_tune"] else "head"
+    train_steps = _steps(w.cfg, _eval_spec(w.cfg, w.manifest, "train"), w.replicas)
     with w.strategy.scope():
-        _, optimizer = _compile_phase(w, last, None)
+        _, optimizer = _compile_phase(w, last, None, train_steps)
         _restore(w, optimizer, with_optimizer=w.state.phase == last)
     return optimizer
 
