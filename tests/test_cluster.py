@@ -187,7 +187,7 @@ def test_scoring_is_submitted_the_same_way(
     assert proc.returncode == 0, text[-5000:]
     assert STALE_MARKER not in text
     assert re.search(
-        r"\[xfer\] predictor on node \w+ .*: xfer \S+ \(code " + code_identity()["sha256"][:12],
+        r"\[xfer\] scorer on node \w+ .*: xfer \S+ \(code " + code_identity()["sha256"][:12],
         text,
     )
     marker = storage.read_json(f"{output}/dt=2026-01-02/_SUCCESS")
