@@ -32,6 +32,18 @@ from xfer.errors import StoreUnavailable
 ENV = "XFER_STORE_RETRY_SECONDS"
 F = TypeVar("F", bound=Callable[..., Any])
 _depth = threading.local()  # how deep in wrapped calls this thread is
+_warned = {"at": -1e9}  # when this process last said it is riding out an outage
+_warn_lock = threading.Lock()
+WARN_EVERY = 30.0  # seconds: one line per process, not one per waiting call
+
+
+def _warn(message: str) -> None:
+    with _warn_lock:
+        now = time.monotonic()
+        if now - _warned["at"] < WARN_EVERY:
+            return
+        _warned["at"] = now
+    print(f"[xfer] warning: {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -70,7 +82,7 @@ def ride_through(doing: str) -> Callable[[F], F]:
                 return fn(*args, **kwargs)
             budget = budget_seconds()
             start = time.monotonic()
-            delay, warned = 0.5, False
+            delay = 0.5
             while True:
                 _depth.n = getattr(_depth, "n", 0) + 1
                 try:
@@ -88,14 +100,7 @@ def ride_through(doing: str) -> Callable[[F], F]:
                             endpoint=exc.endpoint,
                             reason=exc.reason,
                         ) from None
-                    if not warned:
-                        print(
-                            f"[xfer] warning: {exc.reason} while {doing}; retrying for up to "
-                            f"{budget:.0f}s",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                        warned = True
+                    _warn(f"{exc.reason} while {doing}; retrying for up to {budget:.0f}s")
                     time.sleep(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, 10.0)
                 finally:
