@@ -197,11 +197,18 @@ def iter_rows(
 CHUNK_ROWS = 64
 
 
-def _columns(
-    rows: list[tuple[str, bytes, int, float]],
-) -> tuple[list[str], list[bytes], list[int], list[float]]:
+def _columns(rows: list[tuple[str, bytes, int, float]], epoch: int, first: int) -> tuple[Any, ...]:
+    """A chunk of rows as columns, with the epoch and each row's index in the epoch."""
     keys, images, labels, weights = zip(*rows, strict=True)
-    return list(keys), list(images), list(labels), list(weights)
+    index = np.arange(first, first + len(rows), dtype=np.int64)
+    return (
+        np.full(len(rows), epoch, np.int64),
+        index,
+        list(keys),
+        list(images),
+        list(labels),
+        list(weights),
+    )
 
 
 def buffer_shuffle(rows: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -237,7 +244,7 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
     units = spec.units()
     cache = _ShardCache(spec.manifest.shard_uris(spec.split), spec.column)
 
-    def epoch_chunks(epoch: Any) -> Iterator[tuple[list[str], list[bytes], list[int], list[float]]]:
+    def epoch_chunks(epoch: Any) -> Iterator[tuple[Any, ...]]:
         order = epoch_order(units, spec.seed, int(epoch), shuffle=spec.training)
         segs = pipeline_segments(order, total_slots, pipeline, num_pipelines)
         rows = iter_rows(spec, segs, cache)
@@ -248,15 +255,19 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
         # Rows cross into TensorFlow in chunks: one Python call per row would cap the
         # reader at about a thousand rows a second.
         chunk: list[tuple[str, bytes, int, float]] = []
+        first = 0
         for row in rows:
             chunk.append(row)
             if len(chunk) == CHUNK_ROWS:
-                yield _columns(chunk)
+                yield _columns(chunk, int(epoch), first)
+                first += len(chunk)
                 chunk = []
         if chunk:
-            yield _columns(chunk)
+            yield _columns(chunk, int(epoch), first)
 
     signature = (
+        tf.TensorSpec((None,), tf.int64),
+        tf.TensorSpec((None,), tf.int64),
         tf.TensorSpec((None,), tf.string),
         tf.TensorSpec((None,), tf.string),
         tf.TensorSpec((None,), tf.int32),
@@ -265,7 +276,8 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
 
     def epoch_dataset(epoch: Any) -> Any:
         ds = tf.data.Dataset.from_generator(epoch_chunks, output_signature=signature, args=(epoch,))
-        return ds.unbatch().enumerate().map(lambda i, row: (epoch, i, *row))
+        # A few chunks of read-ahead, so that decoding never waits on the generator.
+        return ds.prefetch(4).unbatch()
 
     if spec.training:
         first = spec.start_epoch
