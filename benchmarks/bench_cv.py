@@ -63,6 +63,9 @@ CONFIGS: dict[str, dict[str, object]] = {
 }
 
 
+DEFAULT_CONFIGS = ("before", "tuned")
+
+
 def fold_of(path: str) -> int:
     return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) % FOLDS
 
@@ -246,7 +249,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", required=True)
     parser.add_argument("--weights", required=True)
-    parser.add_argument("--configs", default="before,tuned", help=", ".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=", ".join(CONFIGS))
     parser.add_argument("--resume", action="store_true", help="keep the runs in cv_folds.json")
     args = parser.parse_args()
     chosen = [c.strip() for c in args.configs.split(",") if c.strip()]

@@ -188,6 +188,7 @@ def run_in(images: str, weights: str) -> dict:
         "D online, no augmentation: val accuracy after head": md["phases"]["head"]["val_accuracy"],
         "lower bound: one base forward pass over train+val (s)": bound["forward"],
         "lower bound incl. decode (s)": bound["forward"] + bound["decode"],
+        "cache_build_vs_forward_limit": fc_b["seconds"] / (bound["forward"] + bound["decode"]),
         "head phase speed-up, online A / cached hit C": ma["phases"]["head"]["seconds"]
         / mc["phases"]["head"]["seconds"],
         "head phase speed-up, online A / cached first run B (build + epochs)": ma["phases"]["head"][

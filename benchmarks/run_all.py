@@ -4,7 +4,9 @@
         --weights ../shared/weights/mobilenet_v2_1.0_224_imagenet_no_top.h5 [--only input,shard]
 
 Figures go to benchmarks/results/results.json and benchmarks/results/README.md
-(plots next to them). Takes about half an hour on 2 CPUs. The real photos and
+(plots next to them). Takes about half an hour on 2 CPUs, plus about an hour for
+the cross-validation of fine-tuning choices (`--only cv`; `bench_cv.py --resume`
+continues an interrupted one). The real photos and
 weights are not part of the repository: without --images/--weights only the
 benchmarks that can use generated data run.
 """
@@ -17,13 +19,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_cv
 import bench_input
 import bench_quality
 import bench_score
 import bench_shard
 from common import environment
 
-ALL = ("input", "shard", "quality", "score")
+ALL = ("input", "shard", "quality", "score", "cv")
 
 
 def main() -> int:
@@ -55,6 +58,9 @@ def main() -> int:
             if "score" in chosen:
                 # Always the quick model (one head epoch), whose figures the scoring notes describe.
                 bench_score.run_in(args.images, bench_score.quick_model(args.images, args.weights))
+    if have_photos and "cv" in chosen:
+        with environment():  # its own store: the folds are datasets of their own
+            bench_cv.run_in(args.images, args.weights, list(bench_cv.DEFAULT_CONFIGS))
     return 0
 
 

@@ -215,3 +215,31 @@ def test_cached_features_come_from_the_base_that_is_trained(
         [np.frombuffer(v, dtype=np.float16) for v in cached.column("features").to_pylist()]
     ).astype("float32")
     np.testing.assert_allclose(got, expected, rtol=2e-2, atol=2e-2 * float(np.abs(expected).max()))
+
+
+def test_ranks_share_the_row_groups_by_rows_not_by_shards():
+    """A 1,600-row train shard and a 400-row val shard: both ranks encode ~1,000 rows."""
+    from xfer.features import rank_pieces
+    from xfer.manifest import Manifest, ShardInfo, SplitInfo
+
+    def split(rows: int, groups: list[int]) -> SplitInfo:
+        return SplitInfo(rows, [ShardInfo("s/part-00000.parquet", rows, 1, "x", groups)], {})
+
+    train_groups, val_groups = [64] * 25, [64] * 6 + [16]
+    m = Manifest(
+        "d",
+        ["a", "b"],
+        {"train": split(1600, train_groups), "val": split(400, val_groups)},
+        {},
+        {},
+        {},
+    )
+    for world in (1, 2, 3):
+        shares = [rank_pieces(m, ["train", "val"], r, world) for r in range(world)]
+        rows = [sum(sum(p.groups) for p in pieces) for pieces in shares]
+        assert sum(rows) == 2000 and max(rows) - min(rows) <= 64, (world, rows)
+        # In order, the ranks' pieces are the dataset's row groups, each exactly once.
+        seq = [(p.split, p.first + i, g) for s in shares for p in s for i, g in enumerate(p.groups)]
+        assert seq == [("train", i, g) for i, g in enumerate(train_groups)] + [
+            ("val", i, g) for i, g in enumerate(val_groups)
+        ]

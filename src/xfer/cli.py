@@ -7,19 +7,38 @@
     xfer score --model URI --input URI --output URI [--config FILE] [key=value ...]
     xfer demo [--workdir D] [--keep] [--weights source|imagenet]
 
-Each subcommand parses its flags and calls one library function. Problems the user
-can fix (XferError) print as one line and exit with status 2; a store that stayed
-unreachable past its retry budget exits with 75 (EX_TEMPFAIL: try again later).
+Each subcommand parses its flags and calls one library function. Exit status:
+0 success; 2 a problem the user can fix (XferError: config, input, credentials),
+printed as one line; 75 (EX_TEMPFAIL: try again later) a store that stayed
+unreachable past its retry budget; 1 a job failure; 130 Ctrl-C and 143 SIGTERM,
+after every process the command started (S3 server, local Ray) has been stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 from collections.abc import Callable
 
 from xfer.errors import EXIT_STORE_UNAVAILABLE, EXIT_USER_ERROR, StoreUnavailable, XferError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is: unwinds like Ctrl-C, so every
+    ``finally`` runs and the processes a command started are stopped."""
+
+
+_signals: list[int] = []  # received, for the exit status (libraries re-raise their own)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _signals.append(signum)
+    raise Terminated
 
 
 def _s3_server(args: argparse.Namespace) -> int:
@@ -174,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    # Kubernetes, `timeout` and job schedulers stop a command with SIGTERM, whose
+    # default action ends the process at once, leaving its S3 server and Ray running.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return func(args)
     except StoreUnavailable as exc:
@@ -185,9 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         _stop_ray()
         print(f"xfer: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        _stop_ray()
+        if isinstance(exc, Terminated) or signal.SIGTERM in _signals:
+            print("xfer: stopped (SIGTERM)", file=sys.stderr)
+            return EXIT_TERMINATED
         print("xfer: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

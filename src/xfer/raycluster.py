@@ -13,6 +13,8 @@ role; a local instance started here inherits this process's environment.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Any
 
 # Non-secret variables worth forwarding to every worker.
@@ -54,6 +56,20 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    # ray.init replaces the SIGTERM handler with its own (sys.exit); keep the
+    # command's, which stops what the command started and reports it.
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _init(address, num_cpus)
+    finally:
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
+    return True
+
+
+def _init(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {
         "runtime_env": runtime_env(),
@@ -79,7 +95,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
             dashboard_host="127.0.0.1",
             **kwargs,
         )
-    return True
 
 
 def _shortfall(need_cpu: float, need_gpu: float) -> str:

@@ -119,6 +119,11 @@ class EmbeddedS3:
         (data / "weed").mkdir(parents=True, exist_ok=True)
         self.access_key, self.secret_key = load_or_create_credentials(data)
         taken: set[int] = set()
+        if self.port is not None and not 1 <= self.port <= 65535 - GRPC_OFFSET:
+            raise XferError(
+                f"S3 port {self.port}: must be between 1 and {65535 - GRPC_OFFSET} "
+                f"(the server also listens on port + {GRPC_OFFSET} for gRPC)"
+            )
         if self.port is not None:
             # A server just stopped on this port may take a few seconds to let go of it.
             deadline = time.monotonic() + 20
