@@ -32,6 +32,19 @@ def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path):
     assert pretrained and random_base, out[-3000:]
     assert (tmp_path / "demo" / "report.html").exists()
     assert re.search(r"nightly\s+s3://xfer/predictions/shapes/dt=\d{4}-\d{2}-\d{2}/", out)
+    # Quiet: xfer's own lines only, ending with the summary; the rest is in the log file.
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) <= 60, "\n".join(lines)
+    internals = re.compile(
+        r"pid=\d+|^[IWE]\d{4} |tensorflow|TrainingReport|Checkpoint successfully|absl|"
+        r"oneDNN|streaming_executor|core_worker|Traceback"
+    )
+    assert not [line for line in lines if internals.search(line)], out
+    assert lines[-1] == "=" * 72
+    log = re.search(r"full log\s+(\S+)", out)
+    assert log, out[-2000:]
+    kept = Path(log.group(1)).read_text()
+    assert "RayTrainWorker pid=" in kept and "TrainingReport" in kept
     # Nothing left running: no weed process for this data dir, no Ray of its own.
     leftovers = []
     for pid in os.listdir("/proc"):

@@ -22,6 +22,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from xfer import console
 from xfer.errors import EXIT_STORE_UNAVAILABLE, EXIT_USER_ERROR, StoreUnavailable, XferError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transfer-learning image classifiers on Ray Train, data and models in S3.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's and TensorFlow's output too (default: in the log file only)",
+    )
 
     p = sub.add_parser("s3-server", help="run the embedded S3 server (SeaweedFS) on 127.0.0.1")
     p.add_argument(
@@ -122,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_s3_server)
 
-    p = sub.add_parser("synth", help="write a generated, learnable class-per-folder image set")
+    p = sub.add_parser(
+        "synth", parents=[common], help="write a generated, learnable class-per-folder image set"
+    )
     p.add_argument("out", help="output directory or s3:// prefix")
     p.add_argument(
         "--classes", default="circle,square,triangle", help="comma-separated class names"
@@ -132,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("shard", help="images (folder tree or uri,label list) -> Parquet shards")
+    p = sub.add_parser(
+        "shard", parents=[common], help="images (folder tree or uri,label list) -> Parquet shards"
+    )
     p.add_argument("src", help="class-per-folder tree, or a CSV/Parquet list of uri,label")
     p.add_argument("dest", help="dataset prefix, e.g. s3://bucket/datasets/name")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (by key hash)")
@@ -150,12 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="dataset name in the manifest (default: DEST's)")
     p.set_defaults(func=_shard)
 
-    p = sub.add_parser("train", help="head training then fine-tuning on Ray Train")
+    p = sub.add_parser(
+        "train", parents=[common], help="head training then fine-tuning on Ray Train"
+    )
     p.add_argument("--config", help="YAML config file (local path or s3://)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("score", help="batch scoring with Ray Data; Parquet predictions")
+    p = sub.add_parser(
+        "score", parents=[common], help="batch scoring with Ray Data; Parquet predictions"
+    )
     p.add_argument("--model", required=True, help=".../runs/<run_id> or .../models/<name>")
     p.add_argument(
         "--input", required=True, help="dataset prefix, image prefix, or CSV/Parquet list"
@@ -166,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_score)
 
-    p = sub.add_parser("demo", help="the quickstart: S3 + synth + shard + train + score, locally")
+    p = sub.add_parser(
+        "demo", parents=[common], help="the quickstart: S3 + synth + shard + train + score, locally"
+    )
     p.add_argument("--workdir", default="xfer-demo", help="where the S3 data and images go")
     p.add_argument("--keep", action="store_true", help="leave the S3 server running at the end")
     p.add_argument(
@@ -192,6 +209,9 @@ def _stop_ray() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    console.set_verbose(getattr(args, "verbose", False))
+    if argv is None:  # the command line itself, not a caller in the same process
+        console.capture_native_output()
     func: Callable[[argparse.Namespace], int] = args.func
     # Kubernetes, `timeout` and job schedulers stop a command with SIGTERM, whose
     # default action ends the process at once, leaving its S3 server and Ray running.

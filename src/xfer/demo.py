@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xfer import storage
+from xfer import console, storage
 from xfer.config import XferConfig, load_config
 
 SOURCE_CLASSES = ["star", "cross", "ring", "hexagon", "stripes", "dots"]
@@ -147,7 +147,7 @@ def run_demo(settings: DemoSettings) -> int:
             summary = shard_dataset(
                 f"{raw}/{name}", f"{ROOT}/datasets/{name}", ShardSettings(target_shard_mb=0.2)
             )
-            print(summary.describe(), flush=True)
+            print(summary.describe().splitlines()[0], flush=True)  # the rest: `xfer shard`
 
         if settings.weights == "source":
             next_step(
@@ -165,6 +165,7 @@ def run_demo(settings: DemoSettings) -> int:
                     "output.model_name": "shapes-source",
                     "output.gate.min_test_accuracy": 0.0,
                     "output.predictions": "false",
+                    "train.verbose": 0,  # a means to an end: no per-epoch lines
                 },
             )
             source = train(source_cfg)
@@ -187,9 +188,12 @@ def run_demo(settings: DemoSettings) -> int:
                 "output.model_name": "shapes-baseline",
                 "output.publish": "false",
                 "output.predictions": "false",
+                "train.verbose": 0,
             },
         )
         baseline = train(baseline_cfg)
+        baseline_head = baseline.metrics["phases"].get("head", {}).get("val_accuracy")
+        print(f"baseline: val accuracy after the head phase {_pct(baseline_head)}", flush=True)
 
         next_step("nightly scoring of new images with the published model (xfer score)")
         model = f"{ROOT}/models/shapes"
@@ -256,20 +260,17 @@ def print_summary(
         f"    pretrained frozen base   {_pct(head.get('val_accuracy'))}",
         f"    random frozen base       {_pct(b['phases'].get('head', {}).get('val_accuracy'))}",
         "",
-        f"  run        {result.run_uri}",
+        f"  run        {result.run_uri}  (metrics.json, predictions/, logs/)",
         f"  model      {result.run_uri}/model/model.keras  (loads with tf_keras alone)",
-        f"  metrics    {result.run_uri}/metrics.json",
-        f"  test preds {result.run_uri}/predictions/test.parquet",
         f"  published  {ROOT}/models/shapes/latest.json"
         if result.published
         else "  published  no (gate not passed)",
         f"  nightly    {scored.output}/  ({scored.rows} images, {scored.errors} errors)",
         f"  report     {report}  (a copy; open it in a browser)",
+        f"  full log   {console.log_path()}  (Ray's and TensorFlow's output; --verbose shows it)",
         "",
-        "  to look around in the object store later:",
-        f"    xfer s3-server --data-dir {work / 's3'}      # then paste the exports it prints",
+        f"  look around later: xfer s3-server --data-dir {work / 's3'}  (then paste its exports)",
         f"    aws s3 ls --recursive {result.run_uri}/",
-        f"    tensorboard --logdir {work}/tensorboard      # after: aws s3 sync {result.run_uri}/tensorboard {work}/tensorboard",
         "=" * 72,
     ]
     print("\n".join(lines), flush=True)

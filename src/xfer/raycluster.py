@@ -17,6 +17,8 @@ import signal
 import threading
 from typing import Any
 
+from xfer import console
+
 # Non-secret variables worth forwarding to every worker.
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL_S3",
@@ -26,11 +28,13 @@ FORWARDED_ENV = (
     "XFER_S3_MAX_ATTEMPTS",
     "XFER_STORE_RETRY_SECONDS",
     "TF_CPP_MIN_LOG_LEVEL",
+    "XFER_VERBOSE",
 )
 
 
 def worker_env(extra: dict[str, str] | None = None, use_gpu: bool = True) -> dict[str, str]:
-    env = {"TF_USE_LEGACY_KERAS": "1", "PYTHONUNBUFFERED": "1"}
+    # Ray Train's print patch would send each worker line twice (print and logger).
+    env = {"TF_USE_LEGACY_KERAS": "1", "PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not use_gpu:
         # Processes that were given no GPU must not probe for one (and log errors).
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -64,6 +68,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     finally:
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
+    console.quiet_ray_output()
     return True
 
 
@@ -75,7 +80,7 @@ def _init(address: str | None, num_cpus: int | None) -> None:
         "runtime_env": runtime_env(),
         "log_to_driver": True,
         "configure_logging": True,
-        "logging_level": "WARNING",
+        "logging_level": "WARNING" if console.verbose() else "ERROR",
     }
     if address:
         # Under `ray job submit` the job has its own runtime env (jobs/runtime_env.yaml);

@@ -107,6 +107,19 @@ class EpochEnd:
                 storage.join(self.run_uri, "tensorboard", self.phase, name),
             )
 
+    def progress_line(self, row: dict[str, float]) -> str:
+        """The console's one line per epoch."""
+        total = getattr(self.cfg.train, self.phase).epochs
+        rows = [r for r in self.state.history[self.phase] if "seconds" in r]
+        left = (total - int(row["epoch"])) * sum(r["seconds"] for r in rows) / max(len(rows), 1)
+        parts = [f"loss {row.get('loss', float('nan')):.4f}"]
+        for key, name in (("accuracy", "accuracy"), ("val_accuracy", "val accuracy")):
+            if key in row:
+                parts.append(f"{name} {row[key]:.4f}")
+        parts.append(f"{row['images_per_s']:.0f} img/s")
+        parts.append(f"phase done in ~{left:.0f}s" if left > 0 else f"{row['seconds']:.0f}s")
+        return f"[xfer] {self.phase} epoch {int(row['epoch'])}/{total}: {', '.join(parts)}"
+
     def begin(self, epoch: int) -> None:
         self.epoch = epoch
         if self.journal is not None:
@@ -141,6 +154,8 @@ class EpochEnd:
         directory = save_checkpoint(self.model, self.optimizer, self.state)
         if self.rank == 0 and self.tb_dir:
             self.write_tensorboard(row)
+        if self.rank == 0 and self.cfg.train.verbose > 0:
+            print(self.progress_line(row), flush=True)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
         ray.train.report({"phase": self.phase, **row}, checkpoint=checkpoint)
         shutil.rmtree(directory, ignore_errors=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from xfer import storage
+from xfer import console, storage
 from xfer.config import XferConfig, build_config, merge, resolved_dict
 from xfer.errors import ConfigError, DataError, XferError
 from xfer.manifest import Manifest, load_manifest
@@ -280,25 +280,33 @@ def train(cfg: XferConfig) -> TrainResult:
         ),
     )
     print(f"[xfer] run {run_id}: {c.num_workers} worker(s), outputs in {run_uri}", flush=True)
+    log_start = console.log_size()
     try:
-        result = trainer.fit()
-    except Exception as exc:
-        record_error(run_uri, None, describe_exception(exc))
-        raise XferError(
-            f"training run {run_id} failed: {_root_cause(exc)}\n  checkpoints are in {run_uri}; "
-            f"resume with: xfer train --config <same config> output.run_id={run_id}"
-        ) from None
-    final = result.metrics or {}
-    if not final.get("final"):
-        raise XferError(f"training run {run_id} ended without its final report; see the Ray logs")
-    enter_outputs(run_uri)
-    try:
-        return finish_run(
-            cfg, manifest, run_id, run_uri, final, time.monotonic() - started, resume_notes
-        )
-    except Exception as exc:
-        record_error(run_uri, None, describe_exception(exc))
-        raise
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            record_error(run_uri, None, describe_exception(exc))
+            raise XferError(
+                f"training run {run_id} failed: {_root_cause(exc)}\n  checkpoints are in "
+                f"{run_uri}; the workers' output is in {console.log_path()}\n  resume with: "
+                f"xfer train --config <same config> output.run_id={run_id}"
+            ) from None
+        final = result.metrics or {}
+        if not final.get("final"):
+            raise XferError(
+                f"training run {run_id} ended without its final report; "
+                f"see the workers' output in {console.log_path()}"
+            )
+        enter_outputs(run_uri)
+        try:
+            return finish_run(
+                cfg, manifest, run_id, run_uri, final, time.monotonic() - started, resume_notes
+            )
+        except Exception as exc:
+            record_error(run_uri, None, describe_exception(exc))
+            raise
+    finally:
+        console.keep_log(storage.join(run_uri, "logs", "console.log"), since=log_start)
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -83,6 +83,7 @@ class Worker:
     journal: Journal | None  # rank 0 only
     model: Any = None
     base: Any = None
+    unfrozen: int = 0  # layers of the base that train in the fine-tuning phase
 
     @property
     def replicas(self) -> int:
@@ -102,8 +103,10 @@ class Worker:
         maybe_fail(self.cfg.fault, self.run_uri, self.rank, name)
 
     def say(self, message: str) -> None:
+        """Rank 0's console line (with ``train.verbose: 0``, the log file's only)."""
         if self.rank == 0:
-            print(f"[xfer] {message}", flush=True)
+            tag = "[xfer]" if self.cfg.train.verbose > 0 else "[xfer-detail]"
+            print(f"{tag} {message}", flush=True)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -172,7 +175,8 @@ def _start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
     node = ray.get_runtime_context().get_node_id()[:12]
     where = f"rank {rank} on node {node} ({socket.gethostname()}, pid {os.getpid()})"
     identity = check_same_code(config.get("code"), where)
-    print(f"[xfer] {where}: {describe(identity)}", flush=True)
+    # Rank 0's line on the console; every rank's in the log file and the run's lineage.
+    print(f"[xfer{'' if rank == 0 else '-detail'}] {where}: {describe(identity)}", flush=True)
     run_uri: str = config["run_uri"]
     record_code(run_uri, rank, {**identity, "node": node, "host": socket.gethostname()})
     restored = load_checkpoint(ray.train.get_checkpoint())
@@ -214,8 +218,7 @@ def _compile_phase(
         freeze_base(w.base)
     else:
         ft = cfg.train.fine_tune
-        n = unfreeze_top(w.base, ft.unfreeze_from, ft.unfreeze_top)
-        w.say(f"fine-tuning: {n} layers of {cfg.model.base} unfrozen")
+        w.unfrozen = unfreeze_top(w.base, ft.unfreeze_from, ft.unfreeze_top)
     lr_scale = w.replicas if cfg.train.scale_lr else 1
     lr = phase_learning_rate(
         pcfg.learning_rate * lr_scale,
@@ -303,9 +306,11 @@ def _run_phase(w: Worker, phase: str, cache: CachePlan | None, tb_dir: str | Non
         position=position,
     )
     source = "cached features" if spec.feature_dim else "images"
+    unfrozen = f" ({w.unfrozen} layers of {cfg.model.base} unfrozen)" if phase != "head" else ""
     w.say(
-        f"{phase} phase on {source}: epochs {start + 1}..{pcfg.epochs}, {steps} steps/epoch, "
-        f"global batch {cfg.train.batch_size * w.replicas} on {w.world} worker(s)"
+        f"{phase} phase on {source}{unfrozen}: epochs {start + 1}..{pcfg.epochs}, "
+        f"{steps} steps/epoch, global batch {cfg.train.batch_size * w.replicas} on "
+        f"{w.world} worker(s)"
     )
     fit_model.fit(
         dist,

@@ -1,0 +1,170 @@
+"""What reaches the console: xfer's own lines; Ray's and TensorFlow's go to a log file.
+
+    console.set_verbose(args.verbose)      # the CLI, before anything starts
+    console.quiet_ray_output()             # after ray.init, on the driver
+    console.log_path()                     # where the full output went
+
+Every Ray process's output (workers, Ray Train's controller, Ray Data's actors)
+reaches the driver through Ray's log stream. Quiet (the default), the driver writes
+all of it to a log file and shows on the console only the lines xfer itself prints
+(``[xfer] ...``, including its warnings); ``--verbose`` (or ``XFER_VERBOSE=1``)
+leaves Ray's own printing in place, so the console shows everything as Ray prints it.
+The log file is kept with a run's outputs (``<run>/logs/console.log``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+VERBOSE_ENV = "XFER_VERBOSE"
+LOG_ENV = "XFER_LOG_FILE"
+OWN_LINE = re.compile(r"^\[xfer\] ")
+_lock = threading.Lock()
+
+
+def set_verbose(verbose: bool) -> None:
+    """For this process and the processes it starts (workers read the variable)."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    else:
+        os.environ.setdefault(VERBOSE_ENV, "0")
+
+
+def capture_native_output() -> None:
+    """Quiet: file descriptor 2 goes to the log file; Python's ``sys.stderr`` stays.
+
+    What C++ libraries write straight to the descriptor (TensorFlow's start-up lines,
+    Ray core's warnings) and what child processes inherit (a local Ray instance)
+    then lands in the log file, while xfer's own errors and Python tracebacks,
+    written through ``sys.stderr``, still reach the console. For the command line
+    only: it changes the whole process.
+    """
+    if verbose():
+        return
+    sys.stderr.flush()
+    console_fd = os.dup(2)
+    log_fd = os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stderr = open(  # noqa: SIM115 - the process's stderr from now on
+        console_fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace"
+    )
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def log_path() -> str:
+    """This process's log file (created on first use; ``XFER_LOG_FILE`` to choose)."""
+    path = os.environ.get(LOG_ENV)
+    if not path:
+        folder = os.path.join(tempfile.gettempdir(), "xfer-logs")
+        os.makedirs(folder, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        path = os.path.join(folder, f"{stamp}-{os.getpid()}.log")
+        os.environ[LOG_ENV] = path
+    return path
+
+
+def _source(data: dict[str, Any]) -> str:
+    name = data.get("actor_name") or data.get("task_name") or ""
+    pid = data.get("pid", "?")
+    return f"({name} pid={pid})" if name else f"(pid={pid})"
+
+
+def _handler(data: dict[str, Any]) -> None:
+    """Ray's per-batch log record: everything to the file, xfer's lines to the console."""
+    lines = [line for line in data.get("lines", []) if line.strip()]
+    if not lines:
+        return
+    source = _source(data)
+    shown = [line for line in lines if OWN_LINE.match(line)]
+    with _lock:
+        with open(log_path(), "a", encoding="utf-8", errors="replace") as f:
+            f.writelines(f"{source} {line}\n" for line in lines)
+        for line in shown:
+            print(line, file=sys.stdout, flush=True)
+
+
+def quiet_ray_output() -> bool:
+    """On a Ray driver: route the cluster's output as above (unless verbose).
+
+    Returns whether Ray's printing was replaced. Uses Ray's log dispatcher (the same
+    hook ``log_to_driver`` uses); if a Ray version lacks it, output stays as Ray
+    prints it rather than being lost.
+    """
+    if verbose():
+        return False
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        dispatcher.remove_handler("ray_print_logs")
+    except (ImportError, AttributeError, KeyError, ValueError):
+        return False
+    dispatcher.add_handler("ray_print_logs", _handler)
+    try:  # Ray Data's progress tables: the scoring job prints its own progress lines
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    except ImportError:
+        pass
+    _quiet_python_loggers()
+    return True
+
+
+_file_handler_added = False
+
+
+def _quiet_python_loggers() -> None:
+    """Ray's and Ray Data's Python loggers: errors on the console, the rest in the file."""
+    import logging
+
+    global _file_handler_added
+
+    to_file = logging.FileHandler(log_path(), encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.data", "ray.train"):
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            ):
+                handler.setLevel(logging.ERROR)
+        if (not logger.propagate or name == "ray") and not _file_handler_added:
+            logger.addHandler(to_file)
+    _file_handler_added = True
+
+
+def log_size() -> int:
+    """Where the log file ends now (a run keeps what was written after this)."""
+    try:
+        return os.path.getsize(log_path())
+    except OSError:
+        return 0
+
+
+def keep_log(uri: str, since: int = 0) -> None:
+    """Upload the log file from offset ``since`` to ``uri``; best effort, never raises."""
+    from xfer import storage
+
+    try:
+        with open(log_path(), "rb") as f:
+            f.seek(since)
+            data = f.read()
+        if data:
+            storage.write_bytes(uri, data, "text/plain")
+    except Exception as exc:  # the run's outcome matters more than its log copy
+        print(f"[xfer] warning: could not keep the log at {uri}: {exc}", flush=True)
+
+
+def say(message: str) -> None:
+    """One of xfer's own console lines."""
+    print(f"[xfer] {message}", flush=True)
