@@ -5,6 +5,7 @@
     xfer shard SRC DEST [--max-side PX] [--split 0.8,0.1,0.1] ...
     xfer train [--config FILE] [key=value ...]
     xfer score --model URI --input URI --output URI [--config FILE] [key=value ...]
+    xfer runs list|show RUN|compare RUN RUN|promote RUN|rollback MODEL [--config FILE] [k=v ...]
     xfer demo [--workdir D] [--keep] [--weights source|imagenet]
 
 Each subcommand parses its flags and calls one library function. Exit status:
@@ -97,6 +98,31 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from xfer import runs
+    from xfer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.apply_storage_env()
+    root = cfg.storage.root
+    if args.verb == "list":
+        found = runs.list_runs(root, args.model)
+        print(runs.format_table(found) if found else f"no runs under {root}/runs")
+    elif args.verb == "show":
+        print(runs.show(root, args.run))
+    elif args.verb == "compare":
+        print(runs.compare(root, args.run, args.other))
+    elif args.verb == "promote":
+        p = runs.promote(root, args.run, force=args.force)
+        print(
+            f"published run {p['run_id']} as {p['model_name']} (previous: {p['previous_run_id']})"
+        )
+    else:
+        p = runs.rollback(root, args.model_name, force=args.force)
+        print(f"rolled {p['model_name']} back to run {p['run_id']} (from {p['rolled_back_from']})")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from xfer.demo import DemoSettings, run_demo
 
@@ -181,6 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_score)
 
+    p = sub.add_parser("runs", help="list, show, compare, promote and roll back runs")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    storage_args = argparse.ArgumentParser(add_help=False)
+    storage_args.add_argument("--config", help="YAML config file (its storage settings)")
+    for verb, help_text, positional in (
+        ("list", "one line per run, newest first", []),
+        ("show", "metrics, lineage, failures and where everything is", ["run"]),
+        ("compare", "the settings that differ and the metrics side by side", ["run", "other"]),
+        ("promote", "publish a complete run whose gate passed", ["run"]),
+        ("rollback", "publish again the run published before the current one", ["model_name"]),
+    ):
+        v = verbs.add_parser(verb, help=help_text, parents=[storage_args])
+        for name in positional:
+            v.add_argument(name, help="run id or run URI" if name != "model_name" else "model name")
+        if verb == "list":
+            v.add_argument("--model", help="only the runs of this model name")
+        if verb in ("promote", "rollback"):
+            v.add_argument("--force", action="store_true", help="publish even past a failed gate")
+        v.add_argument(
+            "overrides", nargs="*", help="section.key=value overrides (storage.root=...)"
+        )
+    p.set_defaults(func=_runs)
+
     p = sub.add_parser(
         "demo", parents=[common], help="the quickstart: S3 + synth + shard + train + score, locally"
     )
@@ -208,7 +257,14 @@ def _stop_ray() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may also follow a flag (`promote RUN --force storage.root=...`),
+    # which a positional list after the positionals cannot take.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console.set_verbose(getattr(args, "verbose", False))
     if argv is None:  # the command line itself, not a caller in the same process
         console.capture_native_output()

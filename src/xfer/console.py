@@ -7,7 +7,8 @@
 Every Ray process's output (workers, Ray Train's controller, Ray Data's actors)
 reaches the driver through Ray's log stream. Quiet (the default), the driver writes
 all of it to a log file and shows on the console only the lines xfer itself prints
-(``[xfer] ...``, including its warnings); ``--verbose`` (or ``XFER_VERBOSE=1``)
+(``[xfer] ...``, including its warnings) and the raylet's and autoscaler's (a node
+lost, workers killed for memory); ``--verbose`` (or ``XFER_VERBOSE=1``)
 leaves Ray's own printing in place, so the console shows everything as Ray prints it.
 The log file is kept with a run's outputs (``<run>/logs/console.log``).
 """
@@ -85,12 +86,26 @@ def _handler(data: dict[str, Any]) -> None:
     if not lines:
         return
     source = _source(data)
-    shown = [line for line in lines if OWN_LINE.match(line)]
+    if data.get("pid") == "raylet":  # nodes lost, workers killed for memory
+        shown = [f"(raylet) {line}" for line in lines]
+    elif data.get("pid") == "autoscaler":  # its events, not its periodic status tables
+        shown = [f"(autoscaler) {line}" for line in _autoscaler_events(lines)]
+    else:
+        shown = [line for line in lines if OWN_LINE.match(line)]
     with _lock:
         with open(log_path(), "a", encoding="utf-8", errors="replace") as f:
             f.writelines(f"{source} {line}\n" for line in lines)
         for line in shown:
             print(line, file=sys.stdout, flush=True)
+
+
+def _autoscaler_events(lines: list[str]) -> list[str]:
+    try:
+        from ray._private.worker import filter_autoscaler_events
+
+        return list(filter_autoscaler_events(lines))
+    except ImportError:
+        return []
 
 
 def quiet_ray_output() -> bool:

@@ -478,6 +478,27 @@ def _list_page(prefix: str, token: str | None) -> tuple[list[FileInfo], str | No
         return infos, page.get("NextContinuationToken") if page.get("IsTruncated") else None
 
 
+@ride_through("listing")
+def list_dirs(prefix: str) -> list[str]:
+    """The names of the "folders" directly under ``prefix`` (S3: common prefixes)."""
+    with translate_errors(prefix):
+        if not is_s3(prefix):
+            root = local_path(prefix)
+            if not os.path.isdir(root):
+                return []
+            return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        names: list[str] = []
+        for page in (
+            s3_client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=bucket, Prefix=key, Delimiter="/")
+        ):
+            names += [p["Prefix"][len(key) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(names)
+
+
 @ride_through("deleting")
 def delete(uri: str) -> None:
     with translate_errors(uri):

@@ -284,6 +284,9 @@ def train(cfg: XferConfig) -> TrainResult:
     try:
         try:
             result = trainer.fit()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run stops, and says so
+            record_error(run_uri, None, "stopped by the user (Ctrl-C or SIGTERM)")
+            raise
         except Exception as exc:
             record_error(run_uri, None, describe_exception(exc))
             raise XferError(

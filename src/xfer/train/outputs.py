@@ -225,21 +225,6 @@ def publish(
     cfg: XferConfig, run_id: str, run_uri: str, metric: str, accuracy: float | None
 ) -> None:
     """Point ``models/<name>/latest.json`` at the run (one atomic PUT), keeping history."""
-    model_uri = cfg.model_uri()
-    latest_uri = storage.join(model_uri, "latest.json")
-    previous = storage.read_json(latest_uri) if storage.exists(latest_uri) else None
-    now = dt.datetime.now(dt.timezone.utc)
-    pointer = {
-        "model_name": cfg.output.model_name,
-        "run_id": run_id,
-        "run_uri": run_uri,
-        "model_uri": storage.join(run_uri, "model"),
-        "test_accuracy": accuracy if metric == "test_accuracy" else None,
-        "gate": {"metric": metric, "value": accuracy},
-        "published_at": now.isoformat(timespec="seconds"),
-        "previous_run_id": previous.get("run_id") if previous else None,
-    }
-    storage.write_json(
-        storage.join(model_uri, "history", f"{now:%Y%m%dT%H%M%S}-{run_id}.json"), pointer
-    )
-    storage.write_json(latest_uri, pointer)
+    from xfer.runs import publish_pointer
+
+    publish_pointer(cfg.model_uri(), cfg.output.model_name, run_id, run_uri, metric, accuracy)

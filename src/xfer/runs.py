@@ -1,0 +1,350 @@
+"""`xfer runs`: the runs and published models in the object store, as an operator sees them.
+
+    xfer runs list [--model NAME]       one line per run, newest first
+    xfer runs show RUN                  metrics, lineage, failures, where everything is
+    xfer runs compare RUN RUN           the settings that differ, the metrics side by side
+    xfer runs promote RUN [--force]     publish a complete run (its gate must have passed)
+    xfer runs rollback MODEL [--force]  publish again the run published before the current one
+
+RUN is a run id (under ``<storage.root>/runs/``) or a run URI. The storage settings
+come from ``--config`` and ``key=value`` overrides, as for the other commands.
+A run is *complete* once its ``_SUCCESS`` exists, *failed* once the driver recorded
+a failure of the whole run, and *running* otherwise (with when it was last heard of:
+a driver killed outright records nothing).
+
+Publishing is one atomic PUT of ``models/<name>/latest.json``; every pointer ever
+written is also kept under ``models/<name>/history/``. A rollback is a publication
+like any other (``action: rollback``), so the history reads as what happened.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from xfer import storage
+from xfer.errors import NotFoundError, XferError
+
+SUCCESS = "_SUCCESS"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    uri: str
+    status: str  # complete | failed | running
+    model_name: str
+    dataset: str
+    base: str
+    head_val: float | None
+    fine_tune_val: float | None
+    test_accuracy: float | None
+    gate_passed: bool | None
+    published: bool
+    started: str  # ISO time, UTC
+    wall_s: float | None
+    where: str  # running or failed: the last stage heard of
+
+
+def _iso(t: float | None) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds") if t else ""
+
+
+def _started_from_id(run_id: str) -> str:
+    try:
+        t = dt.datetime.strptime(run_id[:15], "%Y%m%d-%H%M%S").replace(tzinfo=dt.timezone.utc)
+        return t.isoformat(timespec="seconds")
+    except ValueError:
+        return ""
+
+
+def _read(uri: str, kind: str = "json") -> Any:
+    try:
+        return storage.read_yaml(uri) if kind == "yaml" else storage.read_json(uri)
+    except NotFoundError:
+        return None
+
+
+def _stage_text(stage: dict[str, Any] | None) -> str:
+    if not stage:
+        return "starting"
+    text = str(stage.get("name", ""))
+    if stage.get("phase"):
+        text += f" {stage['phase']}"
+    if stage.get("epoch"):
+        text += f" epoch {stage['epoch']}"
+    return text
+
+
+def published_runs(root: str) -> dict[str, str]:
+    """run id -> model name, for every model's current ``latest.json``."""
+    out = {}
+    for name in storage.list_dirs(storage.join(root, "models")):
+        pointer = _read(storage.join(root, "models", name, "latest.json"))
+        if pointer:
+            out[pointer["run_id"]] = name
+    return out
+
+
+def summarize(root: str, run_id: str, published: dict[str, str] | None = None) -> RunSummary:
+    from xfer.train.journal import JOURNAL
+
+    uri = storage.join(root, "runs", run_id)
+    config = _read(storage.join(uri, "config.yaml"), "yaml") or {}
+    if published is None:
+        published = published_runs(root)
+    metrics = (
+        _read(storage.join(uri, "metrics.json")) if storage.exists(f"{uri}/{SUCCESS}") else None
+    )
+    attempts, driver_failed = [], False
+    for info in storage.list_files(storage.join(uri, JOURNAL)) if not metrics else []:
+        name = storage.basename(info.uri)
+        if name.startswith("attempt-"):
+            attempts.append(_read(info.uri) or {})
+        elif name.startswith("error-") and name.endswith("-driver.json"):
+            driver_failed = True
+    attempts.sort(key=lambda a: a.get("attempt", 0))
+    phases = (metrics or {}).get("phases", {})
+    gate = (metrics or {}).get("gate", {})
+    last = attempts[-1] if attempts else {}
+    return RunSummary(
+        run_id=run_id,
+        uri=uri,
+        status="complete" if metrics else ("failed" if driver_failed else "running"),
+        model_name=str((config.get("output") or {}).get("model_name", "")),
+        dataset=str((config.get("data") or {}).get("dataset", "")),
+        base=str((config.get("model") or {}).get("base", "")),
+        head_val=phases.get("head", {}).get("val_accuracy"),
+        fine_tune_val=phases.get("fine_tune", {}).get("val_accuracy"),
+        test_accuracy=(metrics or {}).get("test", {}).get("accuracy"),
+        gate_passed=gate.get("passed") if metrics else None,
+        published=run_id in published,
+        started=_iso(attempts[0].get("started_at")) if attempts else _started_from_id(run_id),
+        wall_s=(metrics or {}).get("wall_time_s"),
+        where=""
+        if metrics
+        else f"{_stage_text(last.get('stage'))}, last heard {_iso(last.get('updated_at'))}",
+    )
+
+
+def list_runs(root: str, model: str | None = None) -> list[RunSummary]:
+    published = published_runs(root)
+    runs = [summarize(root, r, published) for r in storage.list_dirs(storage.join(root, "runs"))]
+    if model:
+        runs = [r for r in runs if r.model_name == model]
+    return sorted(runs, key=lambda r: (r.started, r.run_id), reverse=True)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def format_table(runs: list[RunSummary]) -> str:
+    header = ("RUN", "MODEL", "DATASET", "BASE", "STATUS", "HEAD", "FINE-TUNE", "TEST", "PUB", "STARTED", "WALL")  # fmt: skip
+    rows = [header]
+    for r in runs:
+        status = r.status if r.status == "complete" else f"{r.status} ({r.where})"
+        rows.append(
+            (
+                r.run_id,
+                r.model_name,
+                storage.basename(r.dataset.rstrip("/")) or "-",
+                r.base,
+                status,
+                _pct(r.head_val),
+                _pct(r.fine_tune_val),
+                _pct(r.test_accuracy),
+                "yes" if r.published else "",
+                r.started.replace("+00:00", "Z"),
+                "-" if r.wall_s is None else f"{r.wall_s / 60:.1f}m",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def run_uri(root: str, run: str) -> str:
+    uri = (
+        run.rstrip("/") if "://" in run or run.startswith("/") else storage.join(root, "runs", run)
+    )
+    if not storage.exists(storage.join(uri, "config.yaml")):
+        raise XferError(f"no run {run!r} (nothing at {uri}); `xfer runs list` shows the runs")
+    return uri
+
+
+def show(root: str, run: str) -> str:
+    uri = run_uri(root, run)
+    r = summarize(root, storage.basename(uri))
+    lines = [
+        f"run {r.run_id}: {r.status}" + (f" ({r.where})" if r.where else ""),
+        f"  model {r.model_name}, base {r.base}, dataset {r.dataset}",
+        f"  started {r.started}" + ("" if r.wall_s is None else f", wall {r.wall_s / 60:.1f} min"),
+    ]
+    if r.status == "complete":
+        m = storage.read_json(storage.join(uri, "metrics.json"))
+        for phase, p in m.get("phases", {}).items():
+            lines.append(
+                f"  {phase:<9} {p.get('epochs')} epoch(s), val accuracy {_pct(p.get('val_accuracy'))}, "
+                f"{p.get('images_per_s', 0):.1f} images/s"
+            )
+        lines.append(f"  test accuracy {_pct(r.test_accuracy)}")
+        gate = m.get("gate", {})
+        lines.append(
+            f"  gate: {gate.get('metric')} {_pct(gate.get('value'))} >= {gate.get('min_test_accuracy')}: "
+            + ("passed" if gate.get("passed") else "not passed")
+            + ("; published (latest)" if r.published else "")
+        )
+        for failure in m.get("failures", []):
+            lines.append(
+                f"  failure: attempt {failure['attempt']}, {failure['stage']}"
+                f" {failure.get('phase') or ''} epoch {failure.get('epoch')}, rank {failure.get('rank')},"
+                f" {failure.get('epochs_redone')} epoch(s) redone"
+            )
+        lin = _read(storage.join(uri, "lineage.json")) or {}
+        code = lin.get("code", {})
+        lines.append(
+            f"  lineage: dataset checksum {str(lin.get('dataset', {}).get('checksum', ''))[:12]}, "
+            f"weights {str(lin.get('weights', {}).get('sha256', ''))[:12] or '-'}, code {str(code.get('sha256', ''))[:12]}"
+        )
+    lines.append("  where:")
+    for name, what in (
+        ("config.yaml", "the resolved config"),
+        ("model/", "the model (loads with tf_keras alone)"),
+        ("metrics.json", "metrics per phase and epoch, test metrics, failures, gate"),
+        ("report.html", "the report"),
+        ("predictions/test.parquet", "predictions on the test split"),
+        ("logs/console.log", "everything Ray and TensorFlow printed"),
+        ("tensorboard/", "per-epoch scalars"),
+    ):
+        lines.append(f"    {storage.join(uri, name):<70} {what}")
+    return "\n".join(lines)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def compare(root: str, a: str, b: str) -> str:
+    ua, ub = run_uri(root, a), run_uri(root, b)
+    ca = _flatten(storage.read_yaml(storage.join(ua, "config.yaml")) or {})
+    cb = _flatten(storage.read_yaml(storage.join(ub, "config.yaml")) or {})
+    ra, rb = summarize(root, storage.basename(ua)), summarize(root, storage.basename(ub))
+    width = max(len(ra.run_id), len(rb.run_id), 10)
+    lines = [f"{'':<32} {ra.run_id:<{width}} {rb.run_id:<{width}}"]
+    for label, va, vb in (
+        ("status", ra.status, rb.status),
+        ("val accuracy after head", _pct(ra.head_val), _pct(rb.head_val)),
+        ("val accuracy after fine-tune", _pct(ra.fine_tune_val), _pct(rb.fine_tune_val)),
+        ("test accuracy", _pct(ra.test_accuracy), _pct(rb.test_accuracy)),
+        ("published", "yes" if ra.published else "no", "yes" if rb.published else "no"),
+    ):
+        lines.append(f"{label:<32} {va:<{width}} {vb:<{width}}")
+    if None not in (ra.test_accuracy, rb.test_accuracy):
+        diff = 100 * (rb.test_accuracy - ra.test_accuracy)  # type: ignore[operator]
+        lines.append(f"{'test accuracy, second - first':<32} {diff:+.1f} points")
+    differ = [
+        k for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k) and k != "output.run_id"
+    ]
+    lines.append("settings that differ:" if differ else "settings: the same")
+    for key in differ:
+        lines.append(f"  {key:<30} {ca.get(key)!s:<{width}} {cb.get(key)!s:<{width}}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------- publishing
+
+
+def publish_pointer(
+    model_uri: str, model_name: str, run_id: str, run_uri: str, metric: str,
+    value: float | None, **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Point ``latest.json`` at the run (one atomic PUT), after a copy in ``history/``.
+
+    ``previous_run_id`` (in ``extra``) defaults to the run published until now.
+    """
+    latest_uri = storage.join(model_uri, "latest.json")
+    previous = _read(latest_uri)
+    now = dt.datetime.now(dt.timezone.utc)
+    pointer = {
+        "model_name": model_name,
+        "run_id": run_id,
+        "run_uri": run_uri,
+        "model_uri": storage.join(run_uri, "model"),
+        "test_accuracy": value if metric == "test_accuracy" else None,
+        "gate": {"metric": metric, "value": value},
+        "published_at": now.isoformat(timespec="seconds"),
+        "previous_run_id": previous.get("run_id") if previous else None,
+        "action": "publish",
+        **extra,
+    }
+    stamp = f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}"
+    storage.write_json(storage.join(model_uri, "history", f"{stamp}-{run_id}.json"), pointer)
+    storage.write_json(latest_uri, pointer)
+    return pointer
+
+
+def _committed_metrics(uri: str) -> dict[str, Any]:
+    if not storage.exists(storage.join(uri, SUCCESS)):
+        raise XferError(
+            f"run {storage.basename(uri)} is not complete (no {SUCCESS}): it cannot be published"
+        )
+    return storage.read_json(storage.join(uri, "metrics.json"))
+
+
+def promote(root: str, run: str, force: bool = False) -> dict[str, Any]:
+    uri = run_uri(root, run)
+    m = _committed_metrics(uri)
+    gate = m.get("gate", {})
+    if not gate.get("passed") and not force:
+        raise XferError(
+            f"run {m['run_id']} did not pass its gate ({gate.get('metric')} {gate.get('value')} < "
+            f"{gate.get('min_test_accuracy')}); --force publishes it anyway"
+        )
+    model_uri = storage.join(root, "models", m["model_name"])
+    return publish_pointer(
+        model_uri, m["model_name"], m["run_id"], uri, gate.get("metric", "test_accuracy"),
+        gate.get("value"), action="promote", forced=bool(force and not gate.get("passed")),
+    )  # fmt: skip
+
+
+def history(root: str, model: str) -> list[dict[str, Any]]:
+    """Every pointer the model's ``latest.json`` ever held, oldest first."""
+    folder = storage.join(root, "models", model, "history")
+    return [storage.read_json(f.uri) for f in storage.list_files(folder) if f.uri.endswith(".json")]
+
+
+def rollback(root: str, model: str, force: bool = False) -> dict[str, Any]:
+    """Publish the run that was published before the current one.
+
+    The current pointer's ``previous_run_id`` names it; the new pointer's previous is
+    what that run's own publication replaced, so rollbacks walk back one at a time.
+    """
+    model_uri = storage.join(root, "models", model)
+    current = _read(storage.join(model_uri, "latest.json"))
+    if not current:
+        raise XferError(f"model {model!r} is not published (no {model_uri}/latest.json)")
+    target = current.get("previous_run_id")
+    if not target:
+        raise XferError(
+            f"model {model!r}: run {current['run_id']} is the first published; nothing to roll back to"
+        )
+    earlier = [p for p in history(root, model) if p["run_id"] == target]
+    before = earlier[-1].get("previous_run_id") if earlier else None
+    uri = storage.join(root, "runs", target)
+    m = _committed_metrics(uri)
+    gate = m.get("gate", {})
+    if not gate.get("passed") and not force:
+        raise XferError(f"run {target} did not pass its gate; --force publishes it anyway")
+    return publish_pointer(
+        model_uri, model, target, uri, gate.get("metric", "test_accuracy"), gate.get("value"),
+        action="rollback", rolled_back_from=current["run_id"], previous_run_id=before,
+    )  # fmt: skip

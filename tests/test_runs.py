@@ -1,0 +1,185 @@
+"""`xfer runs` against real runs in the embedded S3 server: a published run, one whose
+gate failed, a failed run, and a running one (a real `xfer train` process, stopped
+with SIGTERM by the test afterwards)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from xfer import storage
+from xfer.config import load_config
+from xfer.errors import XferError
+from xfer.train.driver import train
+
+from .conftest import train_overrides
+
+pytestmark = pytest.mark.slow
+MODEL = "runs-test"
+
+
+def xfer_runs(root: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xfer", "runs", *args, f"storage.root={root}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(session_root, pretrained_weights, target_dataset):
+    """Run ids: good (published), weak (gate failed), failed, running (a live process)."""
+    good = train(
+        load_config(
+            None,
+            train_overrides(
+                session_root,
+                pretrained_weights,
+                **{"output.model_name": MODEL, "output.gate.min_test_accuracy": 0.5},
+            ),
+        )
+    )
+    assert good.published, good.metrics["gate"]
+    weak = train(
+        load_config(
+            None,
+            train_overrides(
+                session_root,
+                pretrained_weights,
+                **{
+                    "output.model_name": MODEL,
+                    "output.gate.min_test_accuracy": 1.0,
+                    "train.head.epochs": 1,
+                    "train.fine_tune.epochs": 0,
+                    "model.weights": "none",
+                },
+            ),
+        )
+    )
+    assert not weak.published
+    failing = train_overrides(
+        session_root,
+        pretrained_weights,
+        **{
+            "output.model_name": MODEL,
+            "fault.rank": 1,
+            "fault.point": "epoch",
+            "fault.epoch": 1,
+            "fault.action": "exit",
+            "cluster.max_failures": 0,
+        },
+    )
+    with pytest.raises(XferError, match="failed") as failed:
+        train(load_config(None, failing))
+    failed_id = re.search(r"training run (\S+) failed", str(failed.value)).group(1)
+
+    hanging = [a.replace("fault.action=exit", "fault.action=hang") for a in failing]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xfer", "train", *hanging],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+        start_new_session=True,
+    )
+    try:
+        running_id = None
+        deadline = time.monotonic() + 300
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"\[xfer\] run (\S+): \d+ worker", line)
+            if m:
+                running_id = m.group(1)
+            if running_id and "fault injection" in line:
+                break  # rank 1 hangs in epoch 2 of the head phase
+            assert time.monotonic() < deadline, "the run never reached its fault point"
+        yield {
+            "good": good.run_id,
+            "weak": weak.run_id,
+            "failed": failed_id,
+            "running": running_id,
+            "proc": proc,
+        }
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # SIGTERM: xfer stops its own local Ray
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+
+
+def test_list_shows_every_status_accuracy_and_what_is_published(runs, session_root):
+    out = xfer_runs(session_root, "list", "--model", MODEL)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    assert out.stdout.splitlines()[0].split()[:5] == ["RUN", "MODEL", "DATASET", "BASE", "STATUS"]
+    assert set(rows) == {runs["good"], runs["weak"], runs["failed"], runs["running"]}
+    assert re.search(r"complete\s+[\d.]+%\s+[\d.]+%\s+[\d.]+%\s+yes", rows[runs["good"]])
+    assert "complete" in rows[runs["weak"]] and " yes " not in rows[runs["weak"]]
+    assert "failed (train head epoch 2" in rows[runs["failed"]]
+    assert "running (train head epoch 2, last heard" in rows[runs["running"]]
+    # Newest first.
+    assert next(iter(rows)) == runs["running"]
+
+
+def test_show_and_compare(runs, session_root):
+    shown = xfer_runs(session_root, "show", runs["good"])
+    assert shown.returncode == 0, shown.stderr
+    assert f"run {runs['good']}: complete" in shown.stdout
+    assert "test accuracy" in shown.stdout and "passed; published (latest)" in shown.stdout
+    assert f"{session_root}/runs/{runs['good']}/logs/console.log" in shown.stdout
+    compared = xfer_runs(session_root, "compare", runs["good"], runs["weak"])
+    assert compared.returncode == 0, compared.stderr
+    differ = compared.stdout.split("settings that differ:")[1]
+    for key in ("train.head.epochs", "output.gate.min_test_accuracy", "model.weights"):
+        assert key in differ
+    assert "data.dataset" not in differ
+    missing = xfer_runs(session_root, "show", "20990101-000000-nope")
+    assert missing.returncode == 2 and "no run" in missing.stderr
+
+
+def test_promote_checks_the_gate_and_rollback_restores_the_previous_run(runs, session_root):
+    latest = f"{session_root}/models/{MODEL}/latest.json"
+    assert storage.read_json(latest)["run_id"] == runs["good"]
+    refused = xfer_runs(session_root, "promote", runs["weak"])
+    assert refused.returncode == 2, refused.stderr
+    assert "did not pass its gate" in refused.stderr and "--force" in refused.stderr
+    assert storage.read_json(latest)["run_id"] == runs["good"]
+    not_complete = xfer_runs(session_root, "promote", runs["failed"], "--force")
+    assert not_complete.returncode == 2 and "not complete" in not_complete.stderr
+
+    forced = xfer_runs(session_root, "promote", runs["weak"], "--force")
+    assert forced.returncode == 0, forced.stderr
+    pointer = storage.read_json(latest)
+    assert pointer["run_id"] == runs["weak"] and pointer["forced"] is True
+    assert pointer["previous_run_id"] == runs["good"]
+
+    back = xfer_runs(session_root, "rollback", MODEL)
+    assert back.returncode == 0, back.stderr
+    pointer = storage.read_json(latest)
+    assert pointer["run_id"] == runs["good"] and pointer["action"] == "rollback"
+    assert pointer["rolled_back_from"] == runs["weak"]
+    actions = [
+        storage.read_json(f.uri)["action"]
+        for f in storage.list_files(f"{session_root}/models/{MODEL}/history")
+    ]
+    assert actions == ["publish", "promote", "rollback"]
+    # The first published run has nothing before it.
+    again = xfer_runs(session_root, "rollback", MODEL)
+    assert again.returncode == 2 and "nothing to roll back to" in again.stderr
+
+
+def test_a_run_stopped_with_sigterm_is_no_longer_running(runs, session_root):
+    proc = runs["proc"]
+    proc.terminate()
+    assert proc.wait(timeout=120) == 143
+    out = xfer_runs(session_root, "list", "--model", MODEL)
+    row = next(line for line in out.stdout.splitlines() if line.startswith(runs["running"]))
+    assert "failed (" in row, row
