@@ -183,3 +183,37 @@ def test_a_run_stopped_with_sigterm_is_no_longer_running(runs, session_root):
     out = xfer_runs(session_root, "list", "--model", MODEL)
     row = next(line for line in out.stdout.splitlines() if line.startswith(runs["running"]))
     assert "failed (" in row, row
+
+
+def test_a_challenger_must_beat_the_published_model_on_the_same_images(
+    runs, session_root, pretrained_weights
+):
+    champion = storage.read_json(f"{session_root}/models/{MODEL}/latest.json")["run_id"]
+    expected = storage.read_json(f"{session_root}/runs/{champion}/metrics.json")["test"]
+    challenger = train(
+        load_config(
+            None,
+            train_overrides(
+                session_root,
+                pretrained_weights,
+                **{
+                    "output.model_name": MODEL,
+                    "output.gate.min_test_accuracy": 0.0,
+                    "output.gate.vs_published": True,
+                    "train.head.epochs": 1,
+                    "train.fine_tune.epochs": 0,
+                    "model.weights": "none",
+                },
+            ),
+        )
+    )
+    vs = challenger.metrics["gate"]["vs_published"]
+    assert vs["run_id"] == champion
+    # The champion scored by the same code on the same images as when it was trained.
+    assert abs(vs["accuracy"] - expected["accuracy_from_predictions"]) < 1e-9
+    assert vs["challenger_accuracy"] < vs["accuracy"] and not vs["beaten"]
+    assert not challenger.published and not challenger.metrics["gate"]["passed"]
+    assert storage.read_json(f"{session_root}/models/{MODEL}/latest.json")["run_id"] == champion
+    assert "vs the published run" in challenger.describe() and "not beaten" in challenger.describe()
+    report = storage.read_text(f"{challenger.run_uri}/report.html")
+    assert f"vs the published run <code>{champion}</code>" in report and "not beaten" in report

@@ -169,6 +169,13 @@ class ClusterConfig(Strict):
 
 class GateConfig(Strict):
     min_test_accuracy: float = Field(0.0, ge=0.0, le=1.0)
+    vs_published: bool = Field(
+        False,
+        description="also beat the published model on this run's test split (both scored here)",
+    )
+    margin: float = Field(
+        0.0, ge=-1.0, le=1.0, description="vs_published: by at least this much test accuracy"
+    )
 
 
 class OutputConfig(Strict):

@@ -139,6 +139,7 @@ def render_report(metrics: dict[str, Any], lineage: dict[str, Any]) -> str:
             f"<p>Test accuracy <b>{_fmt(test.get('accuracy'))}</b>, loss {_fmt(test.get('loss'))} "
             f"on {test.get('examples', '?')} images.</p>"
         )
+    parts.extend(_gate_section(metrics.get("gate") or {}))
     parts.extend(_failures_section(metrics.get("failures") or [], metrics.get("resume_changes")))
     curves = learning_curves(metrics.get("history", {}))
     if curves:
@@ -166,6 +167,39 @@ def render_report(metrics: dict[str, Any], lineage: dict[str, Any]) -> str:
         )
     parts.append("</table></body></html>")
     return "\n".join(parts)
+
+
+def _gate_section(gate: dict[str, Any]) -> list[str]:
+    """The quality gate, and the comparison with the published model if there was one."""
+    if not gate:
+        return []
+    esc = html.escape
+    rows = [
+        "<h2>Gate</h2><table><tr><th>check</th><th>this run</th><th>needed</th><th>result</th></tr>",
+        f"<tr><td>{esc(str(gate.get('metric')))}</td><td>{_fmt(gate.get('value'))}</td>"
+        f"<td>&ge; {_fmt(gate.get('min_test_accuracy'))}</td>"
+        f"<td>{'passed' if (gate.get('value') or 0) >= gate.get('min_test_accuracy', 0) else 'failed'}"
+        "</td></tr>",
+    ]
+    champion = gate.get("vs_published")
+    if champion:
+        needed = (
+            "-"
+            if champion.get("accuracy") is None
+            else f"&ge; {_fmt(champion['accuracy'])} + {_fmt(champion['margin'])}"
+        )
+        why = f" ({esc(champion['reason'])})" if champion.get("reason") else ""
+        rows.append(
+            f"<tr><td>test accuracy vs the published run <code>{esc(champion['run_id'])}</code>, "
+            f"same images, same code</td><td>{_fmt(champion.get('challenger_accuracy'))}</td>"
+            f"<td>{needed}</td><td>{'beaten' if champion['beaten'] else 'not beaten'}{why}</td></tr>"
+        )
+    rows.append("</table>")
+    rows.append(
+        f"<p>Published: <b>{'yes' if gate.get('published') else 'no'}</b>"
+        f" (<code>{esc(str(gate.get('latest', '')))}</code>).</p>"
+    )
+    return rows
 
 
 def _failures_section(failures: list[dict[str, Any]], changes: list[str] | None) -> list[str]:

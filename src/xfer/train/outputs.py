@@ -51,8 +51,16 @@ class TrainResult:
                 f"resumed, {f['epochs_redone']} finished epoch(s) redone"
             )
         gate = self.metrics["gate"]
+        vs = gate.get("vs_published")
+        versus = ""
+        if vs:
+            versus = (
+                f"; vs the published run {vs['run_id']} ({_pct(vs.get('accuracy'))}"
+                f" + {100 * vs['margin']:.1f} points): "
+                + ("beaten" if vs["beaten"] else vs.get("reason") or "not beaten")
+            )
         lines.append(
-            f"  gate ({gate['metric'].replace('_', ' ')} >= {gate['min_test_accuracy']}): "
+            f"  gate ({gate['metric'].replace('_', ' ')} >= {gate['min_test_accuracy']}{versus}): "
             + ("passed, published as " + gate["latest"] if self.published else "not published")
         )
         lines.append(f"  report: {self.run_uri}/report.html")
@@ -171,6 +179,10 @@ def finish_run(
         test["accuracy_from_predictions"] = cls["accuracy"]
     gate_metric, value = gate_value(test, history)
     passed = value is not None and value >= cfg.output.gate.min_test_accuracy
+    champion = None
+    if passed and cfg.output.gate.vs_published and cfg.output.publish:
+        champion = against_published(cfg, manifest, run_id, run_uri, test)
+        passed = champion is None or champion["beaten"]
     latest_uri = storage.join(cfg.model_uri(), "latest.json")
     metrics: dict[str, Any] = {
         "run_id": run_id,
@@ -195,6 +207,7 @@ def finish_run(
             "min_test_accuracy": cfg.output.gate.min_test_accuracy,
             "value": value,
             "passed": passed,
+            "vs_published": champion,
             "published": bool(passed and cfg.output.publish),
             "latest": latest_uri,
         },
@@ -219,6 +232,50 @@ def finish_run(
         publish(cfg, run_id, run_uri, gate_metric, value)
         published = True
     return TrainResult(run_id, run_uri, metrics, published)
+
+
+def against_published(
+    cfg: XferConfig, manifest: Manifest, run_id: str, run_uri: str, test: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Champion/challenger: the published model scored on this run's test split.
+
+    Both models go through the same scoring code on the same images; the run must
+    reach the champion's accuracy plus ``output.gate.margin``. None when nothing is
+    published yet (the first run of a model is compared with no one).
+    """
+    import pyarrow.compute as pc
+
+    from xfer.score import resolve_model, write_predictions
+
+    latest = storage.join(cfg.model_uri(), "latest.json")
+    if not storage.exists(latest):
+        return None
+    pointer = storage.read_json(latest)
+    margin = cfg.output.gate.margin
+    out: dict[str, Any] = {"run_id": pointer["run_id"], "margin": margin, "accuracy": None}
+    own = test.get("accuracy_from_predictions", test.get("accuracy"))
+    out["challenger_accuracy"] = own
+    champion = resolve_model(pointer["run_uri"])
+    if champion.classes != manifest.classes:
+        return {**out, "beaten": False, "reason": "the published model has other classes"}
+    if own is None or not ("test" in manifest.splits and manifest.splits["test"].rows):
+        return {**out, "beaten": False, "reason": "no test split to compare on"}
+    preds = storage.join(run_uri, "predictions")
+    write_predictions(
+        champion, manifest.uri, cfg.score, preds, single_file="published-test.parquet", split="test"
+    )
+    table = storage.read_parquet(storage.join(preds, "published-test.parquet"))
+    table = table.filter(pc.is_null(table.column("error")))
+    right = pc.sum(pc.equal(table.column("true_index"), table.column("predicted_index"))).as_py()
+    accuracy = (right or 0) / max(table.num_rows, 1)
+    beaten = own >= accuracy + margin
+    print(
+        f"[xfer] gate vs the published run {pointer['run_id']}: {100 * own:.1f}% against "
+        f"{100 * accuracy:.1f}% (+{100 * margin:.1f} points needed): "
+        + ("beaten" if beaten else "not beaten, not published"),
+        flush=True,
+    )
+    return {**out, "accuracy": accuracy, "beaten": beaten}
 
 
 def publish(
