@@ -217,3 +217,48 @@ def test_a_challenger_must_beat_the_published_model_on_the_same_images(
     assert "vs the published run" in challenger.describe() and "not beaten" in challenger.describe()
     report = storage.read_text(f"{challenger.run_uri}/report.html")
     assert f"vs the published run <code>{champion}</code>" in report and "not beaten" in report
+
+
+def test_the_report_shows_the_most_confident_mistakes_and_calibration(runs, session_root):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from xfer.manifest import load_manifest
+
+    uri = f"{session_root}/runs/{runs['weak']}"
+    metrics = storage.read_json(f"{uri}/metrics.json")
+    preds = storage.read_parquet(f"{uri}/predictions/test.parquet").to_pylist()
+    wrong = [p for p in preds if p["error"] is None and p["true_index"] != p["predicted_index"]]
+    assert wrong, "the weak run must make mistakes for this test"
+    listed = metrics["test"]["mistakes"]
+    assert len(listed) == min(len(wrong), 6 * len({w["true_label"] for w in wrong}))
+    # The most confident first, within each true class.
+    for label in {m["true_label"] for m in listed}:
+        mine = [m for m in listed if m["true_label"] == label]
+        theirs = sorted(
+            (w for w in wrong if w["true_label"] == label), key=lambda w: -w["probability"]
+        )
+        assert [m["probability"] for m in mine] == [w["probability"] for w in theirs[: len(mine)]]
+    report = storage.read_text(f"{uri}/report.html")
+    assert "Most confident mistakes" in report
+    dataset = load_manifest(metrics["dataset"])
+    images = {}
+    for shard in dataset.shard_uris("test"):
+        t = storage.read_parquet(shard, columns=["key", "image"])
+        images.update(zip(t.column("key").to_pylist(), t.column("image").to_pylist(), strict=True))
+    for m in listed:
+        found = re.search(
+            rf"<img alt='{re.escape(m['key'])}' src='data:image/jpeg;base64,([^']+)'", report
+        )
+        assert found, m["key"]
+        thumb = Image.open(io.BytesIO(base64.b64decode(found.group(1)))).convert("RGB")
+        source = Image.open(io.BytesIO(images[m["key"]])).convert("RGB").resize(thumb.size)
+        diff = np.abs(np.asarray(thumb, float) - np.asarray(source, float)).mean()
+        assert diff < 12, (m["key"], diff)  # that very image, not another one
+        assert f"predicted <b>{m['predicted_label']}</b> {100 * m['probability']:.1f}%" in report
+    cal = metrics["test"]["calibration"]
+    assert sum(b["count"] for b in cal["bins"]) == len([p for p in preds if p["error"] is None])
+    assert 0 <= cal["ece"] <= 1 and "reliability diagram" in report

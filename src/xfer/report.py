@@ -1,8 +1,10 @@
 """A run's test-set metrics from its predictions, and `report.html` with plots.
 
-The report is one self-contained HTML file (plots embedded as PNG): learning curves
-for both phases, the confusion matrix, per-class precision and recall, throughput
-and lineage. Open it from the run's prefix; nothing else is needed.
+The report is one self-contained HTML file (plots and thumbnails embedded): learning
+curves for both phases, the gate, the failures and resumes, the confusion matrix,
+per-class precision and recall, the test images the model got most confidently
+wrong (per true class), a reliability diagram, and lineage. Open it from the run's
+prefix; nothing else is needed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 from typing import Any
 
 import numpy as np
@@ -110,15 +113,156 @@ def confusion_plot(cm: list[list[int]], classes: list[str]) -> str:
     return _png(fig)
 
 
-def render_report(metrics: dict[str, Any], lineage: dict[str, Any]) -> str:
-    """The HTML of report.html."""
+def calibration(confidence: list[float], correct: list[bool], bins: int = 10) -> dict[str, Any]:
+    """Reliability per confidence bin and the expected calibration error (ECE)."""
+    conf = np.asarray(confidence, dtype=float)
+    ok = np.asarray(correct, dtype=float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows, ece = [], 0.0
+    for lo, hi in itertools.pairwise(edges):
+        inside = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        n = int(inside.sum())
+        if n:
+            acc, mean = float(ok[inside].mean()), float(conf[inside].mean())
+            ece += n / len(conf) * abs(acc - mean)
+            rows.append(
+                {
+                    "low": float(lo),
+                    "high": float(hi),
+                    "count": n,
+                    "confidence": mean,
+                    "accuracy": acc,
+                }
+            )
+    return {"bins": rows, "ece": ece if len(conf) else None}  # fmt: skip
+
+
+def reliability_plot(cal: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    bins = cal["bins"]
+    ax.bar(
+        [(b["low"] + b["high"]) / 2 for b in bins],
+        [b["accuracy"] for b in bins],
+        width=[b["high"] - b["low"] for b in bins],
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy in the bin",
+    )
+    for b in bins:
+        ax.text((b["low"] + b["high"]) / 2, 0.02, str(b["count"]), ha="center", fontsize=7)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ece = cal.get("ece")
+    ax.set_title(f"reliability (ECE {ece:.3f})" if ece is not None else "reliability")
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def mistakes(table: Any, per_class: int = 6) -> list[dict[str, Any]]:
+    """The most confident wrong predictions, up to ``per_class`` per true class."""
+    rows = [
+        r
+        for r in table.select(["key", "true_label", "predicted_label", "probability", "true_index", "predicted_index"]).to_pylist()
+        if r["predicted_index"] is not None and r["true_index"] != r["predicted_index"]
+    ]  # fmt: skip
+    rows.sort(key=lambda r: -r["probability"])
+    out: list[dict[str, Any]] = []
+    taken: dict[str, int] = {}
+    for r in rows:
+        if taken.get(r["true_label"], 0) < per_class:
+            taken[r["true_label"]] = taken.get(r["true_label"], 0) + 1
+            out.append({k: r[k] for k in ("key", "true_label", "predicted_label", "probability")})
+    return out
+
+
+THUMB_SIDE = 112
+
+
+def thumbnails(shard_uris: list[str], keys: set[str]) -> dict[str, str]:
+    """key -> a small JPEG (base64) of the image as the shards hold it."""
+    import pyarrow.compute as pc
+    from PIL import Image
+
+    from xfer import storage
+
+    out: dict[str, str] = {}
+    if not keys:
+        return out
+    for uri in shard_uris:
+        table = storage.read_parquet(uri, columns=["key", "image"])
+        table = table.filter(pc.is_in(table.column("key"), value_set=pa_array(sorted(keys))))
+        for key, data in zip(
+            table.column("key").to_pylist(), table.column("image").to_pylist(), strict=True
+        ):
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    thumb = img.convert("RGB")
+                    thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
+                    buf = io.BytesIO()
+                    thumb.save(buf, format="JPEG", quality=85)
+                out[key] = base64.b64encode(buf.getvalue()).decode()
+            except Exception:  # an image the report cannot show is left out, not fatal
+                continue
+    return out
+
+
+def pa_array(values: list[str]) -> Any:
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
+
+
+def _mistakes_section(
+    wrong: list[dict[str, Any]], thumbs: dict[str, str], examples: Any
+) -> list[str]:
+    esc = html.escape
+    if not wrong:
+        return [
+            f"<h2>Most confident mistakes</h2><p>None: every one of the {examples} test images is right.</p>"
+        ]
+    parts = [
+        "<h2>Most confident mistakes</h2><p>The test images the model got wrong with the "
+        "highest probability, per true class (from the shards, as the model saw them).</p>"
+    ]
+    for label in dict.fromkeys(w["true_label"] for w in wrong):
+        parts.append(f"<h3>true class {esc(label)}</h3><div class='gallery'>")
+        for w in (w for w in wrong if w["true_label"] == label):
+            src = thumbs.get(w["key"])
+            img = (
+                f"<img alt='{esc(w['key'])}' src='data:image/jpeg;base64,{src}'>"
+                if src
+                else "<div class='missing'>(image unavailable)</div>"
+            )
+            parts.append(
+                f"<figure>{img}<figcaption>predicted <b>{esc(w['predicted_label'])}</b> "
+                f"{100 * w['probability']:.1f}%<br><code>{esc(w['key'])}</code></figcaption></figure>"
+            )
+        parts.append("</div>")
+    return parts
+
+
+def render_report(
+    metrics: dict[str, Any], lineage: dict[str, Any], thumbs: dict[str, str] | None = None
+) -> str:
+    """The HTML of report.html (``thumbs``: the mistakes' thumbnails, by key)."""
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>xfer run {esc(metrics['run_id'])}</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-        "th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}</style></head><body>",
+        "th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}"
+        ".gallery{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:150px;font-size:12px}"
+        "figure img{max-width:140px;max-height:140px;border:1px solid #ccc}"
+        "figcaption code{word-break:break-all;font-size:10px}</style></head><body>",
         f"<h1>Run <code>{esc(metrics['run_id'])}</code></h1>",
         f"<p>model <b>{esc(metrics.get('model_name', ''))}</b>, base <b>{esc(metrics['base'])}</b>, "
         f"{metrics['workers']} worker(s), dataset <code>{esc(metrics['dataset'])}</code></p>",
@@ -159,6 +303,16 @@ def render_report(metrics: dict[str, Any], lineage: dict[str, Any]) -> str:
                 f"<td>{_fmt(m['f1'])}</td><td>{m['support']}</td></tr>"
             )
         parts.append("</table>")
+    if "mistakes" in test:
+        parts.extend(_mistakes_section(test["mistakes"], thumbs or {}, test.get("examples")))
+    if (test.get("calibration") or {}).get("bins"):
+        parts.append(
+            "<h2>Calibration</h2><p>How far the predicted probability can be taken at its "
+            "word: per confidence bin, the share of test images that were right (counts "
+            f"along the bottom). Expected calibration error {_fmt(test['calibration']['ece'])}.</p>"
+            f"<img alt='reliability diagram' src='data:image/png;base64,"
+            f"{reliability_plot(test['calibration'])}'>"
+        )
     parts.append("<h2>Lineage</h2><table>")
     for key, value in _flatten(lineage):
         parts.append(

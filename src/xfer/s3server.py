@@ -99,6 +99,19 @@ def load_or_create_credentials(data_dir: Path) -> tuple[str, str]:
     return access, secret
 
 
+class _PortRace(Exception):
+    """A port found free was taken by another process before weed bound it."""
+
+
+def _tail(path: Path, size: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 @dataclass
 class EmbeddedS3:
     """Runs `weed mini` until :meth:`stop`; a context manager for tests and the demo."""
@@ -115,6 +128,22 @@ class EmbeddedS3:
     _log: Any = field(init=False, default=None, repr=False)
 
     def start(self) -> EmbeddedS3:
+        """Start weed; with ports of its own choosing, again if one was taken meanwhile.
+
+        Free ports are found by binding them, then handed to weed: another process
+        can take one in between (weed then exits: "address already in use").
+        """
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except _PortRace:
+                if attempt == 2:
+                    raise XferError(
+                        "the S3 server could not bind its ports (taken by others)"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> EmbeddedS3:
         data = Path(self.data_dir).expanduser().resolve()
         (data / "weed").mkdir(parents=True, exist_ok=True)
         self.access_key, self.secret_key = load_or_create_credentials(data)
@@ -193,6 +222,8 @@ class EmbeddedS3:
         while time.monotonic() < deadline:
             assert self._proc is not None
             if self._proc.poll() is not None:
+                if self.port is None and "address already in use" in _tail(data / "weed.log"):
+                    raise _PortRace
                 raise XferError(
                     f"the S3 server exited with status {self._proc.returncode} during "
                     f"start-up; see {data / 'weed.log'}"

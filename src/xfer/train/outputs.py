@@ -151,11 +151,18 @@ def finish_run(
     resume_changes: list[str] | None = None,
 ) -> TrainResult:
     """Predictions, metrics, lineage, report; ``_SUCCESS`` last; then the gate."""
-    from xfer.report import classification_metrics, render_report
+    from xfer.report import (
+        calibration,
+        classification_metrics,
+        mistakes,
+        render_report,
+        thumbnails,
+    )
     from xfer.score import resolve_model, write_predictions
 
     history = final["state"]["history"]
     test = dict(final.get("test") or {})
+    thumbs: dict[str, str] = {}
     if cfg.output.predictions and "test" in manifest.splits and manifest.splits["test"].rows:
         import pyarrow.compute as pc
 
@@ -177,6 +184,19 @@ def finish_run(
             confusion_matrix=cls["confusion_matrix"],
         )
         test["accuracy_from_predictions"] = cls["accuracy"]
+        test["calibration"] = calibration(
+            table.column("probability").to_pylist(),
+            [
+                t == p
+                for t, p in zip(
+                    table.column("true_index").to_pylist(),
+                    table.column("predicted_index").to_pylist(),
+                    strict=True,
+                )
+            ],
+        )
+        test["mistakes"] = mistakes(table)
+        thumbs = thumbnails(manifest.shard_uris("test"), {m["key"] for m in test["mistakes"]})
     gate_metric, value = gate_value(test, history)
     passed = value is not None and value >= cfg.output.gate.min_test_accuracy
     champion = None
@@ -217,7 +237,9 @@ def finish_run(
     storage.write_json(storage.join(run_uri, "lineage.json"), lin)
     if cfg.output.report:
         storage.write_bytes(
-            storage.join(run_uri, "report.html"), render_report(metrics, lin).encode(), "text/html"
+            storage.join(run_uri, "report.html"),
+            render_report(metrics, lin, thumbs).encode(),
+            "text/html",
         )
     storage.write_json(
         storage.join(run_uri, SUCCESS),
