@@ -119,9 +119,8 @@ def test_rerun_of_a_date_leaves_exactly_one_complete_partition(trained_run, sess
     second = score(cfg, model=trained_run.run_uri, input_uri=inputs, output=out, date="2026-03-05")
     marker2 = storage.read_json(f"{second.output}/_SUCCESS")
     names = sorted(storage.basename(f.uri) for f in storage.list_files(second.output))
-    assert names == sorted([*marker2["files"], "_SUCCESS"]), (
-        "files of the first run are left behind"
-    )
+    expected = [*marker2["files"], "_SUCCESS", "_summary.json", "_report.html"]
+    assert names == sorted(expected), "files of the first run are left behind"
     assert set(marker1["files"]).isdisjoint(marker2["files"])
     total = sum(storage.read_parquet(f"{second.output}/{f}").num_rows for f in marker2["files"])
     assert total == 11
@@ -407,3 +406,34 @@ def test_test_time_augmentation_averages_the_image_and_its_mirror(
     got = np.array([r["prob_star"] for r in rows])
     assert np.allclose(got, by_hand, atol=1e-5)
     assert not np.allclose(got, plain, atol=1e-5), "the mirror must change something"
+
+
+def test_each_night_gets_a_report_with_errors_and_a_drift_signal(trained_run, session_root, bucket):
+    from xfer.nightly import REPORT, SUMMARY
+
+    cfg = load_config(None, [f"storage.root={session_root}", "score.batch_size=4"])
+    # A night like the training data (both classes), with three unreadable files.
+    make_inputs(f"{bucket}/usual")
+    score(cfg, f"{session_root}/models/shapes", f"{bucket}/usual", f"{bucket}/n", "2026-05-01")
+    usual = storage.read_json(f"{bucket}/n/dt=2026-05-01/{SUMMARY}")
+    assert usual["rows"] == 11 and usual["errors"] == 3 and len(usual["error_examples"]) == 3
+    assert sum(usual["error_reasons"].values()) == 3
+    assert sum(usual["night"]["per_class"].values()) == usual["night"]["scored"] == 8
+    assert sum(usual["night"]["confidence_histogram"]) == 8
+    test_split = usual["test_split"]
+    assert test_split["scored"] == trained_run.metrics["test"]["examples"]
+    # A night of one kind of image only: the predicted mix moves away from the test split's.
+    synthesize(f"{bucket}/odd", ["ring", "star"], per_class=12, size=60, seed=7)
+    storage.delete_prefix(f"{bucket}/odd/star")
+    score(cfg, f"{session_root}/models/shapes", f"{bucket}/odd", f"{bucket}/n", "2026-05-02")
+    odd = storage.read_json(f"{bucket}/n/dt=2026-05-02/{SUMMARY}")
+    assert odd["errors"] == 0
+    assert odd["drift"]["class_shift"] > usual["drift"]["class_shift"]
+    assert odd["drift"]["class_shift"] > 0.15 and odd["drift"]["flagged"]
+    page = storage.read_text(f"{bucket}/n/dt=2026-05-02/{REPORT}")
+    assert "look at tonight's images" in page and "confidence histogram" in page
+    usual_page = storage.read_text(f"{bucket}/n/dt=2026-05-01/{REPORT}")
+    assert "bad/notes.txt" in usual_page and "not an image" in usual_page
+    # The report files do not disturb a table over the partition (names start with _).
+    marker = storage.read_json(f"{bucket}/n/dt=2026-05-01/_SUCCESS")
+    assert all(not f.startswith("_") for f in marker["files"])

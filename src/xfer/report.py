@@ -134,7 +134,7 @@ def calibration(confidence: list[float], correct: list[bool], bins: int = 10) ->
                     "accuracy": acc,
                 }
             )
-    return {"bins": rows, "ece": ece if len(conf) else None}  # fmt: skip
+    return {"bins": rows, "ece": ece if len(conf) else None}
 
 
 def reliability_plot(cal: dict[str, Any]) -> str:
@@ -170,9 +170,11 @@ def mistakes(table: Any, per_class: int = 6) -> list[dict[str, Any]]:
     """The most confident wrong predictions, up to ``per_class`` per true class."""
     rows = [
         r
-        for r in table.select(["key", "true_label", "predicted_label", "probability", "true_index", "predicted_index"]).to_pylist()
+        for r in table.select(
+            ["key", "true_label", "predicted_label", "probability", "true_index", "predicted_index"]
+        ).to_pylist()
         if r["predicted_index"] is not None and r["true_index"] != r["predicted_index"]
-    ]  # fmt: skip
+    ]
     rows.sort(key=lambda r: -r["probability"])
     out: list[dict[str, Any]] = []
     taken: dict[str, int] = {}

@@ -141,7 +141,19 @@ def _pct(v: float | None) -> str:
 
 
 def format_table(runs: list[RunSummary]) -> str:
-    header = ("RUN", "MODEL", "DATASET", "BASE", "STATUS", "HEAD", "FINE-TUNE", "TEST", "PUB", "STARTED", "WALL")  # fmt: skip
+    header = (
+        "RUN",
+        "MODEL",
+        "DATASET",
+        "BASE",
+        "STATUS",
+        "HEAD",
+        "FINE-TUNE",
+        "TEST",
+        "PUB",
+        "STARTED",
+        "WALL",
+    )
     rows = [header]
     for r in runs:
         status = r.status if r.status == "complete" else f"{r.status} ({r.where})"
@@ -264,9 +276,14 @@ def compare(root: str, a: str, b: str) -> str:
 
 
 def publish_pointer(
-    model_uri: str, model_name: str, run_id: str, run_uri: str, metric: str,
-    value: float | None, **extra: Any,
-) -> dict[str, Any]:  # fmt: skip
+    model_uri: str,
+    model_name: str,
+    run_id: str,
+    run_uri: str,
+    metric: str,
+    value: float | None,
+    **extra: Any,
+) -> dict[str, Any]:
     """Point ``latest.json`` at the run (one atomic PUT), after a copy in ``history/``.
 
     ``previous_run_id`` (in ``extra``) defaults to the run published until now.
@@ -311,9 +328,15 @@ def promote(root: str, run: str, force: bool = False) -> dict[str, Any]:
         )
     model_uri = storage.join(root, "models", m["model_name"])
     return publish_pointer(
-        model_uri, m["model_name"], m["run_id"], uri, gate.get("metric", "test_accuracy"),
-        gate.get("value"), action="promote", forced=bool(force and not gate.get("passed")),
-    )  # fmt: skip
+        model_uri,
+        m["model_name"],
+        m["run_id"],
+        uri,
+        gate.get("metric", "test_accuracy"),
+        gate.get("value"),
+        action="promote",
+        forced=bool(force and not gate.get("passed")),
+    )
 
 
 def history(root: str, model: str) -> list[dict[str, Any]]:
@@ -345,6 +368,13 @@ def rollback(root: str, model: str, force: bool = False) -> dict[str, Any]:
     if not gate.get("passed") and not force:
         raise XferError(f"run {target} did not pass its gate; --force publishes it anyway")
     return publish_pointer(
-        model_uri, model, target, uri, gate.get("metric", "test_accuracy"), gate.get("value"),
-        action="rollback", rolled_back_from=current["run_id"], previous_run_id=before,
-    )  # fmt: skip
+        model_uri,
+        model,
+        target,
+        uri,
+        gate.get("metric", "test_accuracy"),
+        gate.get("value"),
+        action="rollback",
+        rolled_back_from=current["run_id"],
+        previous_run_id=before,
+    )

@@ -335,4 +335,11 @@ def _score(
     final = storage.join(output, f"dt={day}")
     if storage.is_s3(final):
         storage.ensure_bucket(final)
-    return write_predictions(ref, input_uri, sc, final)
+    result = write_predictions(ref, input_uri, sc, final)
+    from xfer.nightly import REPORT, write_nightly_report
+
+    summary = write_nightly_report(final, ref.classes, ref.run_uri)
+    drift = summary["drift"]
+    flag = " (drift flagged: look at tonight's images)" if drift and drift["flagged"] else ""
+    print(f"[xfer] nightly report: {storage.join(final, REPORT)}{flag}", flush=True)
+    return result

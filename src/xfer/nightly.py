@@ -1,0 +1,219 @@
+"""The nightly report, next to each predictions partition: ``_summary.json`` and ``_report.html``.
+
+    summary = write_nightly_report(partition_uri, model_ref)
+
+Per night: images scored, error rows (grouped by reason, with examples), counts and
+shares per predicted class, the confidence histogram; and the same figures for the
+model's own test split (``<run>/predictions/test.parquet``, scored by the same code
+when the model was trained), with two simple drift signals:
+
+- ``class_shift``: total variation distance between the predicted-class shares of the
+  night and of the test split (0: the same mix, 1: no class in common);
+- ``confidence_drop``: how much lower the night's mean confidence is.
+
+A night is flagged when ``class_shift > 0.15`` or ``confidence_drop > 0.1``: not a
+verdict, a reason to look (new kinds of images, a broken camera, a pipeline change).
+Names starting with ``_`` are ignored by Athena, Spark and Hive, so the report does
+not disturb a table over the partition. Both files are single PUTs after the commit.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from xfer import storage
+
+CLASS_SHIFT_LIMIT = 0.15
+CONFIDENCE_DROP_LIMIT = 0.10
+BINS = 10
+SUMMARY = "_summary.json"
+REPORT = "_report.html"
+
+
+def _figures(
+    predicted: list[str | None], probability: list[float | None], classes: list[str]
+) -> dict[str, Any]:
+    ok = [(p, c) for p, c in zip(predicted, probability, strict=True) if p is not None]
+    counts = Counter(p for p, _ in ok)
+    n = len(ok)
+    conf = np.array([c for _, c in ok], dtype=float)
+    hist, _ = np.histogram(conf, bins=BINS, range=(0.0, 1.0))
+    return {
+        "scored": n,
+        "per_class": {c: counts.get(c, 0) for c in classes},
+        "shares": {c: counts.get(c, 0) / n if n else 0.0 for c in classes},
+        "confidence_histogram": hist.tolist(),
+        "mean_confidence": float(conf.mean()) if n else None,
+        "low_confidence_share": float((conf < 0.6).mean()) if n else None,
+    }
+
+
+def _read(uris: list[str]) -> Any:
+    import pyarrow as pa
+
+    tables = [
+        storage.read_parquet(u, columns=["key", "predicted_label", "probability", "error"])
+        for u in uris
+    ]
+    return pa.concat_tables(tables) if tables else None
+
+
+def summarize_night(partition: str, classes: list[str], run_uri: str) -> dict[str, Any]:
+    marker = storage.read_json(storage.join(partition, "_SUCCESS"))
+    table = _read([storage.join(partition, f) for f in marker["files"]])
+    errors = [
+        (k, e)
+        for k, e in zip(
+            table.column("key").to_pylist(), table.column("error").to_pylist(), strict=True
+        )
+        if e
+    ]
+    night = _figures(
+        table.column("predicted_label").to_pylist(),
+        table.column("probability").to_pylist(),
+        classes,
+    )
+    summary: dict[str, Any] = {
+        "partition": partition,
+        "run_id": marker.get("run_id"),
+        "model_name": marker.get("model_name"),
+        "scored_at": marker.get("scored_at"),
+        "input": marker.get("input"),
+        "rows": table.num_rows,
+        "errors": len(errors),
+        "error_reasons": dict(
+            Counter(e.split(":")[0].split(" (")[0] for _, e in errors).most_common(10)
+        ),
+        "error_examples": [{"key": k, "error": e} for k, e in errors[:20]],
+        "night": night,
+        "test_split": None,
+        "drift": None,
+    }
+    test_uri = storage.join(run_uri, "predictions", "test.parquet")
+    if storage.exists(test_uri):
+        test = _read([test_uri])
+        ref = _figures(
+            test.column("predicted_label").to_pylist(),
+            test.column("probability").to_pylist(),
+            classes,
+        )
+        summary["test_split"] = ref
+        if night["scored"] and ref["scored"]:
+            shift = 0.5 * sum(abs(night["shares"][c] - ref["shares"][c]) for c in classes)
+            drop = (ref["mean_confidence"] or 0) - (night["mean_confidence"] or 0)
+            summary["drift"] = {
+                "class_shift": shift,
+                "confidence_drop": drop,
+                "flagged": bool(shift > CLASS_SHIFT_LIMIT or drop > CONFIDENCE_DROP_LIMIT),
+                "limits": {
+                    "class_shift": CLASS_SHIFT_LIMIT,
+                    "confidence_drop": CONFIDENCE_DROP_LIMIT,
+                },
+            }
+    return summary
+
+
+def _plots(summary: dict[str, Any], classes: list[str]) -> tuple[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xfer.report import _png
+
+    night, ref = summary["night"], summary["test_split"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(classes))
+    ax.bar(x - 0.2, [night["shares"][c] for c in classes], 0.4, label="tonight")
+    if ref:
+        ax.bar(x + 0.2, [ref["shares"][c] for c in classes], 0.4, label="model's test split")
+    ax.set_xticks(x, classes, rotation=30, ha="right")
+    ax.set_ylabel("share of predictions")
+    ax.set_title("predicted classes")
+    ax.legend()
+    shares = _png(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    centres = (np.arange(BINS) + 0.5) / BINS
+    for figures, label in ((night, "tonight"), (ref, "model's test split")):
+        if figures and figures["scored"]:
+            hist = np.array(figures["confidence_histogram"], dtype=float)
+            ax.plot(centres, hist / hist.sum(), "-o", label=label, markersize=4)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("share of images")
+    ax.set_title("confidence")
+    ax.legend()
+    return shares, _png(fig)
+
+
+def render_nightly(summary: dict[str, Any], classes: list[str]) -> str:
+    esc = html.escape
+    drift = summary["drift"]
+    if drift is None:
+        verdict = "no test-split predictions of this model to compare with"
+    else:
+        verdict = (
+            f"class shift {drift['class_shift']:.3f} (limit {CLASS_SHIFT_LIMIT}), "
+            f"confidence drop {drift['confidence_drop']:+.3f} (limit {CONFIDENCE_DROP_LIMIT}): "
+            + (
+                "<b style='color:#b00'>look at tonight's images</b>"
+                if drift["flagged"]
+                else "as expected"
+            )
+        )
+    shares, confidence = _plots(summary, classes)
+    ref = summary["test_split"] or {}
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>xfer night {esc(summary['partition'])}</title>",
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+        "th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}</style></head><body>",
+        f"<h1>Night <code>{esc(summary['partition'].rsplit('/', 1)[-1])}</code></h1>",
+        f"<p>{summary['rows']} images from <code>{esc(str(summary['input']))}</code>, model "
+        f"<b>{esc(str(summary['model_name']))}</b> (run <code>{esc(str(summary['run_id']))}</code>), "
+        f"scored at {esc(str(summary['scored_at']))}; {summary['errors']} error row(s).</p>",
+        f"<p>Drift: {verdict}.</p>",
+        "<h2>Predicted classes</h2><table><tr><th>class</th><th>tonight</th><th>share</th>"
+        "<th>test split share</th></tr>",
+    ]
+    for c in classes:
+        ref_share = f"{ref['shares'][c]:.3f}" if ref else "-"
+        parts.append(
+            f"<tr><td>{esc(c)}</td><td>{summary['night']['per_class'][c]}</td>"
+            f"<td>{summary['night']['shares'][c]:.3f}</td><td>{ref_share}</td></tr>"
+        )
+    parts.append("</table>")
+    parts.append(f"<img alt='predicted classes' src='data:image/png;base64,{shares}'>")
+    parts.append(f"<img alt='confidence histogram' src='data:image/png;base64,{confidence}'>")
+    parts.append("<h2>Errors</h2>")
+    if summary["errors"]:
+        parts.append("<table><tr><th>reason</th><th>rows</th></tr>")
+        for reason, n in summary["error_reasons"].items():
+            parts.append(f"<tr><td style='text-align:left'>{esc(reason)}</td><td>{n}</td></tr>")
+        parts.append("</table><h3>Examples</h3><table><tr><th>key</th><th>error</th></tr>")
+        for e in summary["error_examples"]:
+            parts.append(
+                f"<tr><td style='text-align:left'><code>{esc(e['key'])}</code></td>"
+                f"<td style='text-align:left'>{esc(e['error'])}</td></tr>"
+            )
+        parts.append("</table>")
+    else:
+        parts.append("<p>None.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_nightly_report(partition: str, classes: list[str], run_uri: str) -> dict[str, Any]:
+    summary = summarize_night(partition, classes, run_uri)
+    storage.write_bytes(
+        storage.join(partition, SUMMARY), json.dumps(summary, indent=2).encode(), "application/json"
+    )
+    storage.write_bytes(
+        storage.join(partition, REPORT), render_nightly(summary, classes).encode(), "text/html"
+    )
+    return summary
