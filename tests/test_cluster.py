@@ -100,7 +100,7 @@ def train_args(root: str, weights: str, **extra: object) -> list[str]:
         "model.head.dense": "[{units: 16}]",
         "train.head.epochs": 3,
         "train.fine_tune.epochs": 1,
-        "train.verbose": 0,
+        "train.verbose": 1,  # the identity lines on the console (Keras': the log file)
         "cluster.local_num_cpus": "null",
         "output.model_name": "submitted",
         "output.gate.min_test_accuracy": 0,

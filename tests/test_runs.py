@@ -73,6 +73,7 @@ def runs(session_root, pretrained_weights, target_dataset):
             "fault.epoch": 1,
             "fault.action": "exit",
             "cluster.max_failures": 0,
+            "train.verbose": 1,  # its run id on the console
         },
     )
     with pytest.raises(XferError, match="failed") as failed:

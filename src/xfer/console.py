@@ -180,6 +180,10 @@ def keep_log(uri: str, since: int = 0) -> None:
         print(f"[xfer] warning: could not keep the log at {uri}: {exc}", flush=True)
 
 
-def say(message: str) -> None:
-    """One of xfer's own console lines."""
-    print(f"[xfer] {message}", flush=True)
+def detail(line: str) -> None:
+    """A line for the log file (and the console when verbose)."""
+    if verbose():
+        print(line, flush=True)
+        return
+    with _lock, open(log_path(), "a", encoding="utf-8", errors="replace") as f:
+        f.write(f"(driver) {line}\n")

@@ -205,7 +205,7 @@ def run_demo(settings: DemoSettings) -> int:
         scored = score(
             cfg, model=model, input_uri=f"{raw}/incoming", output=f"{ROOT}/predictions/shapes"
         )
-        print(scored.describe(), flush=True)
+        print(scored.describe().splitlines()[0], flush=True)  # where: in the summary
 
         local_report = work / "report.html"
         storage.download_file(f"{result.run_uri}/report.html", str(local_report))
@@ -256,9 +256,9 @@ def print_summary(
         f"  validation accuracy after fine-tuning      {_pct(ft.get('val_accuracy'))}",
         f"  test accuracy                              {_pct(result.test_accuracy)}",
         "",
-        "  what the pretrained base bought (head phase, same head and epochs):",
-        f"    pretrained frozen base   {_pct(head.get('val_accuracy'))}",
-        f"    random frozen base       {_pct(b['phases'].get('head', {}).get('val_accuracy'))}",
+        "  what the pretrained base bought, head phase with the same head and epochs:",
+        f"    pretrained frozen base {_pct(head.get('val_accuracy'))}"
+        f" vs random frozen base {_pct(b['phases'].get('head', {}).get('val_accuracy'))}",
         "",
         f"  run        {result.run_uri}  (metrics.json, predictions/, logs/)",
         f"  model      {result.run_uri}/model/model.keras  (loads with tf_keras alone)",

@@ -150,8 +150,12 @@ def write_predictions(
     final: str,
     single_file: str | None = None,
     split: str | None = None,
+    quiet: bool = False,
 ) -> ScoreResult:
     """Score ``input_uri`` in blocks on the actor pool; commit at ``final``, marker last.
+
+    ``quiet``: progress and the actors' identity go to the log file only (a step of a
+    larger job, such as a training run's test predictions).
 
     A night started again for the same partition resumes: blocks already written by
     an earlier attempt are kept (see :mod:`xfer.scoreplan`).
@@ -174,7 +178,9 @@ def write_predictions(
         "jpeg_quality": ref.jpeg_quality,
         "image_size": ref.image_size,
         "tta": sc.tta,
+        "quiet": quiet,
     }
+    tag = "[xfer-detail]" if quiet else "[xfer]"
     night, resumed = plan_night(identity, input_uri, split or sc.split, final, sc.block_size)
     done = done_blocks(night)
     todo = [b for b in range(night["blocks"]) if b not in done]
@@ -234,7 +240,7 @@ def write_predictions(
                     rate = rows_now / max(last_done - began, 1e-9)
                     left = night["rows"] - sum(int(s.get("rows", 0)) for s in summaries.values())
                     print(
-                        f"[xfer] scored {n}/{len(todo)} blocks, {rows_now} images this attempt, "
+                        f"{tag} scored {n}/{len(todo)} blocks, {rows_now} images this attempt, "
                         f"{rate:.0f} images/s, about {left / max(rate, 1e-9):.0f}s left",
                         flush=True,
                     )

@@ -112,7 +112,8 @@ class BlockScorer:
 
         node = ray.get_runtime_context().get_node_id()[:12]
         where = f"scorer on node {node} ({socket.gethostname()}, pid {os.getpid()})"
-        print(f"[xfer] {where}: {describe(check_same_code(code, where))}", flush=True)
+        tag = "[xfer-detail]" if night.get("quiet") else "[xfer]"
+        print(f"{tag} {where}: {describe(check_same_code(code, where))}", flush=True)
         self.night = night
         self.threads = max(1, int(night["threads"]))
         self.model = self._load_model(night["model_uri"], self.threads)

@@ -244,7 +244,14 @@ def train(cfg: XferConfig) -> TrainResult:
         feature_cache = plan.to_dict()
 
     identity = code_identity()
-    print(f"[xfer] driver: {describe(identity)}", flush=True)
+
+    def say(line: str) -> None:  # train.verbose 0: the log file's only
+        if cfg.train.verbose > 0:
+            print(line, flush=True)
+        else:
+            console.detail(line)
+
+    say(f"[xfer] driver: {describe(identity)}")
     started_ray = ensure_ray(cfg.cluster.address, cfg.cluster.local_num_cpus)
     check_resources(cfg, is_local(started_ray, cfg.cluster.address))
     c = cfg.cluster
@@ -279,7 +286,7 @@ def train(cfg: XferConfig) -> TrainResult:
             callbacks=[FailureRecorder(run_uri)],  # type: ignore[list-item]
         ),
     )
-    print(f"[xfer] run {run_id}: {c.num_workers} worker(s), outputs in {run_uri}", flush=True)
+    say(f"[xfer] run {run_id}: {c.num_workers} worker(s), outputs in {run_uri}")
     log_start = console.log_size()
     try:
         try:

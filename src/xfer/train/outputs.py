@@ -169,7 +169,13 @@ def finish_run(
         ref = resolve_model(run_uri, require_committed=False)
         preds_uri = storage.join(run_uri, "predictions")
         write_predictions(
-            ref, manifest.uri, cfg.score, preds_uri, single_file="test.parquet", split="test"
+            ref,
+            manifest.uri,
+            cfg.score,
+            preds_uri,
+            single_file="test.parquet",
+            split="test",
+            quiet=cfg.train.verbose == 0,
         )
         table = storage.read_parquet(storage.join(preds_uri, "test.parquet"))
         table = table.filter(pc.is_null(table.column("error")))
@@ -284,7 +290,13 @@ def against_published(
         return {**out, "beaten": False, "reason": "no test split to compare on"}
     preds = storage.join(run_uri, "predictions")
     write_predictions(
-        champion, manifest.uri, cfg.score, preds, single_file="published-test.parquet", split="test"
+        champion,
+        manifest.uri,
+        cfg.score,
+        preds,
+        single_file="published-test.parquet",
+        split="test",
+        quiet=True,
     )
     table = storage.read_parquet(storage.join(preds, "published-test.parquet"))
     table = table.filter(pc.is_null(table.column("error")))

@@ -176,7 +176,8 @@ def _start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
     where = f"rank {rank} on node {node} ({socket.gethostname()}, pid {os.getpid()})"
     identity = check_same_code(config.get("code"), where)
     # Rank 0's line on the console; every rank's in the log file and the run's lineage.
-    print(f"[xfer{'' if rank == 0 else '-detail'}] {where}: {describe(identity)}", flush=True)
+    shown = rank == 0 and cfg.train.verbose > 0
+    print(f"[xfer{'' if shown else '-detail'}] {where}: {describe(identity)}", flush=True)
     run_uri: str = config["run_uri"]
     record_code(run_uri, rank, {**identity, "node": node, "host": socket.gethostname()})
     restored = load_checkpoint(ray.train.get_checkpoint())
