@@ -37,7 +37,7 @@ FOLDS_FILE = RESULTS / "cv_folds.json"
 
 # What each configuration changes from the common settings below.
 CONFIGS: dict[str, dict[str, object]] = {
-    # The defaults before this benchmark: constant 1e-5, the whole base, no smoothing.
+    # The defaults: constant 1e-5, the whole base, no smoothing.
     "before": {},
     # Warm-up then cosine decay from a higher peak, and label smoothing.
     "tuned": {
@@ -229,7 +229,7 @@ def run_in(images: str, weights: str, names: list[str], resume: bool = False) ->
             print(f"[bench] fold {fold} {name}: {folds[str(fold)][name]}", flush=True)
     figures = summary(folds, names)
     plot(folds, names)
-    settings = "; ".join(f"{n}: {CONFIGS[n] or 'the former defaults'}" for n in names)
+    settings = "; ".join(f"{n}: {CONFIGS[n] or 'the defaults (unchanged)'}" for n in names)
     record(
         "cross_validation",
         figures,
