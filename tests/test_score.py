@@ -408,6 +408,15 @@ def test_test_time_augmentation_averages_the_image_and_its_mirror(
     assert not np.allclose(got, plain, atol=1e-5), "the mirror must change something"
 
 
+def test_chi_square_p_values():
+    from xfer.nightly import chi_square_p
+
+    assert chi_square_p([50, 50], [50, 50]) == 1.0
+    assert abs(chi_square_p([41, 37, 42], [10, 11, 26]) - 0.052) < 0.001  # by hand
+    assert chi_square_p([40, 0], [15, 15]) < 1e-5
+    assert chi_square_p([5, 0], [0, 0]) == 1.0  # nothing to compare with
+
+
 def test_each_night_gets_a_report_with_errors_and_a_drift_signal(trained_run, session_root, bucket):
     from xfer.nightly import REPORT, SUMMARY
 
@@ -423,13 +432,14 @@ def test_each_night_gets_a_report_with_errors_and_a_drift_signal(trained_run, se
     test_split = usual["test_split"]
     assert test_split["scored"] == trained_run.metrics["test"]["examples"]
     # A night of one kind of image only: the predicted mix moves away from the test split's.
-    synthesize(f"{bucket}/odd", ["ring", "star"], per_class=12, size=60, seed=7)
+    synthesize(f"{bucket}/odd", ["ring", "star"], per_class=40, size=60, seed=7)
     storage.delete_prefix(f"{bucket}/odd/star")
     score(cfg, f"{session_root}/models/shapes", f"{bucket}/odd", f"{bucket}/n", "2026-05-02")
     odd = storage.read_json(f"{bucket}/n/dt=2026-05-02/{SUMMARY}")
     assert odd["errors"] == 0
     assert odd["drift"]["class_shift"] > usual["drift"]["class_shift"]
-    assert odd["drift"]["class_shift"] > 0.15 and odd["drift"]["flagged"]
+    assert odd["drift"]["class_shift"] > 0.15 and odd["drift"]["class_shift_p_value"] < 0.01
+    assert odd["drift"]["flagged"]
     page = storage.read_text(f"{bucket}/n/dt=2026-05-02/{REPORT}")
     assert "look at tonight's images" in page and "confidence histogram" in page
     usual_page = storage.read_text(f"{bucket}/n/dt=2026-05-01/{REPORT}")

@@ -11,8 +11,11 @@ when the model was trained), with two simple drift signals:
   night and of the test split (0: the same mix, 1: no class in common);
 - ``confidence_drop``: how much lower the night's mean confidence is.
 
-A night is flagged when ``class_shift > 0.15`` or ``confidence_drop > 0.1``: not a
-verdict, a reason to look (new kinds of images, a broken camera, a pipeline change).
+A night is flagged when its class mix moved by more than 0.15 *and* by more than the
+two sample sizes explain (a chi-square test of the two count vectors, p < 0.01: a
+test split of a few dozen images differs from any night by chance), or when its mean
+confidence dropped by more than 0.1. Not a verdict: a reason to look (new kinds of
+images, a broken camera, a pipeline change).
 Names starting with ``_`` are ignored by Athena, Spark and Hive, so the report does
 not disturb a table over the partition. Both files are single PUTs after the commit.
 """
@@ -30,6 +33,7 @@ from xfer import storage
 
 CLASS_SHIFT_LIMIT = 0.15
 CONFIDENCE_DROP_LIMIT = 0.10
+SIGNIFICANCE = 0.01
 BINS = 10
 SUMMARY = "_summary.json"
 REPORT = "_report.html"
@@ -106,16 +110,73 @@ def summarize_night(partition: str, classes: list[str], run_uri: str) -> dict[st
         if night["scored"] and ref["scored"]:
             shift = 0.5 * sum(abs(night["shares"][c] - ref["shares"][c]) for c in classes)
             drop = (ref["mean_confidence"] or 0) - (night["mean_confidence"] or 0)
+            p = chi_square_p(
+                [night["per_class"][c] for c in classes], [ref["per_class"][c] for c in classes]
+            )
+            moved = shift > CLASS_SHIFT_LIMIT and p < SIGNIFICANCE
             summary["drift"] = {
                 "class_shift": shift,
+                "class_shift_p_value": p,
                 "confidence_drop": drop,
-                "flagged": bool(shift > CLASS_SHIFT_LIMIT or drop > CONFIDENCE_DROP_LIMIT),
+                "flagged": bool(moved or drop > CONFIDENCE_DROP_LIMIT),
                 "limits": {
                     "class_shift": CLASS_SHIFT_LIMIT,
+                    "p_value": SIGNIFICANCE,
                     "confidence_drop": CONFIDENCE_DROP_LIMIT,
                 },
             }
     return summary
+
+
+def chi_square_p(a: list[int], b: list[int]) -> float:
+    """p-value that counts ``a`` and ``b`` come from one class mix (chi-square, 2 x k)."""
+    cols = [(x, y) for x, y in zip(a, b, strict=True) if x + y > 0]
+    na, nb = sum(x for x, _ in cols), sum(y for _, y in cols)
+    if len(cols) < 2 or not na or not nb:
+        return 1.0
+    n = na + nb
+    stat = 0.0
+    for x, y in cols:
+        for observed, total in ((x, na), (y, nb)):
+            expected = total * (x + y) / n
+            stat += (observed - expected) ** 2 / expected
+    return _gamma_q((len(cols) - 1) / 2, stat / 2)
+
+
+def _gamma_q(s: float, x: float) -> float:
+    """The regularised upper incomplete gamma function Q(s, x) (chi-square tail)."""
+    import math
+
+    if x <= 0:
+        return 1.0
+    log_prefix = s * math.log(x) - x - math.lgamma(s)
+    if x < s + 1:  # series for P, then Q = 1 - P
+        term = total = 1.0 / s
+        k = s
+        for _ in range(500):
+            k += 1
+            term *= x / k
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return max(0.0, 1.0 - total * math.exp(log_prefix))
+    # Continued fraction for Q (modified Lentz).
+    tiny = 1e-300
+    b = x + 1 - s
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 500):
+        an = -i * (i - s)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return min(1.0, math.exp(log_prefix) * h)
 
 
 def _plots(summary: dict[str, Any], classes: list[str]) -> tuple[str, str]:
@@ -157,7 +218,8 @@ def render_nightly(summary: dict[str, Any], classes: list[str]) -> str:
         verdict = "no test-split predictions of this model to compare with"
     else:
         verdict = (
-            f"class shift {drift['class_shift']:.3f} (limit {CLASS_SHIFT_LIMIT}), "
+            f"class shift {drift['class_shift']:.3f} (limit {CLASS_SHIFT_LIMIT}, "
+            f"p = {drift['class_shift_p_value']:.3g} against {SIGNIFICANCE}), "
             f"confidence drop {drift['confidence_drop']:+.3f} (limit {CONFIDENCE_DROP_LIMIT}): "
             + (
                 "<b style='color:#b00'>look at tonight's images</b>"
@@ -179,7 +241,7 @@ def render_nightly(summary: dict[str, Any], classes: list[str]) -> str:
         f"scored at {esc(str(summary['scored_at']))}; {summary['errors']} error row(s).</p>",
         f"<p>Drift: {verdict}.</p>",
         "<h2>Predicted classes</h2><table><tr><th>class</th><th>tonight</th><th>share</th>"
-        "<th>test split share</th></tr>",
+        f"<th>test split share ({ref.get('scored', 0)} images)</th></tr>",
     ]
     for c in classes:
         ref_share = f"{ref['shares'][c]:.3f}" if ref else "-"
