@@ -203,3 +203,22 @@ def test_missing_source_and_single_class(tmp_path, ray_local):
     storage.delete_prefix(str(tmp_path / "one" / "b"))
     with pytest.raises(DataError, match="need at least 2"):
         shard_dataset(str(tmp_path / "one"), str(tmp_path / "ds"))
+
+
+def test_progress_in_job_logs_is_periodic_lines(capsys):
+    """Not a terminal (a pod's log): no bar, a line per interval with the rate and time left."""
+    from xfer.console import Progress
+
+    with Progress("shard: write shards", 4, unit="task", every_s=0.0) as bar:
+        for _ in range(4):
+            bar.update()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "[xfer] shard: write shards: 1/4 tasks",
+        "[xfer] shard: write shards: 2/4 tasks",
+        "[xfer] shard: write shards: 3/4 tasks",
+    ]
+    assert all("/s, about " in line and line.endswith("s left") for line in lines)
+    with Progress("quiet", 3, every_s=3600) as bar:  # the default interval: 30 s
+        bar.update(3)
+    assert capsys.readouterr().out == ""

@@ -187,3 +187,48 @@ def detail(line: str) -> None:
         return
     with _lock, open(log_path(), "a", encoding="utf-8", errors="replace") as f:
         f.write(f"(driver) {line}\n")
+
+
+class Progress:
+    """A progress bar on a terminal; in job logs, a line every ``every_s`` seconds.
+
+    tqdm draws nothing useful when output is not a terminal (a pod's log, a CI log),
+    so there the stage reports itself: ``[xfer] <desc>: 40/120 tasks, 3.1/s, about 26s
+    left``. ``XFER_PROGRESS_SECONDS`` changes the interval (default 30).
+    """
+
+    def __init__(self, desc: str, total: int, unit: str = "task", every_s: float | None = None):
+        from tqdm import tqdm
+
+        self.desc, self.total, self.unit = desc, total, unit
+        self.tty = sys.stderr.isatty()
+        self.every_s = (
+            float(os.environ.get("XFER_PROGRESS_SECONDS", "30")) if every_s is None else every_s
+        )
+        self.done = 0
+        self.started = self.last = time.monotonic()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not self.tty)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        now = time.monotonic()
+        if self.tty or self.done >= self.total or now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = self.done / max(now - self.started, 1e-9)
+        left = (self.total - self.done) / max(rate, 1e-9)
+        print(
+            f"[xfer] {self.desc}: {self.done}/{self.total} {self.unit}s, {rate:.1f}/s, "
+            f"about {left:.0f}s left",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

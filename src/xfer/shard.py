@@ -414,14 +414,15 @@ def _run_parallel(
 ) -> list[Any]:
     """Run ``fn(*args)`` for each call as Ray tasks, with a progress bar, in order."""
     import ray
-    from tqdm import tqdm
+
+    from xfer.console import Progress
 
     remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
     refs = [remote.remote(*args) for args in calls]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     pending = list(refs)
-    with tqdm(total=len(refs), desc=desc, unit="task", disable=None) as bar:
+    with Progress(desc, len(refs), unit="task") as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
@@ -457,7 +458,11 @@ def shard_dataset(src: str, dest: str, settings: ShardSettings | None = None) ->
             (ci, chunk, settings.image_settings(), staging, settings.row_group_rows)
             for ci, chunk in enumerate(chunks)
         ]
-        meta = [row for part in _run_parallel(process_chunk, calls, "read+check") for row in part]
+        meta = [
+            row
+            for part in _run_parallel(process_chunk, calls, "shard: read and check")
+            for row in part
+        ]
 
         rejects = list(early_rejects) + [
             {"key": r["key"], "source_uri": r["source_uri"], "reason": r["reason"]}
@@ -502,7 +507,7 @@ def shard_dataset(src: str, dest: str, settings: ShardSettings | None = None) ->
             )
             for split, i, rows in plans
         ]
-        infos = _run_parallel(assemble_shard, calls2, "write shards")
+        infos = _run_parallel(assemble_shard, calls2, "shard: write shards")
 
         splits: dict[str, SplitInfo] = {}
         for (split, i, rows), info in zip(plans, infos, strict=True):
