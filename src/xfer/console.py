@@ -95,8 +95,9 @@ def _handler(data: dict[str, Any]) -> None:
     with _lock:
         with open(log_path(), "a", encoding="utf-8", errors="replace") as f:
             f.writelines(f"{source} {line}\n" for line in lines)
+        sink = sys.stderr if data.get("is_err") else sys.stdout  # as the process wrote it
         for line in shown:
-            print(line, file=sys.stdout, flush=True)
+            print(line, file=sink, flush=True)
 
 
 def _autoscaler_events(lines: list[str]) -> list[str]:
