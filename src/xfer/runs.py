@@ -25,8 +25,8 @@ from typing import Any
 
 from xfer import storage
 from xfer.errors import NotFoundError, XferError
-
-SUCCESS = "_SUCCESS"
+from xfer.report import _flatten
+from xfer.score import SUCCESS
 
 
 @dataclass(frozen=True)
@@ -235,20 +235,10 @@ def show(root: str, run: str) -> str:
     return "\n".join(lines)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def compare(root: str, a: str, b: str) -> str:
     ua, ub = run_uri(root, a), run_uri(root, b)
-    ca = _flatten(storage.read_yaml(storage.join(ua, "config.yaml")) or {})
-    cb = _flatten(storage.read_yaml(storage.join(ub, "config.yaml")) or {})
+    ca = dict(_flatten(storage.read_yaml(storage.join(ua, "config.yaml")) or {}))
+    cb = dict(_flatten(storage.read_yaml(storage.join(ub, "config.yaml")) or {}))
     ra, rb = summarize(root, storage.basename(ua)), summarize(root, storage.basename(ub))
     width = max(len(ra.run_id), len(rb.run_id), 10)
     lines = [f"{'':<32} {ra.run_id:<{width}} {rb.run_id:<{width}}"]
