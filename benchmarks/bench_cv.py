@@ -98,8 +98,9 @@ def overrides(weights_uri: str, fold: int, extra: dict[str, object]) -> list[str
 def prepare(images: str, weights: str) -> str:
     """Shard each fold once, then write one dataset per fold; returns the weights' URI."""
     from xfer import storage
+    from xfer.config import ShardConfig
     from xfer.manifest import Manifest, SplitInfo, load_manifest
-    from xfer.shard import ShardSettings, shard_dataset
+    from xfer.shard import shard_dataset
 
     weights_uri = f"{ROOT}/weights/{os.path.basename(weights)}"
     if not storage.exists(weights_uri):
@@ -120,9 +121,7 @@ def prepare(images: str, weights: str) -> str:
                 writer.writerow(["uri", "label"])
                 writer.writerows(rows[k])
             dest = f"{ROOT}/datasets/fold-{k}"
-            shard_dataset(
-                listing, dest, ShardSettings(split_fractions=(1.0, 0.0, 0.0), max_side=256)
-            )
+            shard_dataset(listing, dest, ShardConfig(split_fractions=(1.0, 0.0, 0.0), max_side=256))
             parts.append(load_manifest(dest))
     for k in range(FOLDS):
         dest = f"{ROOT}/datasets/cv-{k}"

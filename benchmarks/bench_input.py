@@ -79,8 +79,9 @@ def all_bytes(manifest, split: str) -> list[bytes]:
 
 def run(images: str | None, max_side: int = 192) -> dict:
     from xfer import storage
+    from xfer.config import ShardConfig
     from xfer.manifest import load_manifest
-    from xfer.shard import ShardSettings, shard_dataset
+    from xfer.shard import shard_dataset
     from xfer.synth import synthesize
 
     with environment() as work:
@@ -92,9 +93,7 @@ def run(images: str | None, max_side: int = 192) -> dict:
         cores = os.cpu_count() or 1
         for name, side in (("original", None), ("pre-resized", max_side)):
             dest = f"{ROOT}/datasets/input-{name}"
-            shard_dataset(
-                source, dest, ShardSettings(split_fractions=(1.0, 0.0, 0.0), max_side=side)
-            )
+            shard_dataset(source, dest, ShardConfig(split_fractions=(1.0, 0.0, 0.0), max_side=side))
             m = load_manifest(dest)
             local = f"{work}/local/input-{name}"
             storage.download_dir(dest, local)

@@ -118,13 +118,14 @@ def run(images: str, weights: str) -> dict:
 def prepare(images: str, weights: str) -> str:
     """Shard the photos (80/20, pre-resized) and upload the weights; returns their URI."""
     from xfer import storage
-    from xfer.shard import ShardSettings, shard_dataset
+    from xfer.config import ShardConfig
+    from xfer.shard import shard_dataset
 
     if not storage.exists(f"{ROOT}/datasets/photos/manifest.json"):
         shard_dataset(
             images,
             f"{ROOT}/datasets/photos",
-            ShardSettings(split_fractions=(0.8, 0.2, 0.0), max_side=256),
+            ShardConfig(split_fractions=(0.8, 0.2, 0.0), max_side=256),
         )
     weights_uri = f"{ROOT}/weights/mobilenet_v2_1.0_224_imagenet_no_top.h5"
     if not storage.exists(weights_uri):

@@ -298,12 +298,13 @@ def run_in(images: str, model_uri: str) -> dict:
     """Inside a :func:`common.environment`, with a published model: every figure."""
     import ray
 
-    import xfer.score as xscore
-    from xfer.shard import ShardSettings, shard_dataset
+    from xfer.config import ShardConfig
+    from xfer.layout import resolve_model
+    from xfer.shard import shard_dataset
 
     cores = os.cpu_count() or 2
-    ref = xscore.resolve_model(model_uri)
-    model_file = f"{ref.model_uri}/{getattr(xscore, 'MODEL_FILE', 'model.keras')}"
+    ref = resolve_model(model_uri)
+    model_file = ref.model_file
     work = tempfile.mkdtemp(prefix="xfer-bench-score-")
     env = child_env(ray.get_runtime_context().gcs_address if ray.is_initialized() else None)
     step(f"model {ref.run_uri} (@{ref.image_size}); child logs in {work}")
@@ -320,7 +321,7 @@ def run_in(images: str, model_uri: str) -> dict:
     summary = shard_dataset(
         f"{big}/copy-0",
         dataset,
-        ShardSettings(split_fractions=(0.0001, 0.0001, 0.9998), max_side=256),
+        ShardConfig(split_fractions=(0.0001, 0.0001, 0.9998), max_side=256),
     )
     step(f"sharded copy-0 (max_side=256): {summary.rows} in {summary.seconds:.0f}s")
 

@@ -20,7 +20,8 @@ CLASSES = ["circle", "square", "triangle", "star"]
 
 def run(count: int = 20_000, size: int = 64) -> dict:
     from xfer import storage
-    from xfer.shard import ShardSettings, shard_dataset
+    from xfer.config import ShardConfig
+    from xfer.shard import shard_dataset
     from xfer.synth import synthesize
 
     with environment() as work:
@@ -37,7 +38,7 @@ def run(count: int = 20_000, size: int = 64) -> dict:
             )
         with timer() as t_shard:
             summary = shard_dataset(
-                raw, f"{ROOT}/datasets/shard-bench", ShardSettings(target_shard_mb=32)
+                raw, f"{ROOT}/datasets/shard-bench", ShardConfig(target_shard_mb=32)
             )
         figures = {
             "images": len(files),

@@ -1,7 +1,8 @@
 """Sharding entry point for `ray job submit`.
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \\
-        python jobs/shard.py s3://xfer-prod/raw/pets s3://xfer-prod/datasets/pets --max-side 256
+        python jobs/shard.py s3://xfer-prod/raw/pets s3://xfer-prod/datasets/pets \
+        --config jobs/configs/gpu_production.yaml          # its shard: section
 
 Same as `xfer shard`: the arguments are passed through unchanged.
 """

@@ -142,7 +142,8 @@ def pretrained_weights(session_root: str, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="session")
 def target_dataset(session_root: str, ray_local: None) -> str:
     """Generated ring/star images, sharded into ``<root>/datasets/shapes``."""
-    from xfer.shard import ShardSettings, shard_dataset
+    from xfer.config import ShardConfig
+    from xfer.shard import shard_dataset
     from xfer.synth import synthesize
 
     synthesize(f"{session_root}/raw/shapes", TARGET_CLASSES, per_class=70, size=IMAGE_SIZE, seed=7)
@@ -151,7 +152,7 @@ def target_dataset(session_root: str, ray_local: None) -> str:
         f"{session_root}/datasets/shapes",
         # max_side: recorded with the dataset and the model; scoring pre-resizes raw
         # images larger than this the same way (the generated ones are this size).
-        ShardSettings(target_shard_mb=0.05, max_side=IMAGE_SIZE),
+        ShardConfig(target_shard_mb=0.05, max_side=IMAGE_SIZE),
     )
     return f"{session_root}/datasets/shapes"
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from xfer import storage
+from xfer.errors import NotFoundError
 
 KILL_DELAY_S = 3.0
 
@@ -35,7 +36,7 @@ class FaultWatcher(threading.Thread):
     def _markers(self) -> list[str]:
         try:
             files = storage.list_files(f"{self.root}/runs")
-        except storage.NotFoundError:
+        except NotFoundError:
             return []
         return [f.uri for f in files if f.uri.endswith("/_fault_injected")]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from xfer.config import load_config, parse_overrides, resolved_dict
+from xfer.config import load_config, resolved_dict
+from xfer.configbase import parse_overrides
 from xfer.errors import ConfigError
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xfer.bases import REGISTRY
 from xfer.config import load_config
 from xfer.errors import ConfigError
 from xfer.model import (
-    REGISTRY,
     build_model,
     compile_model,
     extract_base,

@@ -10,10 +10,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from xfer.config import ShardConfig
 from xfer.manifest import load_manifest
 from xfer.preprocess import AugmentSettings, augment, decode_and_resize
 from xfer.reader import ReaderSpec, Unit, epoch_order, make_dataset, pipeline_segments
-from xfer.shard import ShardSettings, shard_dataset
+from xfer.shard import shard_dataset
 from xfer.synth import synthesize
 
 
@@ -130,7 +131,7 @@ def test_two_workers_under_mwms_see_every_example_once_per_epoch(bucket, ray_loc
 
     raw, ds = f"{bucket}/raw", f"{bucket}/datasets/shapes"
     synthesize(raw, ["circle", "square", "triangle"], per_class=17, size=24)
-    shard_dataset(raw, ds, ShardSettings(target_shard_mb=0.01, row_group_rows=5))
+    shard_dataset(raw, ds, ShardConfig(target_shard_mb=0.01, row_group_rows=5))
     manifest = load_manifest(ds)
     n = manifest.split("train").rows
 
@@ -166,7 +167,7 @@ def test_two_workers_under_mwms_see_every_example_once_per_epoch(bucket, ray_loc
 def test_eval_reader_sees_every_example_once(tmp_path, ray_local):
     synthesize(str(tmp_path / "raw"), ["a", "b"], per_class=20, size=16)
     shard_dataset(
-        str(tmp_path / "raw"), str(tmp_path / "ds"), ShardSettings(split_fractions=(0.5, 0.5, 0.0))
+        str(tmp_path / "raw"), str(tmp_path / "ds"), ShardConfig(split_fractions=(0.5, 0.5, 0.0))
     )
     m = load_manifest(str(tmp_path / "ds"))
     spec = ReaderSpec(m, "val", image_size=16, per_replica_batch=3, with_keys=True)

@@ -14,7 +14,8 @@ from PIL import Image
 from xfer import storage
 from xfer.config import load_config
 from xfer.errors import DataError, XferError
-from xfer.score import resolve_model, score
+from xfer.layout import resolve_model
+from xfer.score import score
 from xfer.synth import synthesize
 
 from .conftest import IMAGE_SIZE
@@ -290,7 +291,8 @@ def test_raw_images_score_like_their_plain_and_sharded_copies(trained_run, sessi
     """One normalisation for shard, train and score: EXIF orientation, alpha, the
     model's recorded pre-resize. On main the sideways copies scored sideways and the
     RGBA copies lost their alpha (transparent black instead of white)."""
-    from xfer.shard import ShardSettings, shard_dataset
+    from xfer.config import ShardConfig
+    from xfer.shard import shard_dataset
 
     inputs = f"{bucket}/photos"
     photo_like_inputs(inputs)
@@ -315,7 +317,7 @@ def test_raw_images_score_like_their_plain_and_sharded_copies(trained_run, sessi
     # The same images through `xfer shard` (the model's 48 px pre-resize) and scored
     # from the dataset agree with the raw scores.
     shard_dataset(
-        inputs, f"{bucket}/ds", ShardSettings(max_side=IMAGE_SIZE, split_fractions=(0.4, 0.3, 0.3))
+        inputs, f"{bucket}/ds", ShardConfig(max_side=IMAGE_SIZE, split_fractions=(0.4, 0.3, 0.3))
     )
     sharded = score(
         cfg, trained_run.run_uri, f"{bucket}/ds", f"{bucket}/sharded", date="2026-04-01"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -12,9 +14,10 @@ import pytest
 from PIL import Image
 
 from xfer import storage
+from xfer.config import ShardConfig
 from xfer.errors import DataError
 from xfer.manifest import SHARD_COLUMNS, load_manifest
-from xfer.shard import ShardSettings, shard_dataset
+from xfer.shard import shard_dataset
 from xfer.synth import synthesize
 
 
@@ -48,7 +51,7 @@ def all_rows(dataset: str, split: str) -> pa.Table:
 def test_synth_shard_roundtrip_on_s3(bucket, ray_local):
     raw, ds = f"{bucket}/raw", f"{bucket}/datasets/shapes"
     assert synthesize(raw, ["circle", "square", "triangle"], per_class=30, size=32) == 90
-    summary = shard_dataset(raw, ds, ShardSettings(target_shard_mb=0.02, row_group_rows=8))
+    summary = shard_dataset(raw, ds, ShardConfig(target_shard_mb=0.02, row_group_rows=8))
     m = load_manifest(ds)
     assert m.classes == ["circle", "square", "triangle"]
     assert sum(s.rows for s in m.splits.values()) == 90
@@ -80,13 +83,13 @@ def test_synth_shard_roundtrip_on_s3(bucket, ray_local):
 def test_resharding_is_deterministic(tmp_path, ray_local):
     raw = str(tmp_path / "raw")
     synthesize(raw, ["a", "b"], per_class=25, size=24, seed=3)
-    settings = ShardSettings(target_shard_mb=0.01, row_group_rows=4, files_per_task=7)
+    settings = ShardConfig(target_shard_mb=0.01, row_group_rows=4, files_per_task=7)
     shard_dataset(raw, str(tmp_path / "ds1"), settings)
     # Different parallelism, same output.
     shard_dataset(
         raw,
         str(tmp_path / "ds2"),
-        ShardSettings(target_shard_mb=0.01, row_group_rows=4, files_per_task=50),
+        ShardConfig(target_shard_mb=0.01, row_group_rows=4, files_per_task=50),
     )
     m1, m2 = load_manifest(str(tmp_path / "ds1")), load_manifest(str(tmp_path / "ds2"))
     assert m1.body() | {"name": ""} == m2.body() | {"name": ""}
@@ -136,7 +139,7 @@ def make_messy_tree(root: str) -> dict[str, str]:
 def test_bad_inputs_are_rejected_with_reasons_never_fatal(bucket, ray_local):
     raw, ds = f"{bucket}/messy", f"{bucket}/datasets/messy"
     expected = make_messy_tree(raw)
-    summary = shard_dataset(raw, ds, ShardSettings(max_rejected_fraction=0.5))
+    summary = shard_dataset(raw, ds, ShardConfig(max_rejected_fraction=0.5))
     rejects = storage.read_parquet(f"{ds}/rejects.parquet").to_pylist()
     got = {r["key"]: r["reason"] for r in rejects}
     assert set(got) == set(expected)
@@ -160,7 +163,7 @@ def test_too_many_rejects_fails_and_commits_nothing(bucket, ray_local):
     raw, ds = f"{bucket}/messy", f"{bucket}/datasets/messy"
     make_messy_tree(raw)
     with pytest.raises(DataError) as err:
-        shard_dataset(raw, ds, ShardSettings(max_rejected_fraction=0.05))
+        shard_dataset(raw, ds, ShardConfig(max_rejected_fraction=0.05))
     msg = str(err.value)
     assert "8 of 36 inputs rejected" in msg and "nothing was written" in msg
     assert "empty file" in msg
@@ -182,7 +185,7 @@ def test_list_input_and_pre_resize(tmp_path, ray_local):
     shard_dataset(
         str(tmp_path / "list.csv"),
         str(tmp_path / "ds"),
-        ShardSettings(max_side=64, jpeg_quality=80),
+        ShardConfig(max_side=64, jpeg_quality=80),
     )
     m = load_manifest(str(tmp_path / "ds"))
     assert m.classes == ["even", "odd"]
@@ -222,3 +225,98 @@ def test_progress_in_job_logs_is_periodic_lines(capsys):
     with Progress("quiet", 3, every_s=3600) as bar:  # the default interval: 30 s
         bar.update(3)
     assert capsys.readouterr().out == ""
+
+
+def test_shard_command_takes_a_config_file_flags_and_overrides(tmp_path, ray_local):
+    """Defaults < the config's shard: section < flags < key=value overrides."""
+    from xfer.cli import main
+
+    raw = str(tmp_path / "raw")
+    synthesize(raw, ["a", "b"], per_class=12, size=48)
+    config = tmp_path / "shard.yaml"
+    config.write_text(
+        "# xfer shard RAW DS --config shard.yaml\n"
+        "output: {model_name: shapes}\n"
+        "shard: {max_side: 24, jpeg_quality: 70, split_fractions: [0.5, 0.5, 0.0], name: from-file}\n"
+    )
+    ds = str(tmp_path / "ds")
+    args = ["shard", raw, ds, "--config", str(config), "--quality", "80", "shard.name=over"]
+    assert main(args) == 0
+    m = load_manifest(ds)
+    assert m.settings["max_side"] == 24  # the file
+    assert m.settings["jpeg_quality"] == 80  # the flag over the file
+    assert m.name == "over"  # the override over the file
+    assert m.settings["split_fractions"] == [0.5, 0.5, 0.0]
+    assert "test" not in m.splits or m.splits["test"].rows == 0
+    # Errors, as a user sees them: the real command, one line naming the key.
+    for argv, says in (
+        (["shard.max_sid=32"], "unknown key 'shard.max_sid' in command-line override"),
+        (["--split", "0.5,0.2,0.2"], "shard.split_fractions: needs three fractions"),
+        (["--config", str(config), "shard.max_sid=32"], "did you mean 'shard.max_side'"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "xfer", "shard", raw, ds, *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert says in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_num_tasks_bounds_the_tasks_running_at_once(ray_local, tmp_path):
+    """run_tasks with max_in_flight never has more than that many tasks started and unfinished."""
+    from xfer.raycluster import run_tasks
+
+    log = tmp_path / "events"
+    log.mkdir()
+
+    def task(i: int, folder: str) -> int:
+        import os
+        import time
+
+        open(os.path.join(folder, f"start-{i}-{time.monotonic_ns()}"), "w").close()
+        time.sleep(0.3)
+        open(os.path.join(folder, f"end-{i}-{time.monotonic_ns()}"), "w").close()
+        return i * i
+
+    assert run_tasks(task, [(i, str(log)) for i in range(6)], "t", max_in_flight=1) == [
+        i * i for i in range(6)
+    ]
+    events = sorted(
+        (int(name.rsplit("-", 1)[1]), name.split("-")[0])
+        for name in (p.name for p in log.iterdir())
+    )
+    running = peak = 0
+    for _, kind in events:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 1
+
+
+def test_shard_and_score_list_the_same_inputs(tmp_path):
+    """One listing module: a prefix and a uri list give both jobs the same keys and URIs."""
+    from xfer import inputs
+    from xfer.scoreplan import _list_objects
+
+    raw = tmp_path / "raw"
+    synthesize(str(raw), ["a", "b"], per_class=3, size=16)
+    (raw / "a" / ".DS_Store").write_bytes(b"x")
+    (raw / "a" / "Thumbs.db").write_bytes(b"x")
+    tree = inputs.class_tree(str(raw))
+    scored = list(_list_objects(str(raw)))
+    assert [(i.key, i.uri) for i in tree] == [(r["key"], r["source_uri"]) for r in scored]
+    assert len(tree) == 6 and {i.label for i in tree} == {"a", "b"}
+    listing = tmp_path / "list.csv"
+    rows = [f"raw/{i.key},{i.label}" for i in tree]
+    listing.write_text("uri,label\n" + "\n".join(rows) + "\n,\n")
+    labelled = inputs.read_list(str(listing), labelled=True)
+    assert [i.uri for i in labelled] == [i.uri for i in tree]  # relative to the list's folder
+    assert [i.label for i in labelled] == [i.label for i in tree]
+    scored_list = list(_list_objects(str(listing)))
+    assert [r["source_uri"] for r in scored_list] == [i.uri for i in tree]
+    (tmp_path / "bad.csv").write_text("path\nx.jpg\n")
+    with pytest.raises(DataError, match=r"needs uri,label \(missing: label, uri\)"):
+        inputs.read_list(str(tmp_path / "bad.csv"), labelled=True)
+    with pytest.raises(DataError, match=r"--input: .* needs a uri column"):
+        list(_list_objects(str(tmp_path / "bad.csv")))

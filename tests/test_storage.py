@@ -8,7 +8,7 @@ import threading
 import pyarrow as pa
 import pytest
 
-from xfer import storage
+from xfer import commit, s3, storage
 from xfer.errors import NotFoundError, StorageError
 
 
@@ -66,18 +66,16 @@ def test_commit_prefix_replaces_whole_and_marks_last(root):
     final = f"{root}/part"
     storage.write_bytes(f"{final}/old-0.parquet", b"old")
     storage.write_bytes(f"{final}/_SUCCESS", b"")
-    staging = storage.staging_prefix(final)
+    staging = commit.staging_prefix(final)
     for i in range(3):
         storage.write_bytes(f"{staging}/new-{i}.parquet", b"new")
     # Nothing staged is visible at the destination before the commit.
     assert not storage.exists(f"{final}/new-0.parquet")
-    storage.commit_prefix(staging, final, marker="_SUCCESS", marker_body=b"3 files")
+    commit.commit_prefix(staging, final, marker="_SUCCESS", marker_body=b"3 files")
     names = sorted(storage.basename(f.uri) for f in storage.list_files(final))
     assert names == ["_SUCCESS", "new-0.parquet", "new-1.parquet", "new-2.parquet"]
     assert storage.read_bytes(f"{final}/_SUCCESS") == b"3 files"
-    assert (
-        not storage.list_files(staging) if storage.is_s3(staging) else not os.path.exists(staging)
-    )
+    assert not storage.list_files(staging) if s3.is_s3(staging) else not os.path.exists(staging)
 
 
 def test_concurrent_reader_never_sees_a_partial_object(root):

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from xfer import storage
+from xfer import s3, storage
 from xfer.manifest import load_manifest
 
 # Chance is 50% (two balanced classes). The frozen base was pretrained on these
@@ -74,8 +74,8 @@ def test_success_marker_is_written_last(trained_run):
 
     Ray Train's own bookkeeping (checkpoints, its snapshot file) is not an output.
     """
-    bucket, key = storage.split_s3(trained_run.run_uri)
-    objects = storage.s3_client().list_objects_v2(Bucket=bucket, Prefix=key + "/")["Contents"]
+    bucket, key = s3.split_s3(trained_run.run_uri)
+    objects = s3.s3_client().list_objects_v2(Bucket=bucket, Prefix=key + "/")["Contents"]
     times = {
         o["Key"][len(key) + 1 :]: o["LastModified"]
         for o in objects
@@ -285,7 +285,8 @@ def test_reported_losses_are_true_means_over_real_examples(trained_run, target_d
     so their one step of 16 carries 2 padding rows (weight 0): a loss divided by the
     padded batch reads 12.5% low."""
     from xfer.config import ScoreConfig
-    from xfer.score import resolve_model, write_predictions
+    from xfer.layout import resolve_model
+    from xfer.score import write_predictions
 
     m = trained_run.metrics
     test = storage.read_parquet(f"{trained_run.run_uri}/predictions/test.parquet")

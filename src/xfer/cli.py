@@ -2,7 +2,7 @@
 
     xfer s3-server [--data-dir D] [--port P]
     xfer synth OUT [--classes a,b] [--per-class N] [--size PX]
-    xfer shard SRC DEST [--max-side PX] [--split 0.8,0.1,0.1] ...
+    xfer shard SRC DEST [--config FILE] [--max-side PX] [--split 0.8,0.1,0.1] ... [key=value ...]
     xfer train [--config FILE] [key=value ...]
     xfer score --model URI --input URI --output URI [--config FILE] [key=value ...]
     xfer runs list|show RUN|compare RUN RUN|promote RUN|rollback MODEL [--config FILE] [k=v ...]
@@ -59,21 +59,36 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shard(args: argparse.Namespace) -> int:
-    from xfer.shard import ShardSettings, shard_dataset
+# `xfer shard` flags, as the shard: keys they set (a flag wins over the config file).
+SHARD_FLAGS = {
+    "split": "split_fractions",
+    "shard_size_mb": "target_shard_mb",
+    "max_side": "max_side",
+    "quality": "jpeg_quality",
+    "max_pixels": "max_pixels",
+    "max_rejected_fraction": "max_rejected_fraction",
+    "tasks": "num_tasks",
+    "name": "name",
+}
 
-    fractions = tuple(float(x) for x in args.split.split(","))
-    settings = ShardSettings(
-        split_fractions=fractions,
-        target_shard_mb=args.shard_size_mb,
-        max_side=args.max_side,
-        jpeg_quality=args.quality,
-        max_pixels=args.max_pixels,
-        max_rejected_fraction=args.max_rejected_fraction,
-        num_tasks=args.tasks,
-        name=args.name,
-    )
-    summary = shard_dataset(args.src, args.dest, settings)
+
+def _shard(args: argparse.Namespace) -> int:
+    import json
+
+    from xfer.config import load_config
+    from xfer.shard import shard_dataset
+
+    flags = []
+    for flag, key in SHARD_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            if flag == "split":
+                with contextlib.suppress(ValueError):  # else the config names the bad value
+                    value = [float(x) for x in value.split(",")]
+            flags.append(f"shard.{key}={json.dumps(value)}")
+    cfg = load_config(args.config, [*flags, *args.overrides])
+    cfg.apply_storage_env()
+    summary = shard_dataset(args.src, args.dest, cfg.shard)
     print(summary.describe())
     return 0
 
@@ -172,19 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="class-per-folder tree, or a CSV/Parquet list of uri,label")
     p.add_argument("dest", help="dataset prefix, e.g. s3://bucket/datasets/name")
-    p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (by key hash)")
-    p.add_argument("--shard-size-mb", type=float, default=96.0, help="target shard size")
-    p.add_argument("--max-side", type=int, default=None, help="pre-resize: longest side in pixels")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding")
-    p.add_argument("--max-pixels", type=int, default=50_000_000, help="reject larger images")
+    p.add_argument("--config", help="YAML config file with a shard: section (local path or s3://)")
+    p.add_argument("--split", help="train,val,test fractions (by key hash); default 0.8,0.1,0.1")
+    p.add_argument("--shard-size-mb", type=float, help="target shard size; default 96")
+    p.add_argument("--max-side", type=int, help="pre-resize: longest side in pixels")
+    p.add_argument("--quality", type=int, help="JPEG quality when re-encoding; default 90")
+    p.add_argument("--max-pixels", type=int, help="reject larger images; default 50,000,000")
     p.add_argument(
         "--max-rejected-fraction",
         type=float,
-        default=0.05,
-        help="fail, committing nothing, if more inputs than this are rejected",
+        help="fail, committing nothing, if more inputs than this are rejected; default 0.05",
     )
-    p.add_argument("--tasks", type=int, default=None, help="parallel Ray tasks (default: CPUs)")
-    p.add_argument("--name", default=None, help="dataset name in the manifest (default: DEST's)")
+    p.add_argument("--tasks", type=int, help="parallel Ray tasks (default: CPUs)")
+    p.add_argument("--name", help="dataset name in the manifest (default: DEST's)")
+    p.add_argument("overrides", nargs="*", help="shard.key=value (or storage.*) overrides")
     p.set_defaults(func=_shard)
 
     p = sub.add_parser(

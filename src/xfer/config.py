@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from xfer.errors import ConfigError
+from xfer.bases import REGISTRY
+from xfer.configbase import (
+    Strict,
+    flatten_keys,
+    format_errors,
+    merge,
+    parse_overrides,
+    redact,
+)
+from xfer.errors import ConfigError, NotFoundError
 
-BASES = ("vgg16", "mobilenet_v2", "efficientnet_b0", "resnet50", "tiny_cnn")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
+if TYPE_CHECKING:
+    from xfer.images import ImageSettings
 
 # ---------------------------------------------------------------- sections
 
@@ -77,7 +81,7 @@ class DenseLayer(Strict):
 
 class HeadConfig(Strict):
     pooling: Literal["avg", "max", "flatten"] = "avg"
-    dense: list[DenseLayer] = []
+    dense: list[DenseLayer] = Field(default_factory=list)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     features: Literal["online", "cached"] = Field(
         "online",
@@ -94,10 +98,10 @@ class ModelConfig(Strict):
     @field_validator("base")
     @classmethod
     def _base(cls, v: str) -> str:
-        if v not in BASES:
-            hint = difflib.get_close_matches(v, BASES, n=1)
+        if v not in REGISTRY:
+            hint = difflib.get_close_matches(v, list(REGISTRY), n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(f"unknown base {v!r}{extra}; choose one of {', '.join(BASES)}")
+            raise ValueError(f"unknown base {v!r}{extra}; choose one of {', '.join(REGISTRY)}")
         return v
 
     @field_validator("alpha")
@@ -258,6 +262,49 @@ class ScoreConfig(Strict):
         return max(1, math.ceil(self.cpus_per_actor))
 
 
+class ShardConfig(Strict):
+    """`xfer shard`: how images become a dataset (recorded in its manifest)."""
+
+    split_fractions: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train, val, test fractions, by a hash of each key"
+    )
+    target_shard_mb: float = Field(96.0, gt=0, description="target size of a shard")
+    max_side: int | None = Field(None, ge=16, description="pre-resize: longest side in pixels")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality when re-encoding")
+    max_pixels: int = Field(50_000_000, ge=1, description="larger images are rejected")
+    max_rejected_fraction: float = Field(
+        0.05, ge=0, le=1, description="fail, committing nothing, above this share of rejects"
+    )
+    num_tasks: int | None = Field(None, ge=1, description="parallel Ray tasks (default: CPUs)")
+    files_per_task: int = Field(256, ge=1, description="images per Ray task")
+    row_group_rows: int = Field(64, ge=1, description="rows per Parquet row group")
+    name: str | None = Field(None, description="dataset name in the manifest (default: DEST's)")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, f: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in f) or not math.isclose(sum(f), 1.0, abs_tol=1e-6):
+            raise ValueError(f"needs three fractions train,val,test summing to 1 (got {list(f)})")
+        if f[0] <= 0:
+            raise ValueError("the train fraction must be above 0")
+        return f
+
+    def image_settings(self) -> ImageSettings:
+        from xfer.images import ImageSettings
+
+        return ImageSettings(self.max_pixels, self.max_side, self.jpeg_quality)
+
+    def recorded(self) -> dict[str, Any]:
+        """What determines the output (recorded in the manifest)."""
+        return {
+            "split_fractions": list(self.split_fractions),
+            "target_shard_mb": self.target_shard_mb,
+            "max_side": self.max_side,
+            "jpeg_quality": self.jpeg_quality,
+            "max_pixels": self.max_pixels,
+        }
+
+
 class XferConfig(Strict):
     storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
@@ -267,6 +314,7 @@ class XferConfig(Strict):
     output: OutputConfig = OutputConfig()
     fault: FaultConfig = FaultConfig()
     score: ScoreConfig = ScoreConfig()
+    shard: ShardConfig = ShardConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> XferConfig:
@@ -282,13 +330,19 @@ class XferConfig(Strict):
         ds = self.data.dataset
         if ds.startswith("s3://") or ds.startswith("/") or ds.startswith("file://") or "/" in ds:
             return ds.rstrip("/")
-        return f"{self.storage.root}/datasets/{ds}"
+        from xfer import layout
+
+        return layout.dataset_uri(self.storage.root, ds)
 
     def run_uri(self, run_id: str) -> str:
-        return f"{self.storage.root}/runs/{run_id}"
+        from xfer import layout
+
+        return layout.run_uri(self.storage.root, run_id)
 
     def model_uri(self) -> str:
-        return f"{self.storage.root}/models/{self.output.model_name}"
+        from xfer import layout
+
+        return layout.model_uri(self.storage.root, self.output.model_name)
 
     def apply_storage_env(self) -> None:
         """storage.endpoint_url / region become the standard AWS variables (this process)."""
@@ -303,104 +357,13 @@ class XferConfig(Strict):
 # ------------------------------------------------------------------ loading
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values parse as YAML."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if (
-            not sep
-            or not key
-            or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key)
-        ):
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {item!r} conflicts with an earlier override of {part!r}"
-                )
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _flatten_keys(d: dict[str, Any], prefix: str = "") -> set[str]:
-    keys = set()
-    for k, v in d.items():
-        path = f"{prefix}{k}"
-        keys.add(path)
-        if isinstance(v, dict):
-            keys |= _flatten_keys(v, path + ".")
-    return keys
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: Any = XferConfig
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
-            return None
-    return model
-
-
-def _format_errors(exc: ValidationError, source: str, override_keys: set[str]) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # Union branches add their type names to the location; drop them.
-        loc = tuple(
-            p for p in loc if not (isinstance(p, str) and p in {"str", "int", "float", "bool"})
-        )
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        where = f"command-line override {key}=..." if key in override_keys else source
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(loc[:-1])
-            hint = ""
-            if parent is not None:
-                close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
-                if close:
-                    hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)"
-                else:
-                    hint = f" (known keys: {', '.join(parent.model_fields)})"
-            lines.append(f"unknown key {key!r} in {where}{hint}")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            got = err.get("input")
-            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-            lines.append(f"{key}: {msg}{shown} in {where}")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
 def build_config(
     data: dict[str, Any], source: str = "config", override_keys: set[str] | None = None
 ) -> XferConfig:
     try:
         return XferConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source, override_keys or set())) from None
+        raise ConfigError(format_errors(exc, source, override_keys or set(), XferConfig)) from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> XferConfig:
@@ -415,7 +378,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             loaded = yaml.safe_load(storage.read_bytes(path))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        except storage.NotFoundError:
+        except NotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         if loaded is None:
             loaded = {}
@@ -423,26 +386,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded
     extra = parse_overrides(overrides or [])
-    return build_config(merge(data, extra), source, _flatten_keys(extra))
+    return build_config(merge(data, extra), source, flatten_keys(extra))
 
 
 # --------------------------------------------------------- writing it out
-
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|private_key|access_key)", re.I)
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """Mask secret-looking keys and credentials embedded in URLs."""
-    if isinstance(value, dict):
-        return {k: redact(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if _SECRET_KEY.search(key) and value not in (None, ""):
-        return "***"
-    if isinstance(value, str):
-        return _URL_USERINFO.sub(r"\g<scheme>***@", value)
-    return value
 
 
 def resolved_dict(cfg: XferConfig) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from xfer import console, storage
 from xfer.config import XferConfig, load_config
+from xfer.layout import LATEST, MODEL_DIR, MODEL_FILE, model_uri
 
 SOURCE_CLASSES = ["star", "cross", "ring", "hexagon", "stripes", "dots"]
 TARGET_CLASSES = ["circle", "square", "triangle"]
@@ -92,8 +93,8 @@ def export_base_weights(run_uri: str, dest: str) -> None:
     from xfer.model import extract_base
 
     with tempfile.TemporaryDirectory(prefix="xfer-demo-") as tmp:
-        path = os.path.join(tmp, "model.keras")
-        storage.download_file(storage.join(run_uri, "model", "model.keras"), path)
+        path = os.path.join(tmp, MODEL_FILE)
+        storage.download_file(storage.join(run_uri, MODEL_DIR, MODEL_FILE), path)
         model = tf_keras.models.load_model(path, compile=False)
         out = os.path.join(tmp, "base.h5")
         extract_base(model).save_weights(out)
@@ -101,10 +102,11 @@ def export_base_weights(run_uri: str, dest: str) -> None:
 
 
 def run_demo(settings: DemoSettings) -> int:
+    from xfer.config import ShardConfig
     from xfer.raycluster import ensure_ray
     from xfer.s3server import EmbeddedS3
     from xfer.score import score
-    from xfer.shard import ShardSettings, shard_dataset
+    from xfer.shard import shard_dataset
     from xfer.synth import synthesize
     from xfer.train.driver import train
 
@@ -145,7 +147,7 @@ def run_demo(settings: DemoSettings) -> int:
             if name == "shapes-source" and settings.weights != "source":
                 continue
             summary = shard_dataset(
-                f"{raw}/{name}", f"{ROOT}/datasets/{name}", ShardSettings(target_shard_mb=0.2)
+                f"{raw}/{name}", f"{ROOT}/datasets/{name}", ShardConfig(target_shard_mb=0.2)
             )
             print(summary.describe().splitlines()[0], flush=True)  # the rest: `xfer shard`
 
@@ -261,8 +263,8 @@ def print_summary(
         f" vs random frozen base {_pct(b['phases'].get('head', {}).get('val_accuracy'))}",
         "",
         f"  run        {result.run_uri}  (metrics.json, predictions/, logs/)",
-        f"  model      {result.run_uri}/model/model.keras  (loads with tf_keras alone)",
-        f"  published  {ROOT}/models/shapes/latest.json"
+        f"  model      {result.run_uri}/{MODEL_DIR}/{MODEL_FILE}  (loads with tf_keras alone)",
+        f"  published  {model_uri(ROOT, 'shapes')}/{LATEST}"
         if result.published
         else "  published  no (gate not passed)",
         f"  nightly    {scored.output}/  ({scored.rows} images, {scored.errors} errors)",

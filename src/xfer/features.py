@@ -39,10 +39,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from xfer import storage
+from xfer import s3, storage
 from xfer.config import XferConfig
 from xfer.errors import NotFoundError
 from xfer.manifest import MANIFEST, SCHEMA_VERSION, Manifest, ShardInfo, SplitInfo, load_manifest
+from xfer.provenance import file_sha256
 from xfer.weights import WeightsSource
 
 FORMAT = 1
@@ -245,7 +246,7 @@ def _encoded_rows(dataset: Manifest, pieces: list[_Piece], meta: dict[int, Any],
     def read(item: tuple[_Piece, int]) -> Any:
         piece, g = item
         uri = storage.join(dataset.uri, piece.path)
-        with storage.translate_errors(uri):
+        with s3.translate_errors(uri):
             parquet_file = files.get(uri)
             if parquet_file is None:
                 parquet_file = files[uri] = storage.open_parquet(uri)
@@ -335,8 +336,7 @@ def build_part(
                     )
                     writer.write_table(out, row_group_size=rows)
                     ready, group, total = ready[rows:], group + 1, total + rows
-            with open(path, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
+            digest = file_sha256(path)
             stem = piece.path.rsplit(".", 1)[0]
             rel = f"{plan.build_path}/{stem}-rg{piece.first:05d}.parquet"
             info = ShardInfo(

@@ -6,103 +6,18 @@ The model takes plain RGB pixels (float, 0..255, ``image_size`` square): each ba
 own input scaling is the model's first layer, built from stock Keras layers only, so
 a saved model needs nothing from xfer to be loaded and used. The base is called with
 ``training=False`` so that BatchNorm stays in inference mode in both phases
-(DESIGN.md, decision 7). Freezing is a setting: :func:`freeze_base` and
+(docs/design.md, decision 7). Freezing is a setting: :func:`freeze_base` and
 :func:`unfreeze_top` flip ``trainable`` flags; the caller recompiles.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from xfer.bases import REGISTRY, input_scaling
+from xfer.bases import tf_keras as _keras
 from xfer.config import ModelConfig
 from xfer.errors import ConfigError
-
-# Caffe-style bases (VGG16, ResNet50) expect BGR with the ImageNet mean subtracted.
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-
-@dataclass(frozen=True)
-class BaseSpec:
-    name: str
-    build: Callable[..., Any]  # (input_shape, weights, alpha) -> keras Model
-    preprocessing: str  # "caffe" | "tf" (-1..1) | "unit" (0..1) | "none" (0..255)
-    has_imagenet: bool = True
-
-
-def _keras() -> Any:
-    import tf_keras
-
-    return tf_keras
-
-
-def _vgg16(input_shape: tuple[int, int, int], weights: str | None, alpha: float) -> Any:
-    return _keras().applications.VGG16(include_top=False, weights=weights, input_shape=input_shape)
-
-
-def _resnet50(input_shape: tuple[int, int, int], weights: str | None, alpha: float) -> Any:
-    return _keras().applications.ResNet50(
-        include_top=False, weights=weights, input_shape=input_shape
-    )
-
-
-def _mobilenet_v2(input_shape: tuple[int, int, int], weights: str | None, alpha: float) -> Any:
-    return _keras().applications.MobileNetV2(
-        include_top=False, weights=weights, input_shape=input_shape, alpha=alpha
-    )
-
-
-def _efficientnet_b0(input_shape: tuple[int, int, int], weights: str | None, alpha: float) -> Any:
-    return _keras().applications.EfficientNetB0(
-        include_top=False, weights=weights, input_shape=input_shape
-    )
-
-
-def _tiny_cnn(input_shape: tuple[int, int, int], weights: str | None, alpha: float) -> Any:
-    """A small conv base for tests and the offline demo (no ImageNet weights exist)."""
-    keras = _keras()
-    layers = keras.layers
-    inputs = keras.Input(input_shape)
-    x = inputs
-    for i, filters in enumerate((16, 32, 64, 96)):
-        x = layers.Conv2D(filters, 3, padding="same", name=f"block{i + 1}_conv")(x)
-        x = layers.BatchNormalization(name=f"block{i + 1}_bn")(x)
-        x = layers.Activation("relu", name=f"block{i + 1}_relu")(x)
-        if i < 3:
-            x = layers.MaxPooling2D(name=f"block{i + 1}_pool")(x)
-    return keras.Model(inputs, x, name="tiny_cnn")
-
-
-REGISTRY: dict[str, BaseSpec] = {
-    "vgg16": BaseSpec("vgg16", _vgg16, "caffe"),
-    "resnet50": BaseSpec("resnet50", _resnet50, "caffe"),
-    "mobilenet_v2": BaseSpec("mobilenet_v2", _mobilenet_v2, "tf"),
-    "efficientnet_b0": BaseSpec("efficientnet_b0", _efficientnet_b0, "none"),
-    "tiny_cnn": BaseSpec("tiny_cnn", _tiny_cnn, "unit", has_imagenet=False),
-}
-
-
-def input_scaling(kind: str) -> Any:
-    """The base's input preprocessing as one stock Keras layer (serialisable)."""
-    import numpy as np
-
-    layers = _keras().layers
-    if kind == "tf":
-        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="input_scaling")
-    if kind == "unit":
-        return layers.Rescaling(1.0 / 255.0, name="input_scaling")
-    if kind == "caffe":
-        # RGB -> BGR and mean subtraction as a fixed 1x1 convolution.
-        kernel = np.zeros((1, 1, 3, 3), dtype="float32")
-        for c in range(3):
-            kernel[0, 0, c, 2 - c] = 1.0
-        bias = -np.array(CAFFE_MEAN_BGR, dtype="float32")
-        conv = layers.Conv2D(3, 1, name="input_scaling", trainable=False)
-        conv.build((None, None, None, 3))
-        conv.set_weights([kernel, bias])
-        return conv
-    return layers.Identity(name="input_scaling")
 
 
 def build_base(cfg: ModelConfig, image_size: int, weights_path: str | None) -> Any:

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from xfer import storage
+from xfer.commit import SUCCESS
+from xfer.layout import PREDICTIONS
 
 CLASS_SHIFT_LIMIT = 0.15
 CONFIDENCE_DROP_LIMIT = 0.10
@@ -68,7 +70,7 @@ def _read(uris: list[str]) -> Any:
 
 
 def summarize_night(partition: str, classes: list[str], run_uri: str) -> dict[str, Any]:
-    marker = storage.read_json(storage.join(partition, "_SUCCESS"))
+    marker = storage.read_json(storage.join(partition, SUCCESS))
     table = _read([storage.join(partition, f) for f in marker["files"]])
     errors = [
         (k, e)
@@ -98,7 +100,7 @@ def summarize_night(partition: str, classes: list[str], run_uri: str) -> dict[st
         "test_split": None,
         "drift": None,
     }
-    test_uri = storage.join(run_uri, "predictions", "test.parquet")
+    test_uri = storage.join(run_uri, PREDICTIONS, "test.parquet")
     if storage.exists(test_uri):
         test = _read([test_uri])
         ref = _figures(

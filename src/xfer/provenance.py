@@ -1,4 +1,5 @@
-"""Which xfer a process runs: version, a hash of its source, where it was imported from.
+"""Which xfer a process runs (version, a hash of its source, where it was imported
+from), and the checksum of a file that a run or a dataset records (:func:`file_sha256`).
 
     code_identity()  ->  {"version": "0.1.0", "sha256": "3f2a…", "path": "/…/xfer",
                           "git_commit": "…" | None}
@@ -21,6 +22,15 @@ from typing import Any
 import xfer
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(xfer.__file__))
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file, read in 1 MiB blocks (weights, shards, feature files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=1)

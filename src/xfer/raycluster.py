@@ -152,3 +152,45 @@ def check_capacity(
         )
         time.sleep(min(30.0, max(remaining, 0.1)))
         needs = _shortfall(need_cpu, need_gpu)
+
+
+def run_tasks(
+    fn: Any,
+    calls: list[tuple[Any, ...]],
+    desc: str,
+    num_cpus: float = 1,
+    max_in_flight: int | None = None,
+) -> list[Any]:
+    """Run ``fn(*args)`` for each call as Ray tasks, with a progress bar; results in order.
+
+    ``max_in_flight`` bounds how many run at once (default: as many as Ray schedules).
+    """
+    import ray
+
+    from xfer.console import Progress
+
+    remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+    limit = max_in_flight or len(calls)
+    index: dict[Any, int] = {}
+    results: list[Any] = [None] * len(calls)
+    pending: list[Any] = []
+    with Progress(desc, len(calls), unit="task") as bar:
+        for i, args in enumerate(calls):
+            if len(pending) >= limit:
+                pending = _collect(ray, pending, index, results, bar)
+            ref = remote.remote(*args)
+            index[ref] = i
+            pending.append(ref)
+        while pending:
+            pending = _collect(ray, pending, index, results, bar)
+    return results
+
+
+def _collect(
+    ray: Any, pending: list[Any], index: dict[Any, int], results: list[Any], bar: Any
+) -> list[Any]:
+    done, rest = ray.wait(pending, num_returns=1)
+    for ref in done:
+        results[index[ref]] = ray.get(ref)
+        bar.update()
+    return rest

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from xfer import storage
+from xfer import s3, storage
 from xfer.manifest import Manifest
 from xfer.preprocess import AugmentSettings, augment, decode_and_resize
 
@@ -153,7 +153,7 @@ class _ShardCache:
                 entry = (storage.open_parquet(self._uris[shard]), threading.Lock())
                 self._files[shard] = entry
         parquet_file, lock = entry
-        with lock, storage.translate_errors(self._uris[shard]):
+        with lock, s3.translate_errors(self._uris[shard]):
             return parquet_file.read_row_group(row_group, columns=["key", self._column, "label"])
 
 

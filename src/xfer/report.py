@@ -316,7 +316,7 @@ def render_report(
             f"{reliability_plot(test['calibration'])}'>"
         )
     parts.append("<h2>Lineage</h2><table>")
-    for key, value in _flatten(lineage):
+    for key, value in flatten(lineage):
         parts.append(
             f"<tr><th style='text-align:left'>{esc(key)}</th><td style='text-align:left'>"
             f"<code>{esc(str(value))}</code></td></tr>"
@@ -390,11 +390,11 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for k, v in d.items():
         if isinstance(v, dict):
-            out.extend(_flatten(v, f"{prefix}{k}."))
+            out.extend(flatten(v, f"{prefix}{k}."))
         else:
             out.append((f"{prefix}{k}", v))
     return out

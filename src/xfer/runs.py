@@ -23,10 +23,21 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from xfer import storage
+from xfer import layout, storage
+from xfer.commit import SUCCESS
 from xfer.errors import NotFoundError, XferError
-from xfer.report import _flatten
-from xfer.score import SUCCESS
+from xfer.layout import (
+    CONFIG,
+    LATEST,
+    LINEAGE,
+    METRICS,
+    MODEL_DIR,
+    PREDICTIONS,
+    REPORT,
+    publish_pointer,
+    read_pointer,
+)
+from xfer.report import flatten
 
 
 @dataclass(frozen=True)
@@ -80,8 +91,8 @@ def _stage_text(stage: dict[str, Any] | None) -> str:
 def published_runs(root: str) -> dict[str, str]:
     """run id -> model name, for every model's current ``latest.json``."""
     out = {}
-    for name in storage.list_dirs(storage.join(root, "models")):
-        pointer = _read(storage.join(root, "models", name, "latest.json"))
+    for name in storage.list_dirs(layout.models_prefix(root)):
+        pointer = read_pointer(layout.model_uri(root, name))
         if pointer:
             out[pointer["run_id"]] = name
     return out
@@ -90,13 +101,11 @@ def published_runs(root: str) -> dict[str, str]:
 def summarize(root: str, run_id: str, published: dict[str, str] | None = None) -> RunSummary:
     from xfer.train.journal import JOURNAL
 
-    uri = storage.join(root, "runs", run_id)
-    config = _read(storage.join(uri, "config.yaml"), "yaml") or {}
+    uri = layout.run_uri(root, run_id)
+    config = _read(storage.join(uri, CONFIG), "yaml") or {}
     if published is None:
         published = published_runs(root)
-    metrics = (
-        _read(storage.join(uri, "metrics.json")) if storage.exists(f"{uri}/{SUCCESS}") else None
-    )
+    metrics = _read(storage.join(uri, METRICS)) if layout.is_complete(uri) else None
     attempts, driver_failed = [], False
     for info in storage.list_files(storage.join(uri, JOURNAL)) if not metrics else []:
         name = storage.basename(info.uri)
@@ -130,7 +139,7 @@ def summarize(root: str, run_id: str, published: dict[str, str] | None = None) -
 
 def list_runs(root: str, model: str | None = None) -> list[RunSummary]:
     published = published_runs(root)
-    runs = [summarize(root, r, published) for r in storage.list_dirs(storage.join(root, "runs"))]
+    runs = [summarize(root, r, published) for r in storage.list_dirs(layout.runs_prefix(root))]
     if model:
         runs = [r for r in runs if r.model_name == model]
     return sorted(runs, key=lambda r: (r.started, r.run_id), reverse=True)
@@ -179,10 +188,8 @@ def format_table(runs: list[RunSummary]) -> str:
 
 
 def run_uri(root: str, run: str) -> str:
-    uri = (
-        run.rstrip("/") if "://" in run or run.startswith("/") else storage.join(root, "runs", run)
-    )
-    if not storage.exists(storage.join(uri, "config.yaml")):
+    uri = run.rstrip("/") if "://" in run or run.startswith("/") else layout.run_uri(root, run)
+    if not storage.exists(storage.join(uri, CONFIG)):
         raise XferError(f"no run {run!r} (nothing at {uri}); `xfer runs list` shows the runs")
     return uri
 
@@ -196,7 +203,7 @@ def show(root: str, run: str) -> str:
         f"  started {r.started}" + ("" if r.wall_s is None else f", wall {r.wall_s / 60:.1f} min"),
     ]
     if r.status == "complete":
-        m = storage.read_json(storage.join(uri, "metrics.json"))
+        m = storage.read_json(storage.join(uri, METRICS))
         for phase, p in m.get("phases", {}).items():
             lines.append(
                 f"  {phase:<9} {p.get('epochs')} epoch(s), val accuracy {_pct(p.get('val_accuracy'))}, "
@@ -215,7 +222,7 @@ def show(root: str, run: str) -> str:
                 f" {failure.get('phase') or ''} epoch {failure.get('epoch')}, rank {failure.get('rank')},"
                 f" {failure.get('epochs_redone')} epoch(s) redone"
             )
-        lin = _read(storage.join(uri, "lineage.json")) or {}
+        lin = _read(storage.join(uri, LINEAGE)) or {}
         code = lin.get("code", {})
         lines.append(
             f"  lineage: dataset checksum {str(lin.get('dataset', {}).get('checksum', ''))[:12]}, "
@@ -223,11 +230,11 @@ def show(root: str, run: str) -> str:
         )
     lines.append("  where:")
     for name, what in (
-        ("config.yaml", "the resolved config"),
-        ("model/", "the model (loads with tf_keras alone)"),
-        ("metrics.json", "metrics per phase and epoch, test metrics, failures, gate"),
-        ("report.html", "the report"),
-        ("predictions/test.parquet", "predictions on the test split"),
+        (CONFIG, "the resolved config"),
+        (f"{MODEL_DIR}/", "the model (loads with tf_keras alone)"),
+        (METRICS, "metrics per phase and epoch, test metrics, failures, gate"),
+        (REPORT, "the report"),
+        (f"{PREDICTIONS}/test.parquet", "predictions on the test split"),
         ("logs/console.log", "everything Ray and TensorFlow printed"),
         ("tensorboard/", "per-epoch scalars"),
     ):
@@ -237,8 +244,8 @@ def show(root: str, run: str) -> str:
 
 def compare(root: str, a: str, b: str) -> str:
     ua, ub = run_uri(root, a), run_uri(root, b)
-    ca = dict(_flatten(storage.read_yaml(storage.join(ua, "config.yaml")) or {}))
-    cb = dict(_flatten(storage.read_yaml(storage.join(ub, "config.yaml")) or {}))
+    ca = dict(flatten(storage.read_yaml(storage.join(ua, CONFIG)) or {}))
+    cb = dict(flatten(storage.read_yaml(storage.join(ub, CONFIG)) or {}))
     ra, rb = summarize(root, storage.basename(ua)), summarize(root, storage.basename(ub))
     width = max(len(ra.run_id), len(rb.run_id), 10)
     lines = [f"{'':<32} {ra.run_id:<{width}} {rb.run_id:<{width}}"]
@@ -265,46 +272,12 @@ def compare(root: str, a: str, b: str) -> str:
 # ----------------------------------------------------------------- publishing
 
 
-def publish_pointer(
-    model_uri: str,
-    model_name: str,
-    run_id: str,
-    run_uri: str,
-    metric: str,
-    value: float | None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Point ``latest.json`` at the run (one atomic PUT), after a copy in ``history/``.
-
-    ``previous_run_id`` (in ``extra``) defaults to the run published until now.
-    """
-    latest_uri = storage.join(model_uri, "latest.json")
-    previous = _read(latest_uri)
-    now = dt.datetime.now(dt.timezone.utc)
-    pointer = {
-        "model_name": model_name,
-        "run_id": run_id,
-        "run_uri": run_uri,
-        "model_uri": storage.join(run_uri, "model"),
-        "test_accuracy": value if metric == "test_accuracy" else None,
-        "gate": {"metric": metric, "value": value},
-        "published_at": now.isoformat(timespec="seconds"),
-        "previous_run_id": previous.get("run_id") if previous else None,
-        "action": "publish",
-        **extra,
-    }
-    stamp = f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}"
-    storage.write_json(storage.join(model_uri, "history", f"{stamp}-{run_id}.json"), pointer)
-    storage.write_json(latest_uri, pointer)
-    return pointer
-
-
 def _committed_metrics(uri: str) -> dict[str, Any]:
-    if not storage.exists(storage.join(uri, SUCCESS)):
+    if not layout.is_complete(uri):
         raise XferError(
             f"run {storage.basename(uri)} is not complete (no {SUCCESS}): it cannot be published"
         )
-    return storage.read_json(storage.join(uri, "metrics.json"))
+    return storage.read_json(storage.join(uri, METRICS))
 
 
 def promote(root: str, run: str, force: bool = False) -> dict[str, Any]:
@@ -316,7 +289,7 @@ def promote(root: str, run: str, force: bool = False) -> dict[str, Any]:
             f"run {m['run_id']} did not pass its gate ({gate.get('metric')} {gate.get('value')} < "
             f"{gate.get('min_test_accuracy')}); --force publishes it anyway"
         )
-    model_uri = storage.join(root, "models", m["model_name"])
+    model_uri = layout.model_uri(root, m["model_name"])
     return publish_pointer(
         model_uri,
         m["model_name"],
@@ -329,30 +302,24 @@ def promote(root: str, run: str, force: bool = False) -> dict[str, Any]:
     )
 
 
-def history(root: str, model: str) -> list[dict[str, Any]]:
-    """Every pointer the model's ``latest.json`` ever held, oldest first."""
-    folder = storage.join(root, "models", model, "history")
-    return [storage.read_json(f.uri) for f in storage.list_files(folder) if f.uri.endswith(".json")]
-
-
 def rollback(root: str, model: str, force: bool = False) -> dict[str, Any]:
     """Publish the run that was published before the current one.
 
     The current pointer's ``previous_run_id`` names it; the new pointer's previous is
     what that run's own publication replaced, so rollbacks walk back one at a time.
     """
-    model_uri = storage.join(root, "models", model)
-    current = _read(storage.join(model_uri, "latest.json"))
+    model_uri = layout.model_uri(root, model)
+    current = read_pointer(model_uri)
     if not current:
-        raise XferError(f"model {model!r} is not published (no {model_uri}/latest.json)")
+        raise XferError(f"model {model!r} is not published (no {model_uri}/{LATEST})")
     target = current.get("previous_run_id")
     if not target:
         raise XferError(
             f"model {model!r}: run {current['run_id']} is the first published; nothing to roll back to"
         )
-    earlier = [p for p in history(root, model) if p["run_id"] == target]
+    earlier = [p for p in layout.history(model_uri) if p["run_id"] == target]
     before = earlier[-1].get("previous_run_id") if earlier else None
-    uri = storage.join(root, "runs", target)
+    uri = layout.run_uri(root, target)
     m = _committed_metrics(uri)
     gate = m.get("gate", {})
     if not gate.get("passed") and not force:

@@ -25,70 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from xfer import storage
+from xfer import s3, storage
 from xfer.config import ScoreConfig, XferConfig
-from xfer.errors import NotFoundError, StoreUnavailable, XferError
-from xfer.scoreplan import class_column  # noqa: F401  (re-exported)
+from xfer.errors import StoreUnavailable, XferError
+from xfer.layout import ModelRef, resolve_model
 
-MODEL_FILE = "model.keras"
-MODEL_INFO = "xfer_model.json"
-SUCCESS = "_SUCCESS"
 MAX_PIXELS = 50_000_000  # larger images are refused from their header
-
-
-# --------------------------------------------------------------- the model
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    run_uri: str
-    run_id: str
-    model_name: str
-    model_uri: str  # <run>/model
-    classes: list[str]
-    image_size: int
-    max_side: int | None = None  # the pre-resize of the images it was trained on
-    jpeg_quality: int | None = None  # how its shards re-encoded converted images
-
-
-def resolve_model(uri: str, require_committed: bool = True) -> ModelRef:
-    """A run (``…/runs/<id>``) or a model name (``…/models/<name>``, via latest.json)."""
-    uri = uri.rstrip("/")
-    latest = storage.join(uri, "latest.json")
-    model_name = ""
-    try:
-        if storage.exists(latest):
-            pointer = storage.read_json(latest)
-            uri, model_name = pointer["run_uri"].rstrip("/"), pointer.get("model_name", "")
-    except NotFoundError as exc:
-        raise XferError(f"--model {uri}: {exc}") from None
-    if require_committed and not storage.exists(storage.join(uri, SUCCESS)):
-        if storage.exists(storage.join(uri, "model", MODEL_INFO)):
-            raise XferError(
-                f"--model {uri}: the run is not committed (no {SUCCESS}); it failed or is still running"
-            )
-        raise XferError(f"--model {uri}: no committed run or published model there")
-    try:
-        info = storage.read_json(storage.join(uri, "model", MODEL_INFO))
-    except NotFoundError:
-        raise XferError(
-            f"--model {uri}: no model in this run ({storage.join(uri, 'model')})"
-        ) from None
-    if not model_name:
-        try:
-            model_name = storage.read_yaml(storage.join(uri, "config.yaml"))["output"]["model_name"]
-        except (NotFoundError, KeyError, TypeError):
-            model_name = ""
-    return ModelRef(
-        run_uri=uri,
-        run_id=storage.basename(uri),
-        model_name=model_name,
-        model_uri=storage.join(uri, "model"),
-        classes=list(info["classes"]),
-        image_size=int(info["image_size"]),
-        max_side=(info.get("preparation") or {}).get("max_side"),
-        jpeg_quality=(info.get("preparation") or {}).get("jpeg_quality"),
-    )
 
 
 # ---------------------------------------------------------------- the night
@@ -339,8 +281,7 @@ def _score(
         wait_seconds=sc.resource_wait_seconds,
     )
     final = storage.join(output, f"dt={day}")
-    if storage.is_s3(final):
-        storage.ensure_bucket(final)
+    s3.ensure_bucket(final)
     result = write_predictions(ref, input_uri, sc, final)
     from xfer.nightly import REPORT, write_nightly_report
 

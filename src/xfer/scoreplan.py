@@ -24,7 +24,6 @@ The live prefix is never written with an "overwrite" mode (Ray Data's
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import os
 import re
@@ -32,7 +31,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from xfer import storage
+from xfer import commit, inputs, s3, storage
 from xfer.errors import DataError, NotFoundError, XferError
 
 NIGHT_FILE = "_night.json"
@@ -110,10 +109,10 @@ def predictions_table(
 
 def night_root(final: str) -> str:
     """Where the night for partition ``final`` is staged: the same place every attempt."""
-    if storage.is_s3(final):
-        bucket, key = storage.split_s3(final)
-        return f"s3://{bucket}/{storage.TMP_PREFIX}/xfer-score/{key.strip('/')}"
-    path = storage.local_path(final).rstrip("/")
+    if s3.is_s3(final):
+        bucket, key = s3.split_s3(final)
+        return f"s3://{bucket}/{commit.TMP_PREFIX}/xfer-score/{key.strip('/')}"
+    path = s3.local_path(final).rstrip("/")
     return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.scoring")
 
 
@@ -250,43 +249,15 @@ def _write_plan_block(plan_uri: str, block: int, rows: list[dict[str, str]]) -> 
 
 def _list_objects(uri: str) -> Any:
     """key/source_uri of each image under a prefix or in a CSV/Parquet list (streamed)."""
-    if uri.lower().endswith((".csv", ".parquet")):
-        yield from _list_rows(uri)
-        return
-    base = uri + "/"
-    try:
-        for f in storage.iter_files(uri):
-            if storage.basename(f.uri).startswith((".", "_")):
-                continue
-            key = f.uri[len(base) :] if f.uri.startswith(base) else f.uri
-            yield {"key": key, "source_uri": f.uri}
-    except NotFoundError as exc:
-        raise DataError(f"--input {uri}: {exc}") from None
-
-
-def _list_rows(uri: str) -> list[dict[str, str]]:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    data = storage.read_bytes(uri)
-    try:
-        table = (
-            pacsv.read_csv(io.BytesIO(data))
-            if uri.lower().endswith(".csv")
-            else pq.read_table(io.BytesIO(data))
-        )
-    except Exception as exc:
-        raise DataError(f"--input {uri}: cannot read the list: {exc}") from None
-    if "uri" not in table.column_names:
-        raise DataError(f"--input {uri}: needs a 'uri' column")
-    base = storage.parent(uri)
-    rows = []
-    for u in table.column("uri").to_pylist():
-        if u:
-            u = str(u).strip()
-            full = u if storage.is_s3(u) or u.startswith("/") else storage.join(base, u)
-            rows.append({"key": u, "source_uri": full})
-    return rows
+    if inputs.is_list(uri):
+        try:
+            found: Any = inputs.read_list(uri, labelled=False)
+        except DataError as exc:
+            raise DataError(f"--input: {exc}") from None
+    else:
+        found = inputs.under_prefix(uri)
+    for item in found:
+        yield {"key": item.key, "source_uri": item.uri}
 
 
 def block_items(night: dict[str, Any], block: int) -> list[dict[str, Any]]:
@@ -309,8 +280,6 @@ def commit_night(
     single_file: str | None = None,
 ) -> dict[str, Any]:
     """Publish the night's parts as the partition, ``_SUCCESS`` last; then clean up."""
-    from xfer.score import SUCCESS
-
     missing = [b for b in range(night["blocks"]) if b not in summaries]
     if missing:
         raise XferError(f"internal: blocks {missing[:5]} were not scored; nothing committed")
@@ -332,6 +301,8 @@ def commit_night(
         "attempts": night["attempt"],
     }
     body = json.dumps(marker, indent=2).encode()
-    storage.commit_partition(parts, night["final"], marker=SUCCESS, marker_body=body, keep=files)
+    commit.commit_partition(
+        parts, night["final"], marker=commit.SUCCESS, marker_body=body, keep=files
+    )
     storage.delete_prefix(night_root(night["final"]))
     return marker

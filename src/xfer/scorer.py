@@ -33,6 +33,7 @@ from xfer.images import (
     normalise,
     open_header,
 )
+from xfer.layout import MODEL_FILE
 
 _FUNCTIONS: dict[tuple[str, int], Any] = {}
 
@@ -141,8 +142,8 @@ class BlockScorer:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(2)
         enable_memory_growth()
-        path = os.path.join(tempfile.mkdtemp(prefix="xfer-scorer-"), "model.keras")
-        storage.download_file(storage.join(model_uri, "model.keras"), path)  # rides through
+        path = os.path.join(tempfile.mkdtemp(prefix="xfer-scorer-"), MODEL_FILE)
+        storage.download_file(storage.join(model_uri, MODEL_FILE), path)  # rides through
         return tf_keras.models.load_model(path, compile=False)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from xfer import storage
+from xfer import s3, storage
 from xfer.errors import XferError
 
 Draw = Callable[
@@ -183,8 +183,7 @@ def synthesize(
     if not 16 <= size <= 1024:
         raise XferError("--size must be between 16 and 1024 pixels")
     shapes = assign_shapes(classes)
-    if storage.is_s3(out):
-        storage.ensure_bucket(out)
+    s3.ensure_bucket(out)
     from tqdm import tqdm
 
     count = 0

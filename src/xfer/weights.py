@@ -18,8 +18,9 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from xfer import storage
+from xfer import s3, storage
 from xfer.errors import ConfigError, NotFoundError
+from xfer.provenance import file_sha256
 
 KEYWORDS = ("imagenet", "none")
 
@@ -41,14 +42,6 @@ def cache_dir() -> str:
     return os.path.join(root, "weights")
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_weights(spec: str) -> None:
     """Fail early (on the driver) if a weights file does not exist."""
     if spec in KEYWORDS:
@@ -68,8 +61,8 @@ def fetch_weights(spec: str, expect_sha256: str | None = None) -> WeightsSource:
     """
     if spec in KEYWORDS:
         return WeightsSource(spec, None, None)
-    if not storage.is_s3(spec):
-        path = storage.local_path(spec)
+    if not s3.is_s3(spec):
+        path = s3.local_path(spec)
         if not os.path.isfile(path):
             raise ConfigError(f"model.weights: no file at {spec}")
         return _checked(WeightsSource(spec, path, file_sha256(path)), expect_sha256)

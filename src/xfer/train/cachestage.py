@@ -12,15 +12,16 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
+from xfer.bases import REGISTRY
 from xfer.config import XferConfig
 from xfer.features import CachePlan, build_part, commit_cache, committed_by
 from xfer.manifest import load_manifest
-from xfer.model import REGISTRY, build_model, feature_extractor
+from xfer.model import build_model, feature_extractor
 from xfer.reader import NO_AUGMENT, ReaderSpec
 from xfer.train.faults import maybe_fail
 
 if TYPE_CHECKING:
-    from xfer.train.worker import Worker
+    from xfer.train.rank import Worker
 
 
 def barrier(strategy: Any) -> None:

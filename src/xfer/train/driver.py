@@ -25,11 +25,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from xfer import console, storage
-from xfer.config import XferConfig, build_config, merge, resolved_dict
-from xfer.errors import ConfigError, DataError, XferError
+from xfer import console, s3, storage
+from xfer.commit import SUCCESS
+from xfer.config import XferConfig, build_config, resolved_dict
+from xfer.configbase import merge
+from xfer.errors import ConfigError, DataError, NotFoundError, XferError
+from xfer.layout import CONFIG, is_complete, runs_prefix
 from xfer.manifest import Manifest, load_manifest
-from xfer.train.outputs import SUCCESS, TrainResult, completed_run, finish_run
+from xfer.train.outputs import TrainResult, completed_run, finish_run
 
 
 def new_run_id() -> str:
@@ -74,7 +77,8 @@ def preflight(cfg: XferConfig) -> Manifest:
     check_weights(cfg.model.weights)
     ft = cfg.train.fine_tune
     if ft.epochs > 0 and ft.unfreeze_from is not None:
-        from xfer.model import REGISTRY, unfreeze_top
+        from xfer.bases import REGISTRY
+        from xfer.model import unfreeze_top
 
         base = REGISTRY[cfg.model.base].build(
             (cfg.data.image_size,) * 2 + (3,), None, cfg.model.alpha
@@ -117,10 +121,10 @@ def _resume_config(cfg: XferConfig, run_uri: str) -> tuple[XferConfig, list[str]
     """
     from xfer.train.journal import last_position
 
-    config_uri = storage.join(run_uri, "config.yaml")
+    config_uri = storage.join(run_uri, CONFIG)
     try:
         stored = storage.read_yaml(config_uri)
-    except storage.NotFoundError:
+    except NotFoundError:
         raise XferError(f"output.run_id: no run at {run_uri} to resume") from None
     now = cfg.model_dump(mode="json")
     changed: dict[str, tuple[Any, Any]] = {}
@@ -214,10 +218,10 @@ def train(cfg: XferConfig) -> TrainResult:
     run_id = cfg.output.run_id or submitted or new_run_id()
     run_uri = cfg.run_uri(run_id)
     resuming = bool(cfg.output.run_id) or (
-        submitted is not None and storage.exists(storage.join(run_uri, "config.yaml"))
+        submitted is not None and storage.exists(storage.join(run_uri, CONFIG))
     )
     if resuming:
-        if storage.exists(storage.join(run_uri, SUCCESS)):
+        if is_complete(run_uri):
             if submitted:  # the same submission again (a retried submitter): done already
                 print(f"[xfer] run {run_id} of this submission is already complete", flush=True)
                 return completed_run(run_id, run_uri)
@@ -227,10 +231,9 @@ def train(cfg: XferConfig) -> TrainResult:
         cfg, resume_notes = _resume_config(cfg, run_uri)
         print(f"[xfer] resuming run {run_id}", flush=True)
     manifest = preflight(cfg)
-    if storage.is_s3(run_uri):
-        storage.ensure_bucket(run_uri)
+    s3.ensure_bucket(run_uri)
     if not resuming:
-        storage.write_yaml(storage.join(run_uri, "config.yaml"), resolved_dict(cfg))
+        storage.write_yaml(storage.join(run_uri, CONFIG), resolved_dict(cfg))
     # Resolved once here; every worker checks that it loads exactly these bytes.
     weights = fetch_weights(cfg.model.weights)
 
@@ -260,7 +263,7 @@ def train(cfg: XferConfig) -> TrainResult:
         resources["GPU"] = c.gpus_per_worker
     if c.memory_per_worker_gb:
         resources["memory"] = c.memory_per_worker_gb * 1024**3
-    fs, runs_path = storage.arrow_filesystem(storage.join(cfg.storage.root, "runs"))
+    fs, runs_path = s3.arrow_filesystem(runs_prefix(cfg.storage.root))
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -32,7 +32,7 @@ from typing import Any
 from ray.train import UserCallback
 
 from xfer import storage
-from xfer.errors import StorageError
+from xfer.errors import NotFoundError, StorageError
 
 JOURNAL = "_journal"
 
@@ -72,7 +72,7 @@ def _write(uri: str, obj: dict[str, Any]) -> None:
 def _names(run_uri: str) -> list[str]:
     try:
         files = storage.list_files(storage.join(run_uri, JOURNAL))
-    except storage.NotFoundError:
+    except NotFoundError:
         return []
     return [storage.basename(f.uri) for f in files]
 

@@ -8,7 +8,6 @@ only when the quality gate passes, in one atomic PUT.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import platform
@@ -17,9 +16,19 @@ from typing import Any
 
 from xfer import __version__, storage
 from xfer.config import XferConfig, resolved_dict
+from xfer.layout import (
+    LATEST,
+    LINEAGE,
+    METRICS,
+    PREDICTIONS,
+    REPORT,
+    publish_pointer,
+    read_pointer,
+    resolve_model,
+    write_success,
+)
 from xfer.manifest import Manifest
 from xfer.provenance import git_commit, source_sha256
-from xfer.score import SUCCESS
 from xfer.train.journal import failures, mark_complete, worker_code
 
 
@@ -63,13 +72,13 @@ class TrainResult:
             f"  gate ({gate['metric'].replace('_', ' ')} >= {gate['min_test_accuracy']}{versus}): "
             + ("passed, published as " + gate["latest"] if self.published else "not published")
         )
-        lines.append(f"  report: {self.run_uri}/report.html")
+        lines.append(f"  report: {self.run_uri}/{REPORT}")
         return "\n".join(lines)
 
 
 def completed_run(run_id: str, run_uri: str) -> TrainResult:
     """A run that is already committed, as its metrics say."""
-    metrics = storage.read_json(storage.join(run_uri, "metrics.json"))
+    metrics = storage.read_json(storage.join(run_uri, METRICS))
     return TrainResult(run_id, run_uri, metrics, bool(metrics["gate"].get("published")))
 
 
@@ -158,7 +167,7 @@ def finish_run(
         render_report,
         thumbnails,
     )
-    from xfer.score import resolve_model, write_predictions
+    from xfer.score import write_predictions
 
     history = final["state"]["history"]
     test = dict(final.get("test") or {})
@@ -167,7 +176,7 @@ def finish_run(
         import pyarrow.compute as pc
 
         ref = resolve_model(run_uri, require_committed=False)
-        preds_uri = storage.join(run_uri, "predictions")
+        preds_uri = storage.join(run_uri, PREDICTIONS)
         write_predictions(
             ref,
             manifest.uri,
@@ -209,7 +218,7 @@ def finish_run(
     if passed and cfg.output.gate.vs_published and cfg.output.publish:
         champion = against_published(cfg, manifest, run_id, run_uri, test)
         passed = champion is None or champion["beaten"]
-    latest_uri = storage.join(cfg.model_uri(), "latest.json")
+    latest_uri = storage.join(cfg.model_uri(), LATEST)
     metrics: dict[str, Any] = {
         "run_id": run_id,
         "model_name": cfg.output.model_name,
@@ -239,21 +248,15 @@ def finish_run(
         },
     }
     lin = lineage(cfg, manifest, final, run_uri)
-    storage.write_json(storage.join(run_uri, "metrics.json"), metrics)
-    storage.write_json(storage.join(run_uri, "lineage.json"), lin)
+    storage.write_json(storage.join(run_uri, METRICS), metrics)
+    storage.write_json(storage.join(run_uri, LINEAGE), lin)
     if cfg.output.report:
         storage.write_bytes(
-            storage.join(run_uri, "report.html"),
+            storage.join(run_uri, REPORT),
             render_report(metrics, lin, thumbs).encode(),
             "text/html",
         )
-    storage.write_json(
-        storage.join(run_uri, SUCCESS),
-        {
-            "run_id": run_id,
-            "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        },
-    )
+    write_success(run_uri, run_id)
     mark_complete(run_uri)
     published = False
     if passed and cfg.output.publish:
@@ -273,12 +276,11 @@ def against_published(
     """
     import pyarrow.compute as pc
 
-    from xfer.score import resolve_model, write_predictions
+    from xfer.score import write_predictions
 
-    latest = storage.join(cfg.model_uri(), "latest.json")
-    if not storage.exists(latest):
+    pointer = read_pointer(cfg.model_uri())
+    if pointer is None:
         return None
-    pointer = storage.read_json(latest)
     margin = cfg.output.gate.margin
     out: dict[str, Any] = {"run_id": pointer["run_id"], "margin": margin, "accuracy": None}
     own = test.get("accuracy_from_predictions", test.get("accuracy"))
@@ -288,7 +290,7 @@ def against_published(
         return {**out, "beaten": False, "reason": "the published model has other classes"}
     if own is None or not ("test" in manifest.splits and manifest.splits["test"].rows):
         return {**out, "beaten": False, "reason": "no test split to compare on"}
-    preds = storage.join(run_uri, "predictions")
+    preds = storage.join(run_uri, PREDICTIONS)
     write_predictions(
         champion,
         manifest.uri,
@@ -316,6 +318,4 @@ def publish(
     cfg: XferConfig, run_id: str, run_uri: str, metric: str, accuracy: float | None
 ) -> None:
     """Point ``models/<name>/latest.json`` at the run (one atomic PUT), keeping history."""
-    from xfer.runs import publish_pointer
-
     publish_pointer(cfg.model_uri(), cfg.output.model_name, run_id, run_uri, metric, accuracy)

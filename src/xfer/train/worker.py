@@ -26,18 +26,15 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import tempfile
-from dataclasses import dataclass
 from typing import Any
 
 import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-from xfer import storage
 from xfer.config import XferConfig
-from xfer.devices import communication_options, enable_memory_growth, set_mixed_precision
+from xfer.devices import enable_memory_growth, set_mixed_precision
 from xfer.features import CachePlan
 from xfer.images import preparation_record
-from xfer.manifest import Manifest, load_manifest
+from xfer.layout import save_model
 from xfer.model import (
     build_model,
     compile_model,
@@ -48,81 +45,60 @@ from xfer.model import (
     unfreeze_top,
 )
 from xfer.preprocess import AugmentSettings
-from xfer.provenance import check_same_code, describe
 from xfer.reader import ReaderSpec, make_dataset
-from xfer.score import MODEL_FILE, MODEL_INFO
 from xfer.train.cachestage import ensure_cache, feature_specs
 from xfer.train.callbacks import EpochEnd
 from xfer.train.checkpoint import (
     PHASES,
-    TrainState,
-    load_checkpoint,
     optimizer_state,
     restore,
     save_checkpoint,
 )
-from xfer.train.faults import maybe_fail
-from xfer.train.journal import Journal, record_code
-from xfer.weights import WeightsSource, fetch_weights
-
-
-@dataclass
-class Worker:
-    """One rank's view of the run, shared by the stages below."""
-
-    cfg: XferConfig
-    run_uri: str
-    strategy: Any
-    ctx: Any
-    rank: int
-    world: int
-    manifest: Manifest
-    weights: WeightsSource
-    state: TrainState
-    restored_dir: str | None  # a checkpoint not yet loaded into the model
-    journal: Journal | None  # rank 0 only
-    model: Any = None
-    base: Any = None
-    unfrozen: int = 0  # layers of the base that train in the fine-tuning phase
-
-    @property
-    def replicas(self) -> int:
-        return int(self.strategy.num_replicas_in_sync)
-
-    @property
-    def epochs(self) -> dict[str, int]:
-        return {"head": self.cfg.train.head.epochs, "fine_tune": self.cfg.train.fine_tune.epochs}
-
-    def position(self, phase: str, epoch: int) -> int:
-        """Epochs finished across phases when ``epoch`` epochs of ``phase`` are done."""
-        return sum(self.epochs[p] for p in PHASES[: PHASES.index(phase)]) + epoch
-
-    def stage(self, name: str) -> None:
-        if self.journal is not None:
-            self.journal.stage(name, position=self.state.position(self.epochs))
-        maybe_fail(self.cfg.fault, self.run_uri, self.rank, name)
-
-    def say(self, message: str) -> None:
-        """Rank 0's console line (with ``train.verbose: 0``, the log file's only)."""
-        if self.rank == 0:
-            tag = "[xfer]" if self.cfg.train.verbose > 0 else "[xfer-detail]"
-            print(f"{tag} {message}", flush=True)
+from xfer.train.rank import Worker, start
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One rank's whole run, phase by phase; each stage is named in the journal."""
     for key, value in config.get("env", {}).items():
         os.environ[key] = value
-    import ray.train
-    import tf_keras
-
     cfg = XferConfig.model_validate(config["cfg"])
     policy = set_mixed_precision(cfg.train.mixed_precision, enable_memory_growth() > 0)
-    w = _start(cfg, config)
-    tf_keras.utils.set_random_seed(cfg.train.seed)
+    w = start(cfg, config)
+    _build(w)
+    cache_stats = _train(w, config)
+    optimizer = _restore_finished(w)
+    w.stage("test_evaluation")
+    test_metrics = _evaluate(w)
+    w.stage("model_save")
+    _save_model(w)
+    w.stage("final_report")
+    _final_report(
+        w,
+        optimizer,
+        {
+            "test": test_metrics,
+            "steps_per_epoch": _steps(cfg, _eval_spec(cfg, w.manifest, "train"), w.replicas),
+            "mixed_precision": policy,
+            "weights": w.weights.lineage(),
+            "feature_cache": cache_stats,
+        },
+    )
+
+
+def _build(w: Worker) -> None:
+    """The model, in the strategy's scope, from the same seed on every rank."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(w.cfg.train.seed)
     with w.strategy.scope():
         w.model, w.base = build_model(
-            cfg.model, cfg.data.image_size, w.manifest.num_classes, w.weights.local_path
+            w.cfg.model, w.cfg.data.image_size, w.manifest.num_classes, w.weights.local_path
         )
+
+
+def _train(w: Worker, config: dict[str, Any]) -> dict[str, Any]:
+    """The phases not yet done: the head (on cached features if planned), then
+    fine-tuning. Returns the feature cache's figures (empty without one)."""
     cache = CachePlan.from_dict(config["feature_cache"]) if config.get("feature_cache") else None
     cache_stats: dict[str, Any] = {}
     tb_dir = tempfile.mkdtemp(prefix="xfer-tb-") if w.rank == 0 else None
@@ -132,77 +108,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if phase == "head" and cache is not None:
             cache_stats = ensure_cache(w, cache)
         _run_phase(w, phase, cache if phase == "head" else None, tb_dir)
+    return cache_stats
 
-    optimizer = _restore_finished(w)
-    w.stage("test_evaluation")
-    test_metrics = _evaluate(w)
-    w.stage("model_save")
-    _save_model(w)
-    w.stage("final_report")
-    # The final report carries a checkpoint too: Ray Train returns the metrics of the
-    # latest checkpoint, and a resumed run that finds every phase done starts here.
+
+def _final_report(w: Worker, optimizer: Any, figures: dict[str, Any]) -> None:
+    """The last report, with a checkpoint: Ray Train returns the metrics of the latest
+    checkpoint, and a resumed run that finds every phase done starts from it."""
+    import ray.train
+
     directory = save_checkpoint(w.model, optimizer, w.state)
     ray.train.report(
         {
             "final": 1,
             "state": json.loads(w.state.to_json()),
-            "test": test_metrics,
             "workers": w.world,
             "replicas": w.replicas,
-            "steps_per_epoch": _steps(cfg, _eval_spec(cfg, w.manifest, "train"), w.replicas),
-            "mixed_precision": policy,
-            "weights": w.weights.lineage(),
-            "feature_cache": cache_stats,
+            **figures,
         },
         checkpoint=ray.train.Checkpoint.from_directory(directory) if w.rank == 0 else None,
     )
     shutil.rmtree(directory, ignore_errors=True)
-
-
-def _start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
-    """The strategy first, then the data, weights, checkpoint and journal of this attempt."""
-    import ray
-    import ray.train
-    import tensorflow as tf
-
-    # Memory growth before anything initialises the GPUs; the strategy does.
-    gpus = enable_memory_growth()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=communication_options(gpus)
-    )
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    node = ray.get_runtime_context().get_node_id()[:12]
-    where = f"rank {rank} on node {node} ({socket.gethostname()}, pid {os.getpid()})"
-    identity = check_same_code(config.get("code"), where)
-    # Rank 0's line on the console; every rank's in the log file and the run's lineage.
-    shown = rank == 0 and cfg.train.verbose > 0
-    print(f"[xfer{'' if shown else '-detail'}] {where}: {describe(identity)}", flush=True)
-    run_uri: str = config["run_uri"]
-    record_code(run_uri, rank, {**identity, "node": node, "host": socket.gethostname()})
-    restored = load_checkpoint(ray.train.get_checkpoint())
-    state = restored[0] if restored else TrainState()
-    journal = Journal(run_uri, config.get("driver", "")) if rank == 0 else None
-    w = Worker(
-        cfg=cfg,
-        run_uri=run_uri,
-        strategy=strategy,
-        ctx=ctx,
-        rank=rank,
-        world=ctx.get_world_size(),
-        manifest=load_manifest(cfg.dataset_uri()),
-        weights=fetch_weights(cfg.model.weights, config.get("weights_sha256")),
-        state=state,
-        restored_dir=restored[1] if restored else None,
-        journal=journal,
-    )
-    if journal is not None:
-        resumed = {"phase": state.phase, "epoch": state.epoch} if restored else None
-        attempt = journal.begin(resumed, position=state.position(w.epochs))
-        if attempt > 1:
-            where = f"{state.phase} phase, {state.epoch} epoch(s) done" if restored else "the start"
-            w.say(f"attempt {attempt} of this run: resuming from {where}")
-    return w
 
 
 def _compile_phase(
@@ -364,12 +289,10 @@ def _eval_spec(cfg: XferConfig, manifest: Any, split: str) -> ReaderSpec | None:
 def _save_model(w: Worker) -> None:
     """Every rank saves (collectives); rank 0 commits its copy to ``<run>/model/``."""
     cfg, manifest = w.cfg, w.manifest
-    directory = tempfile.mkdtemp(prefix="xfer-model-")
-    w.model.save(os.path.join(directory, MODEL_FILE))
+    info = None
     if w.rank == 0:
         info = {
             "format": "tf_keras",
-            "file": MODEL_FILE,
             "classes": manifest.classes,
             "image_size": cfg.data.image_size,
             "input": "RGB pixels, float 0..255, resized (squashed) to image_size square",
@@ -382,10 +305,4 @@ def _save_model(w: Worker) -> None:
                 manifest.settings.get("max_side"), manifest.settings.get("jpeg_quality", 90)
             ),
         }
-        with open(os.path.join(directory, MODEL_INFO), "w") as f:
-            json.dump(info, f, indent=2)
-        final = storage.join(w.run_uri, "model")
-        staging = storage.staging_prefix(final)
-        storage.upload_dir(directory, staging)
-        storage.commit_prefix(staging, final)
-    shutil.rmtree(directory, ignore_errors=True)
+    save_model(w.model, info, w.run_uri)

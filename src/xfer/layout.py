@@ -1,0 +1,202 @@
+"""The object-storage layout of runs and models: the contract between training and scoring.
+
+    <root>/datasets/<name>/                 manifest.json and Parquet shards (xfer.manifest)
+    <root>/runs/<run_id>/config.yaml        the resolved config, written first
+    <root>/runs/<run_id>/model/             model.keras + xfer_model.json, committed whole
+    <root>/runs/<run_id>/metrics.json, lineage.json, report.html, predictions/, logs/
+    <root>/runs/<run_id>/_SUCCESS           written last: a run without it is incomplete
+    <root>/models/<name>/latest.json        the published run, moved in one PUT
+    <root>/models/<name>/history/           every pointer latest.json ever held
+
+Training writes this layout and scoring reads it; both take the names from here.
+A model is addressed either as a run (``…/runs/<id>``) or as a published model name
+(``…/models/<name>``, through ``latest.json``): :func:`resolve_model` takes both.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from xfer import storage
+from xfer.commit import SUCCESS, commit_prefix, staging_prefix
+from xfer.errors import NotFoundError, XferError
+
+CONFIG = "config.yaml"
+MODEL_DIR = "model"
+MODEL_FILE = "model.keras"
+MODEL_INFO = "xfer_model.json"
+METRICS = "metrics.json"
+LINEAGE = "lineage.json"
+REPORT = "report.html"
+PREDICTIONS = "predictions"
+LATEST = "latest.json"
+HISTORY = "history"
+
+
+def dataset_uri(root: str, name: str) -> str:
+    return storage.join(root, "datasets", name)
+
+
+def runs_prefix(root: str) -> str:
+    return storage.join(root, "runs")
+
+
+def run_uri(root: str, run_id: str) -> str:
+    return storage.join(root, "runs", run_id)
+
+
+def models_prefix(root: str) -> str:
+    return storage.join(root, "models")
+
+
+def model_uri(root: str, name: str) -> str:
+    return storage.join(root, "models", name)
+
+
+def in_run(run: str, *names: str) -> str:
+    """A file of a run: ``in_run(run_uri, METRICS)``."""
+    return storage.join(run, *names)
+
+
+def is_complete(run: str) -> bool:
+    return storage.exists(storage.join(run, SUCCESS))
+
+
+def write_success(run: str, run_id: str) -> None:
+    """The run's commit marker; every other output of the run exists before it."""
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    storage.write_json(storage.join(run, SUCCESS), {"run_id": run_id, "completed_at": now})
+
+
+# ------------------------------------------------------------------ the model
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    run_uri: str
+    run_id: str
+    model_name: str
+    model_uri: str  # <run>/model
+    classes: list[str]
+    image_size: int
+    max_side: int | None = None  # the pre-resize of the images it was trained on
+    jpeg_quality: int | None = None  # how its shards re-encoded converted images
+
+    @property
+    def model_file(self) -> str:
+        return storage.join(self.model_uri, MODEL_FILE)
+
+
+def read_pointer(model: str) -> dict[str, Any] | None:
+    """A model's ``latest.json``, or None when it is not published."""
+    try:
+        return storage.read_json(storage.join(model, LATEST))
+    except NotFoundError:
+        return None
+
+
+def resolve_model(uri: str, require_committed: bool = True) -> ModelRef:
+    """A run (``…/runs/<id>``) or a model name (``…/models/<name>``, via latest.json)."""
+    uri = uri.rstrip("/")
+    model_name = ""
+    try:
+        if storage.exists(storage.join(uri, LATEST)):
+            pointer = storage.read_json(storage.join(uri, LATEST))
+            uri, model_name = pointer["run_uri"].rstrip("/"), pointer.get("model_name", "")
+    except NotFoundError as exc:
+        raise XferError(f"--model {uri}: {exc}") from None
+    model_dir = storage.join(uri, MODEL_DIR)
+    if require_committed and not is_complete(uri):
+        if storage.exists(storage.join(model_dir, MODEL_INFO)):
+            raise XferError(
+                f"--model {uri}: the run is not committed (no {SUCCESS}); it failed or is still running"
+            )
+        raise XferError(f"--model {uri}: no committed run or published model there")
+    try:
+        info = storage.read_json(storage.join(model_dir, MODEL_INFO))
+    except NotFoundError:
+        raise XferError(f"--model {uri}: no model in this run ({model_dir})") from None
+    if not model_name:
+        try:
+            model_name = storage.read_yaml(storage.join(uri, CONFIG))["output"]["model_name"]
+        except (NotFoundError, KeyError, TypeError):
+            model_name = ""
+    preparation = info.get("preparation") or {}
+    return ModelRef(
+        run_uri=uri,
+        run_id=storage.basename(uri),
+        model_name=model_name,
+        model_uri=model_dir,
+        classes=list(info["classes"]),
+        image_size=int(info["image_size"]),
+        max_side=preparation.get("max_side"),
+        jpeg_quality=preparation.get("jpeg_quality"),
+    )
+
+
+def save_model(model: Any, info: dict[str, Any] | None, run: str) -> None:
+    """Save a tf_keras model; with ``info`` (rank 0), commit it whole to ``<run>/model/``.
+
+    Under MultiWorkerMirroredStrategy every rank must call ``save`` (it runs
+    collectives); only the rank that passes ``info`` uploads its copy.
+    """
+    directory = tempfile.mkdtemp(prefix="xfer-model-")
+    try:
+        model.save(os.path.join(directory, MODEL_FILE))
+        if info is not None:
+            with open(os.path.join(directory, MODEL_INFO), "w") as f:
+                json.dump({"file": MODEL_FILE, **info}, f, indent=2)
+            final = storage.join(run, MODEL_DIR)
+            staging = staging_prefix(final)
+            storage.upload_dir(directory, staging)
+            commit_prefix(staging, final)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ publishing
+
+
+def publish_pointer(
+    model: str,
+    model_name: str,
+    run_id: str,
+    run: str,
+    metric: str,
+    value: float | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Point ``latest.json`` at the run (one atomic PUT), after a copy in ``history/``.
+
+    ``previous_run_id`` (in ``extra``) defaults to the run published until now.
+    """
+    previous = read_pointer(model)
+    now = dt.datetime.now(dt.timezone.utc)
+    pointer = {
+        "model_name": model_name,
+        "run_id": run_id,
+        "run_uri": run,
+        "model_uri": storage.join(run, MODEL_DIR),
+        "test_accuracy": value if metric == "test_accuracy" else None,
+        "gate": {"metric": metric, "value": value},
+        "published_at": now.isoformat(timespec="seconds"),
+        "previous_run_id": previous.get("run_id") if previous else None,
+        "action": "publish",
+        **extra,
+    }
+    stamp = f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}"
+    storage.write_json(storage.join(model, HISTORY, f"{stamp}-{run_id}.json"), pointer)
+    storage.write_json(storage.join(model, LATEST), pointer)
+    return pointer
+
+
+def history(model: str) -> list[dict[str, Any]]:
+    """Every pointer the model's ``latest.json`` ever held, oldest first."""
+    files = storage.list_files(storage.join(model, HISTORY))
+    return [storage.read_json(f.uri) for f in files if f.uri.endswith(".json")]
