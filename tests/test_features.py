@@ -140,7 +140,8 @@ def test_partial_cache_is_rebuilt_by_the_next_run(
 
 def _build_in_process(cfg, plan, dataset) -> None:
     """What the workers do, in this process (one rank): encode, write, commit."""
-    from xfer.features import build_part, commit_cache
+    from xfer.featurebuild import build_part
+    from xfer.features import commit_cache
     from xfer.model import build_model, feature_extractor
 
     weights = fetch_weights(cfg.model.weights)
@@ -219,7 +220,7 @@ def test_cached_features_come_from_the_base_that_is_trained(
 
 def test_ranks_share_the_row_groups_by_rows_not_by_shards():
     """A 1,600-row train shard and a 400-row val shard: both ranks encode ~1,000 rows."""
-    from xfer.features import rank_pieces
+    from xfer.featurebuild import rank_pieces
     from xfer.manifest import Manifest, ShardInfo, SplitInfo
 
     def split(rows: int, groups: list[int]) -> SplitInfo:

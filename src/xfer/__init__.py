@@ -3,7 +3,7 @@
 Keras 3 breaks ``model.fit`` under MultiWorkerMirroredStrategy, so xfer uses the
 Keras 2 API from ``tf-keras``. TensorFlow reads ``TF_USE_LEGACY_KERAS`` once, at
 import time, so it is set here, before anything in the package can import it
-(DESIGN.md, decision 1). Ray workers get it through their runtime env as well.
+(docs/design.md, decision 1). Ray workers get it through their runtime env as well.
 """
 
 import os

@@ -296,13 +296,8 @@ class ShardConfig(Strict):
 
     def recorded(self) -> dict[str, Any]:
         """What determines the output (recorded in the manifest)."""
-        return {
-            "split_fractions": list(self.split_fractions),
-            "target_shard_mb": self.target_shard_mb,
-            "max_side": self.max_side,
-            "jpeg_quality": self.jpeg_quality,
-            "max_pixels": self.max_pixels,
-        }
+        keys = {"split_fractions", "target_shard_mb", "max_side", "jpeg_quality", "max_pixels"}
+        return self.model_dump(mode="json", include=keys)
 
 
 class XferConfig(Strict):

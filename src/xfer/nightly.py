@@ -187,7 +187,7 @@ def _plots(summary: dict[str, Any], classes: list[str]) -> tuple[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from xfer.report import _png
+    from xfer.plots import png
 
     night, ref = summary["night"], summary["test_split"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -199,7 +199,7 @@ def _plots(summary: dict[str, Any], classes: list[str]) -> tuple[str, str]:
     ax.set_ylabel("share of predictions")
     ax.set_title("predicted classes")
     ax.legend()
-    shares = _png(fig)
+    shares = png(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     centres = (np.arange(BINS) + 0.5) / BINS
     for figures, label in ((night, "tonight"), (ref, "model's test split")):
@@ -210,7 +210,7 @@ def _plots(summary: dict[str, Any], classes: list[str]) -> tuple[str, str]:
     ax.set_ylabel("share of images")
     ax.set_title("confidence")
     ax.legend()
-    return shares, _png(fig)
+    return shares, png(fig)
 
 
 def render_nightly(summary: dict[str, Any], classes: list[str]) -> str:

@@ -3,7 +3,7 @@
 The address comes from the config (``cluster.address``) or ``RAY_ADDRESS``; with
 neither, Ray starts on this machine (the local single-node mode). Every worker and
 actor gets ``TF_USE_LEGACY_KERAS=1`` through the runtime env: Ray sets it on train
-workers itself, but too late to take effect (DESIGN.md, decision 1).
+workers itself, but too late to take effect (docs/design.md, decision 1).
 
 Credentials are not put in the runtime env (it is visible in Ray's dashboard and
 state API): on a cluster they come from the job's own environment or the node's

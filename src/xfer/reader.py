@@ -4,7 +4,7 @@
     dist = strategy.distribute_datasets_from_function(lambda ctx: make_dataset(spec, ctx))
     model.fit(dist, steps_per_epoch=spec.steps_per_epoch(strategy.num_replicas_in_sync), ...)
 
-Why it is shaped like this (DESIGN.md, decision 3): a dataset holding only this
+Why it is shaped like this (docs/design.md, decision 3): a dataset holding only this
 worker's data, passed straight to ``fit`` under MultiWorkerMirroredStrategy, is
 treated as the *global* batch and split across workers, silently training each
 worker on a fraction of its data. So the dataset is built per input pipeline and

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from xfer.bases import REGISTRY
 from xfer.config import XferConfig
-from xfer.features import CachePlan, build_part, commit_cache, committed_by
+from xfer.featurebuild import build_part
+from xfer.features import CachePlan, commit_cache, committed_by
 from xfer.manifest import load_manifest
 from xfer.model import build_model, feature_extractor
 from xfer.reader import NO_AUGMENT, ReaderSpec

@@ -7,7 +7,7 @@
     restore(path, model, optimizer)     # inside strategy.scope(): weights + that optimizer
     restore(path, model, None)          # weights only: a new phase keeps its own optimizer
 
-Every rank writes (DESIGN.md, decision 2): under MultiWorkerMirroredStrategy reading
+Every rank writes (docs/design.md, decision 2): under MultiWorkerMirroredStrategy reading
 some variables (BatchNorm statistics) is a collective, so a rank that skipped the
 write would leave the others waiting. Only rank 0's directory is attached to the
 report and persisted by Ray Train in the run's storage.
@@ -16,7 +16,7 @@ The weights are saved as a flat, ordered set of variables, not as the Keras mode
 object: a compiled tf_keras model tracks ``model.optimizer`` as a child, so a
 checkpoint of the model would carry the optimizer along and a "weights only" read
 would silently restore the old phase's learning rate, step count and moments into
-the new phase's optimizer (DESIGN.md, decision 9). Here the optimizer is a
+the new phase's optimizer (docs/design.md, decision 9). Here the optimizer is a
 separate node, restored only when asked for.
 """
 

@@ -1,6 +1,6 @@
 """`train_loop_per_worker(config)`: what each Ray Train worker runs.
 
-The strategy comes first (DESIGN.md, decision 2); model building and compiling (and
+The strategy comes first (docs/design.md, decision 2); model building and compiling (and
 recompiling for fine-tuning) happen inside ``strategy.scope()``. Input comes from
 :mod:`xfer.reader` through ``distribute_datasets_from_function`` with steps computed
 from the manifest, so every worker runs the same steps over its own disjoint data.
