@@ -27,7 +27,7 @@ import os
 import statistics
 import tempfile
 
-from common import RESULTS, ROOT, environment, record
+from common import RESULTS, ROOT, environment, photo_overrides, record
 
 FOLDS = 5
 IMAGE_SIZE = 224
@@ -72,24 +72,11 @@ def fold_of(path: str) -> int:
 
 def overrides(weights_uri: str, fold: int, extra: dict[str, object]) -> list[str]:
     items: dict[str, object] = {
-        "storage.root": ROOT,
-        "data.dataset": f"cv-{fold}",
-        "data.image_size": IMAGE_SIZE,
-        "model.base": "mobilenet_v2",
-        "model.alpha": 1.0,
-        "model.weights": weights_uri,
-        "model.head.pooling": "avg",
-        "model.head.dense": "[]",
-        "model.head.dropout": 0.2,
+        **photo_overrides(weights_uri, f"cv-{fold}", IMAGE_SIZE),
         "model.head.features": "cached",
-        "train.batch_size": 32,
         "train.head.epochs": HEAD_EPOCHS,
-        "train.head.learning_rate": 0.001,
         "train.fine_tune.epochs": FINE_TUNE_EPOCHS,
-        "output.model_name": f"cv-{fold}",
-        "output.predictions": "false",
         "output.publish": "false",
-        "output.gate.min_test_accuracy": 0.0,
         **extra,
     }
     return [f"{k}={v}" for k, v in items.items()]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import RESULTS, ROOT, environment, record
+from common import RESULTS, ROOT, environment, photo_overrides, record
 
 HEAD_EPOCHS = 5
 FINE_TUNE_EPOCHS = 5
@@ -27,26 +27,13 @@ FINE_TUNE_EPOCHS = 5
 
 def overrides(weights_uri: str, **extra: object) -> list[str]:
     items = {
-        "storage.root": ROOT,
-        "data.dataset": "photos",
-        "data.image_size": 160,
-        "model.base": "mobilenet_v2",
-        "model.alpha": 1.0,
-        "model.weights": weights_uri,
-        "model.head.pooling": "avg",
-        "model.head.dense": "[]",
-        "model.head.dropout": 0.2,
-        "train.batch_size": 32,
+        **photo_overrides(weights_uri, "photos", 160),
         "train.head.epochs": HEAD_EPOCHS,
-        "train.head.learning_rate": 0.001,
         "train.fine_tune.epochs": FINE_TUNE_EPOCHS,
         "train.fine_tune.learning_rate": 0.00001,
         "train.fine_tune.unfreeze_from": 100,
-        "output.model_name": "photos",
-        "output.predictions": "false",
-        "output.gate.min_test_accuracy": 0.0,
+        **extra,
     }
-    items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
 
 

@@ -26,6 +26,27 @@ BUCKET = "bench"
 ROOT = f"s3://{BUCKET}/xfer"
 
 
+def photo_overrides(weights_uri: str, dataset: str, image_size: int) -> dict[str, object]:
+    """The settings the photo benchmarks share: MobileNetV2 with the real ImageNet
+    weights, a plain pooled head, the default learning rates; no gate, no publishing."""
+    return {
+        "storage.root": ROOT,
+        "data.dataset": dataset,
+        "data.image_size": image_size,
+        "model.base": "mobilenet_v2",
+        "model.alpha": 1.0,
+        "model.weights": weights_uri,
+        "model.head.pooling": "avg",
+        "model.head.dense": "[]",
+        "model.head.dropout": 0.2,
+        "train.batch_size": 32,
+        "train.head.learning_rate": 0.001,
+        "output.model_name": dataset,
+        "output.predictions": "false",
+        "output.gate.min_test_accuracy": 0.0,
+    }
+
+
 @contextmanager
 def environment(workdir: str | None = None) -> Iterator[str]:
     """Embedded S3 (bucket ``bench``) + a local Ray with this machine's CPUs."""
