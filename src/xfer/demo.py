@@ -25,7 +25,7 @@ from typing import Any
 
 from xfer import console, storage
 from xfer.config import XferConfig, load_config
-from xfer.layout import LATEST, MODEL_DIR, MODEL_FILE, model_uri
+from xfer.layout import LATEST, MODEL_DIR, MODEL_FILE, REPORT, model_uri
 
 SOURCE_CLASSES = ["star", "cross", "ring", "hexagon", "stripes", "dots"]
 TARGET_CLASSES = ["circle", "square", "triangle"]
@@ -209,8 +209,8 @@ def run_demo(settings: DemoSettings) -> int:
         )
         print(scored.describe().splitlines()[0], flush=True)  # where: in the summary
 
-        local_report = work / "report.html"
-        storage.download_file(f"{result.run_uri}/report.html", str(local_report))
+        local_report = work / REPORT
+        storage.download_file(storage.join(result.run_uri, REPORT), str(local_report))
         print_summary(
             settings, server, result, baseline, scored, local_report, time.monotonic() - started
         )

@@ -35,6 +35,8 @@ METRICS = "metrics.json"
 LINEAGE = "lineage.json"
 REPORT = "report.html"
 PREDICTIONS = "predictions"
+CONSOLE_LOG = "logs/console.log"
+TENSORBOARD = "tensorboard"
 LATEST = "latest.json"
 HISTORY = "history"
 

@@ -28,12 +28,14 @@ from xfer.commit import SUCCESS
 from xfer.errors import NotFoundError, XferError
 from xfer.layout import (
     CONFIG,
+    CONSOLE_LOG,
     LATEST,
     LINEAGE,
     METRICS,
     MODEL_DIR,
     PREDICTIONS,
     REPORT,
+    TENSORBOARD,
     publish_pointer,
     read_pointer,
 )
@@ -235,8 +237,8 @@ def show(root: str, run: str) -> str:
         (METRICS, "metrics per phase and epoch, test metrics, failures, gate"),
         (REPORT, "the report"),
         (f"{PREDICTIONS}/test.parquet", "predictions on the test split"),
-        ("logs/console.log", "everything Ray and TensorFlow printed"),
-        ("tensorboard/", "per-epoch scalars"),
+        (CONSOLE_LOG, "everything Ray and TensorFlow printed"),
+        (f"{TENSORBOARD}/", "per-epoch scalars"),
     ):
         lines.append(f"    {storage.join(uri, name):<70} {what}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import Any
 
 from xfer import storage
 from xfer.config import XferConfig
+from xfer.layout import TENSORBOARD
 from xfer.train.checkpoint import TrainState, optimizer_state, save_checkpoint
 from xfer.train.faults import maybe_fail
 from xfer.train.journal import Journal
@@ -104,7 +105,7 @@ class EpochEnd:
         for name in os.listdir(local):
             storage.upload_file(
                 os.path.join(local, name),
-                storage.join(self.run_uri, "tensorboard", self.phase, name),
+                storage.join(self.run_uri, TENSORBOARD, self.phase, name),
             )
 
     def progress_line(self, row: dict[str, float]) -> str:

@@ -30,7 +30,7 @@ from xfer.commit import SUCCESS
 from xfer.config import XferConfig, build_config, resolved_dict
 from xfer.configbase import merge
 from xfer.errors import ConfigError, DataError, NotFoundError, XferError
-from xfer.layout import CONFIG, is_complete, runs_prefix
+from xfer.layout import CONFIG, CONSOLE_LOG, is_complete, runs_prefix
 from xfer.manifest import Manifest, load_manifest
 from xfer.train.outputs import TrainResult, completed_run, finish_run
 
@@ -319,7 +319,7 @@ def train(cfg: XferConfig) -> TrainResult:
             record_error(run_uri, None, describe_exception(exc))
             raise
     finally:
-        console.keep_log(storage.join(run_uri, "logs", "console.log"), since=log_start)
+        console.keep_log(storage.join(run_uri, CONSOLE_LOG), since=log_start)
 
 
 def _root_cause(exc: BaseException) -> str:
