@@ -61,11 +61,6 @@ def model_uri(root: str, name: str) -> str:
     return storage.join(root, "models", name)
 
 
-def in_run(run: str, *names: str) -> str:
-    """A file of a run: ``in_run(run_uri, METRICS)``."""
-    return storage.join(run, *names)
-
-
 def is_complete(run: str) -> bool:
     return storage.exists(storage.join(run, SUCCESS))
 
