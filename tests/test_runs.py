@@ -32,35 +32,23 @@ def xfer_runs(root: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+# A quick run of the same model: one head epoch from random weights (it loses the gate).
+WEAK = {"train.head.epochs": 1, "train.fine_tune.epochs": 0, "model.weights": "none"}
+
+
+def train_model(root: str, weights: str, **settings: object):
+    """A real training run of MODEL under ``root``, with these settings."""
+    overrides = train_overrides(root, weights, **{"output.model_name": MODEL, **settings})
+    return train(load_config(None, overrides))
+
+
 @pytest.fixture(scope="module")
 def runs(session_root, pretrained_weights, target_dataset):
     """Run ids: good (published), weak (gate failed), failed, running (a live process)."""
-    good = train(
-        load_config(
-            None,
-            train_overrides(
-                session_root,
-                pretrained_weights,
-                **{"output.model_name": MODEL, "output.gate.min_test_accuracy": 0.5},
-            ),
-        )
-    )
+    good = train_model(session_root, pretrained_weights, **{"output.gate.min_test_accuracy": 0.5})
     assert good.published, good.metrics["gate"]
-    weak = train(
-        load_config(
-            None,
-            train_overrides(
-                session_root,
-                pretrained_weights,
-                **{
-                    "output.model_name": MODEL,
-                    "output.gate.min_test_accuracy": 1.0,
-                    "train.head.epochs": 1,
-                    "train.fine_tune.epochs": 0,
-                    "model.weights": "none",
-                },
-            ),
-        )
+    weak = train_model(
+        session_root, pretrained_weights, **WEAK, **{"output.gate.min_test_accuracy": 1.0}
     )
     assert not weak.published
     failing = train_overrides(
@@ -191,22 +179,11 @@ def test_a_challenger_must_beat_the_published_model_on_the_same_images(
 ):
     champion = storage.read_json(f"{session_root}/models/{MODEL}/latest.json")["run_id"]
     expected = storage.read_json(f"{session_root}/runs/{champion}/metrics.json")["test"]
-    challenger = train(
-        load_config(
-            None,
-            train_overrides(
-                session_root,
-                pretrained_weights,
-                **{
-                    "output.model_name": MODEL,
-                    "output.gate.min_test_accuracy": 0.0,
-                    "output.gate.vs_published": True,
-                    "train.head.epochs": 1,
-                    "train.fine_tune.epochs": 0,
-                    "model.weights": "none",
-                },
-            ),
-        )
+    challenger = train_model(
+        session_root,
+        pretrained_weights,
+        **WEAK,
+        **{"output.gate.min_test_accuracy": 0.0, "output.gate.vs_published": True},
     )
     vs = challenger.metrics["gate"]["vs_published"]
     assert vs["run_id"] == champion
