@@ -133,3 +133,45 @@ def test_busy_port_is_a_clear_error(tmp_path, s3_server):
 
     with pytest.raises(XferError, match=f"port {port}.*already in use"):
         EmbeddedS3(str(tmp_path / "x"), port=port).start()
+
+
+def test_a_port_taken_before_weed_binds_it_is_retried_with_new_ports(tmp_path, monkeypatch):
+    """Seen in CI: a port found free was taken before weed bound it, and weed's own
+    check refused it ("Port allocation failed"). The server starts again on new ports."""
+    import socket
+
+    import xfer.s3server as s3server
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    taken_port = busy.getsockname()[1]
+    real = s3server.free_port_pair
+    calls: list[int] = []
+
+    def first_filer_port_is_busy(taken: set[int], *args: int) -> int:
+        calls.append(1)
+        return taken_port if len(calls) == 4 else real(taken, *args)  # s3, master, volume, filer
+
+    monkeypatch.setattr(s3server, "free_port_pair", first_filer_port_is_busy)
+    try:
+        with EmbeddedS3(str(tmp_path / "race"), buckets=("abc",)) as server:
+            assert len(calls) == 8, "weed was not started a second time"
+            assert f":{taken_port}" not in server.endpoint
+            log = (tmp_path / "race" / "weed.log").read_text()
+            assert "Port allocation failed" in log or "address already in use" in log
+            assert [b["Name"] for b in server._client().list_buckets()["Buckets"]] == ["abc"]
+    finally:
+        busy.close()
+
+
+def test_chosen_ports_stay_out_of_the_ephemeral_range():
+    """Outgoing connections take their local ports from the kernel's ephemeral range at
+    any moment; weed's ports (and their gRPC twins) are chosen below it."""
+    from xfer.s3server import GRPC_OFFSET, _ephemeral_ports, free_port_pair
+
+    lo, hi = _ephemeral_ports()
+    taken: set[int] = set()
+    for _ in range(20):
+        port = free_port_pair(taken)
+        assert not (lo <= port <= hi or lo <= port + GRPC_OFFSET <= hi), (port, lo, hi)

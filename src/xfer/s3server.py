@@ -61,11 +61,33 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port_pair(taken: set[int], lo: int = 20000, hi: int = 50000) -> int:
-    """A port P such that P and P+10000 (weed's gRPC twin) are both free."""
+    """A port P such that P and P+10000 (weed's gRPC twin) are both free.
+
+    Ports in the kernel's ephemeral range are avoided when there is room below it:
+    an outgoing connection (Ray's, boto3's) may take one of those at any moment,
+    after the check and before weed binds it. (Below 20000 are Ray's worker ports.)
+    """
+    elo, ehi = _ephemeral_ports()
+    outside = [
+        p
+        for p in range(lo, hi)
+        if not any(elo <= q <= ehi for q in (p, p + GRPC_OFFSET)) and p + GRPC_OFFSET <= 65535
+    ]
+    candidates = outside if len(outside) >= 1000 else list(range(lo, hi))
     rng = secrets.SystemRandom()
     for _ in range(500):
-        port = rng.randrange(lo, hi)
+        port = rng.choice(candidates)
         pair = {port, port + GRPC_OFFSET}
         if pair & taken:
             continue
@@ -131,7 +153,8 @@ class EmbeddedS3:
         """Start weed; with ports of its own choosing, again if one was taken meanwhile.
 
         Free ports are found by binding them, then handed to weed: another process
-        can take one in between (weed then exits: "address already in use").
+        can take one in between (weed then exits: "address already in use", or
+        "Port allocation failed" from its own check).
         """
         for attempt in range(3):
             try:
@@ -222,7 +245,9 @@ class EmbeddedS3:
         while time.monotonic() < deadline:
             assert self._proc is not None
             if self._proc.poll() is not None:
-                if self.port is None and "address already in use" in _tail(data / "weed.log"):
+                log = _tail(data / "weed.log")
+                # Taken between our check and weed's bind (weed checks too, first).
+                if "address already in use" in log or "Port allocation failed" in log:
                     raise _PortRace
                 raise XferError(
                     f"the S3 server exited with status {self._proc.returncode} during "
