@@ -291,6 +291,13 @@ def train(cfg: XferConfig) -> TrainResult:
     )
     say(f"[xfer] run {run_id}: {c.num_workers} worker(s), outputs in {run_uri}")
     log_start = console.log_size()
+    log_uri = storage.join(run_uri, CONSOLE_LOG)
+    kept: list[bool] = []
+
+    def keep_log() -> None:
+        console.keep_log(log_uri, since=log_start)
+        kept.append(True)
+
     try:
         try:
             result = trainer.fit()
@@ -313,13 +320,21 @@ def train(cfg: XferConfig) -> TrainResult:
         enter_outputs(run_uri)
         try:
             return finish_run(
-                cfg, manifest, run_id, run_uri, final, time.monotonic() - started, resume_notes
+                cfg,
+                manifest,
+                run_id,
+                run_uri,
+                final,
+                time.monotonic() - started,
+                resume_notes,
+                before_commit=keep_log,  # the log is in the run before its _SUCCESS
             )
         except Exception as exc:
             record_error(run_uri, None, describe_exception(exc))
             raise
     finally:
-        console.keep_log(storage.join(run_uri, CONSOLE_LOG), since=log_start)
+        if not kept:  # a run that did not commit keeps its log too
+            keep_log()
 
 
 def _root_cause(exc: BaseException) -> str:

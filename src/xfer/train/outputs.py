@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,8 +159,13 @@ def finish_run(
     final: dict[str, Any],
     wall: float,
     resume_changes: list[str] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Predictions, metrics, lineage, report; ``_SUCCESS`` last; then the gate."""
+    """Predictions, metrics, lineage, report; ``_SUCCESS`` last; then the gate.
+
+    ``before_commit`` runs just before ``_SUCCESS`` (the driver keeps its console
+    log there), so nothing in a committed run changes after its marker.
+    """
     from xfer.report import (
         calibration,
         classification_metrics,
@@ -256,6 +262,8 @@ def finish_run(
             render_report(metrics, lin, thumbs).encode(),
             "text/html",
         )
+    if before_commit is not None:
+        before_commit()
     write_success(run_uri, run_id)
     mark_complete(run_uri)
     published = False
