@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -76,6 +77,27 @@ def test_commit_prefix_replaces_whole_and_marks_last(root):
     assert names == ["_SUCCESS", "new-0.parquet", "new-1.parquet", "new-2.parquet"]
     assert storage.read_bytes(f"{final}/_SUCCESS") == b"3 files"
     assert not storage.list_files(staging) if s3.is_s3(staging) else not os.path.exists(staging)
+
+
+def test_delete_prefix_can_keep_some_objects(root):
+    for name in ("a", "b", "sub/c"):
+        storage.write_bytes(f"{root}/p/{name}", b"x")
+    assert storage.delete_prefix(f"{root}/p", keep={f"{root}/p/b"}) == 2
+    assert [f.uri for f in storage.list_files(f"{root}/p")] == [f"{root}/p/b"]
+
+
+def test_commit_partition_leaves_only_what_the_new_marker_lists(root):
+    final = f"{root}/dt=2026-11-28"
+    for run in ("r1", "r2"):
+        staging = commit.staging_prefix(final)
+        files = [f"part-{run}-{i}.parquet" for i in range(2)]
+        for name in files:
+            storage.write_bytes(f"{staging}/{name}", run.encode())
+        body = json.dumps({"files": files}).encode()
+        commit.commit_partition(staging, final, "_SUCCESS", body, keep=files)
+    names = sorted(storage.basename(f.uri) for f in storage.list_files(final))
+    assert names == ["_SUCCESS", "part-r2-0.parquet", "part-r2-1.parquet"]
+    assert storage.read_json(f"{final}/_SUCCESS")["files"] == names[1:]
 
 
 def test_concurrent_reader_never_sees_a_partial_object(root):

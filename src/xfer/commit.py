@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import uuid
 
-from xfer.s3 import is_s3, local_path, s3_client, split_s3, translate_errors
+from xfer.s3 import is_s3, local_path, split_s3, translate_errors
 from xfer.storage import copy, delete, delete_prefix, join, list_files, write_bytes
 
 SUCCESS = "_SUCCESS"  # the marker of a committed run or partition, written last
@@ -96,13 +96,7 @@ def commit_partition(
     for info in list_files(staging):
         copy(info.uri, join(final, info.uri[len(base) :]))
     write_bytes(join(final, marker), marker_body, "application/json")
-    wanted = {join(final, name) for name in [*keep, marker]}
-    bucket, _ = split_s3(final)
-    stale = [split_s3(f.uri)[1] for f in list_files(final) if f.uri not in wanted]
-    for i in range(0, len(stale), 1000):
-        chunk = [{"Key": k} for k in stale[i : i + 1000]]
-        with translate_errors(final):
-            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+    delete_prefix(final, keep={join(final, name) for name in [*keep, marker]})
     delete_prefix(staging)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from xfer import console, storage
 from xfer.config import XferConfig, load_config
-from xfer.layout import LATEST, MODEL_DIR, MODEL_FILE, REPORT, model_uri
+from xfer.layout import LATEST, MODEL_DIR, MODEL_FILE, REPORT, dataset_uri, model_uri
 
 SOURCE_CLASSES = ["star", "cross", "ring", "hexagon", "stripes", "dots"]
 TARGET_CLASSES = ["circle", "square", "triangle"]
@@ -147,7 +147,7 @@ def run_demo(settings: DemoSettings) -> int:
             if name == "shapes-source" and settings.weights != "source":
                 continue
             summary = shard_dataset(
-                f"{raw}/{name}", f"{ROOT}/datasets/{name}", ShardConfig(target_shard_mb=0.2)
+                f"{raw}/{name}", dataset_uri(ROOT, name), ShardConfig(target_shard_mb=0.2)
             )
             print(summary.describe().splitlines()[0], flush=True)  # the rest: `xfer shard`
 
@@ -198,7 +198,7 @@ def run_demo(settings: DemoSettings) -> int:
         print(f"baseline: val accuracy after the head phase {_pct(baseline_head)}", flush=True)
 
         next_step("nightly scoring of new images with the published model (xfer score)")
-        model = f"{ROOT}/models/shapes"
+        model = model_uri(ROOT, "shapes")
         if not result.published:
             print(
                 f"the run did not pass its quality gate, so it is not published: scoring {result.run_uri}"

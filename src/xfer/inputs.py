@@ -92,9 +92,8 @@ def read_list(uri: str, labelled: bool) -> list[Input]:
             table = pq.read_table(io.BytesIO(data))
     except Exception as exc:
         raise DataError(f"cannot read the list {uri}: {exc}") from None
-    missing = {"uri", "label"} - set(table.column_names) if labelled else set()
-    if "uri" not in table.column_names:
-        missing.add("uri")
+    needed = ("uri", "label") if labelled else ("uri",)
+    missing = [c for c in needed if c not in table.column_names]
     if missing:
         needs = "uri,label" if labelled else "a uri column"
         raise DataError(f"{uri} needs {needs} (missing: {', '.join(sorted(missing))})")

@@ -137,7 +137,9 @@ def arrow_filesystem(uri: str) -> tuple[Any, str]:
 
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "Forbidden", "403"}
-_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+# A missing object; a missing bucket (HEAD on a bucket answers a bare 404).
+MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_NO_BUCKET_CODES = {"NoSuchBucket", "404", "NotFound"}
 
 
 # Answers that mean "try again later": server errors and throttling.
@@ -181,7 +183,7 @@ def describe_client_error(uri: str, code: str, message: str) -> StorageError:
         return StorageError(
             f"access denied to {uri} at {endpoint}: the credentials lack permission"
         )
-    if code in _MISSING_CODES:
+    if code in MISSING_CODES:
         return NotFoundError(f"no such object: {uri}")
     return StorageError(f"S3 error {code} for {uri} at {endpoint}: {message}")
 
@@ -215,7 +217,7 @@ def _missing_object_or_bucket(uri: str) -> StorageError:
     try:
         s3_client().head_bucket(Bucket=split_s3(uri)[0])
     except ClientError as exc:
-        if str(exc.response.get("Error", {}).get("Code")) in {"404", "NoSuchBucket", "NotFound"}:
+        if str(exc.response.get("Error", {}).get("Code")) in _NO_BUCKET_CODES:
             return describe_client_error(uri, "NoSuchBucket", "")
     except BotoCoreError:
         pass
@@ -230,7 +232,7 @@ def check_bucket(uri: str) -> None:
         s3_client().head_bucket(Bucket=split_s3(uri)[0])
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in {"404", "NoSuchBucket", "NotFound"}:
+        if code in _NO_BUCKET_CODES:
             code = "NoSuchBucket"
         raise describe_client_error(uri, code, "") from None
 
@@ -301,11 +303,7 @@ def ensure_bucket(uri: str) -> None:
         try:
             client.head_bucket(Bucket=bucket)
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in {
-                "404",
-                "NoSuchBucket",
-                "NotFound",
-            }:
+            if str(exc.response.get("Error", {}).get("Code")) in _NO_BUCKET_CODES:
                 client.create_bucket(Bucket=bucket)
             else:
                 raise

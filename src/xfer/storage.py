@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ import yaml
 from xfer.errors import NotFoundError, StorageError
 from xfer.retry import ride_through
 from xfer.s3 import (
+    MISSING_CODES,
     arrow_filesystem,
     check_bucket,
     is_s3,
@@ -37,8 +38,6 @@ from xfer.s3 import (
     split_s3,
     translate_errors,
 )
-
-_MISSING = {"404", "NoSuchKey", "NotFound"}
 
 
 def join(base: str, *parts: str) -> str:
@@ -145,7 +144,7 @@ def exists(uri: str) -> bool:
                 s3_client().head_object(Bucket=bucket, Key=key)
                 return True
             except ClientError as exc:
-                if str(exc.response.get("Error", {}).get("Code", "")) not in _MISSING:
+                if str(exc.response.get("Error", {}).get("Code", "")) not in MISSING_CODES:
                     raise
             check_bucket(uri)  # a 404 on HEAD may also mean the bucket is missing
             return False
@@ -248,22 +247,22 @@ def delete(uri: str) -> None:
 
 
 @ride_through("deleting")
-def delete_prefix(prefix: str) -> int:
-    """Delete everything under ``prefix``; returns how many objects were removed."""
+def delete_prefix(prefix: str, keep: Collection[str] = ()) -> int:
+    """Delete everything under ``prefix`` except the URIs in ``keep``; returns how many went."""
     with translate_errors(prefix):
+        gone = [f.uri for f in list_files(prefix) if f.uri not in keep]
         if is_s3(prefix):
             bucket, _ = split_s3(prefix)
-            keys = [split_s3(f.uri)[1] for f in list_files(prefix)]
+            keys = [split_s3(uri)[1] for uri in gone]
             for i in range(0, len(keys), 1000):
                 chunk = [{"Key": k} for k in keys[i : i + 1000]]
                 s3_client().delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
-            return len(keys)
-        path = local_path(prefix)
-        if not os.path.exists(path):
-            return 0
-        n = sum(len(files) for _, _, files in os.walk(path))
-        shutil.rmtree(path)
-        return n
+        elif keep:
+            for uri in gone:
+                os.remove(local_path(uri))
+        elif os.path.exists(local_path(prefix)):
+            shutil.rmtree(local_path(prefix))  # the folders too
+        return len(gone)
 
 
 @ride_through("copying")

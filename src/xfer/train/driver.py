@@ -292,11 +292,12 @@ def train(cfg: XferConfig) -> TrainResult:
     say(f"[xfer] run {run_id}: {c.num_workers} worker(s), outputs in {run_uri}")
     log_start = console.log_size()
     log_uri = storage.join(run_uri, CONSOLE_LOG)
-    kept: list[bool] = []
+    log_kept = False
 
     def keep_log() -> None:
+        nonlocal log_kept
         console.keep_log(log_uri, since=log_start)
-        kept.append(True)
+        log_kept = True
 
     try:
         try:
@@ -333,7 +334,7 @@ def train(cfg: XferConfig) -> TrainResult:
             record_error(run_uri, None, describe_exception(exc))
             raise
     finally:
-        if not kept:  # a run that did not commit keeps its log too
+        if not log_kept:  # a run that did not commit keeps its log too
             keep_log()
 
 
