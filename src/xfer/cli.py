@@ -129,9 +129,12 @@ def _runs(args: argparse.Namespace) -> int:
         print(runs.compare(root, args.run, args.other))
     elif args.verb == "promote":
         p = runs.promote(root, args.run, force=args.force)
-        print(
-            f"published run {p['run_id']} as {p['model_name']} (previous: {p['previous_run_id']})"
-        )
+        if p.get("unchanged"):
+            print(f"run {p['run_id']} is already the published {p['model_name']}: nothing changed")
+        else:
+            print(
+                f"published run {p['run_id']} as {p['model_name']} (previous: {p['previous_run_id']})"
+            )
     else:
         p = runs.rollback(root, args.model_name, force=args.force)
         print(f"rolled {p['model_name']} back to run {p['run_id']} (from {p['rolled_back_from']})")

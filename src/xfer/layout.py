@@ -3,9 +3,11 @@
     <root>/datasets/<name>/                 manifest.json and Parquet shards (xfer.manifest)
     <root>/runs/<run_id>/config.yaml        the resolved config, written first
     <root>/runs/<run_id>/model/             model.keras + xfer_model.json, committed whole
-    <root>/runs/<run_id>/metrics.json, lineage.json, report.html, predictions/, logs/
+    <root>/runs/<run_id>/metrics.json, lineage.json, report.html, logs/
+    <root>/runs/<run_id>/predictions/       test.parquet: the run's own test-split predictions
+    <root>/runs/<run_id>/gate/              published-test.parquet: the champion on that split
     <root>/runs/<run_id>/_SUCCESS           written last: a run without it is incomplete
-    <root>/models/<name>/latest.json        the published run, moved in one PUT
+    <root>/models/<name>/latest.json        the published run, moved in one conditional PUT
     <root>/models/<name>/history/           every pointer latest.json ever held
 
 Training writes this layout and scoring reads it; both take the names from here.
@@ -15,17 +17,21 @@ A model is addressed either as a run (``…/runs/<id>``) or as a published model
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from xfer import storage
 from xfer.commit import SUCCESS, commit_prefix, staging_prefix
-from xfer.errors import NotFoundError, XferError
+from xfer.errors import NotFoundError, StorageError, XferError
+from xfer.retry import ride_through
+from xfer.s3 import MISSING_CODES, is_s3, local_path, s3_client, split_s3, translate_errors
 
 CONFIG = "config.yaml"
 MODEL_DIR = "model"
@@ -35,6 +41,8 @@ METRICS = "metrics.json"
 LINEAGE = "lineage.json"
 REPORT = "report.html"
 PREDICTIONS = "predictions"
+# Its own partition: committing it must not replace the run's own predictions.
+GATE_PREDICTIONS = "gate"
 CONSOLE_LOG = "logs/console.log"
 TENSORBOARD = "tensorboard"
 LATEST = "latest.json"
@@ -159,6 +167,58 @@ def save_model(model: Any, info: dict[str, Any] | None, run: str) -> None:
 
 # ------------------------------------------------------------------ publishing
 
+# What a store answers to a conditional PUT whose condition no longer holds (AWS
+# also answers 409 to two conditional writes of one key at once).
+_CONDITION_FAILED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+_NO_CONDITIONS = {"NotImplemented", "501"}
+
+
+class PointerMoved(XferError):
+    """``latest.json`` no longer holds what the publisher read: nothing was published."""
+
+    def __init__(self, model: str, current: str | None):
+        self.current = current  # the run latest.json names now (None: no pointer)
+        super().__init__(f"{model}/{LATEST} changed meanwhile (it names run {current} now)")
+
+
+@dataclass(frozen=True)
+class PointerRead:
+    """``latest.json`` as read (None: not published) and its S3 ETag (None locally)."""
+
+    pointer: dict[str, Any] | None
+    etag: str | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.pointer.get("run_id") if self.pointer else None
+
+
+def read_pointer_for_update(model: str) -> PointerRead:
+    """``latest.json`` with what a conditional PUT needs to replace exactly this version."""
+    uri = storage.join(model, LATEST)
+    if not is_s3(uri):
+        return PointerRead(read_pointer(model))
+    return _read_s3_pointer(uri)
+
+
+@ride_through("reading")
+def _read_s3_pointer(uri: str) -> PointerRead:
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    with translate_errors(uri):
+        try:
+            answer = s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in MISSING_CODES:
+                return PointerRead(None)
+            raise
+        body = answer["Body"].read()
+    try:
+        return PointerRead(json.loads(body), answer["ETag"])
+    except json.JSONDecodeError as exc:
+        raise StorageError(f"{uri} is not valid JSON: {exc}") from None
+
 
 def publish_pointer(
     model: str,
@@ -167,13 +227,19 @@ def publish_pointer(
     run: str,
     metric: str,
     value: float | None,
+    seen: PointerRead | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Point ``latest.json`` at the run (one atomic PUT), after a copy in ``history/``.
+    """Point ``latest.json`` at the run, only if it still holds what ``seen`` read.
 
-    ``previous_run_id`` (in ``extra``) defaults to the run published until now.
+    ``seen`` is what the caller decided on (the champion a gate compared with);
+    read now when not given. The PUT is conditional (If-Match on the ETag read, or
+    If-None-Match when there was no pointer), so of two publishers that read the same
+    pointer exactly one wins; the other gets :class:`PointerMoved`. The published
+    pointer is then copied into ``history/``. ``previous_run_id`` (in ``extra``)
+    defaults to the run ``seen`` names.
     """
-    previous = read_pointer(model)
+    seen = seen if seen is not None else read_pointer_for_update(model)
     now = dt.datetime.now(dt.timezone.utc)
     pointer = {
         "model_name": model_name,
@@ -182,15 +248,76 @@ def publish_pointer(
         "model_uri": storage.join(run, MODEL_DIR),
         "test_accuracy": value if metric == "test_accuracy" else None,
         "gate": {"metric": metric, "value": value},
-        "published_at": now.isoformat(timespec="seconds"),
-        "previous_run_id": previous.get("run_id") if previous else None,
+        "published_at": now.isoformat(timespec="milliseconds"),
+        "previous_run_id": seen.run_id,
         "action": "publish",
         **extra,
     }
+    _replace_pointer(model, seen, pointer)
     stamp = f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}"
     storage.write_json(storage.join(model, HISTORY, f"{stamp}-{run_id}.json"), pointer)
-    storage.write_json(storage.join(model, LATEST), pointer)
     return pointer
+
+
+def _replace_pointer(model: str, seen: PointerRead, pointer: dict[str, Any]) -> None:
+    uri = storage.join(model, LATEST)
+    body = json.dumps(pointer, indent=2, default=str).encode() + b"\n"
+    refused = _put_if_unchanged(uri, body, seen) if is_s3(uri) else "local"
+    if refused is None:
+        return
+    if refused in _CONDITION_FAILED:
+        _check_holds(model, pointer)  # a retried PUT of ours may have landed before
+        return
+    # No conditional writes here (a local root, a store without them): look again
+    # right before the write (under a file lock locally), then read the write back.
+    with _local_lock(model):
+        now = read_pointer(model)
+        if now != seen.pointer:
+            raise PointerMoved(model, now.get("run_id") if now else None)
+        storage.write_bytes(uri, body, "application/json")
+    _check_holds(model, pointer)
+
+
+def _check_holds(model: str, pointer: dict[str, Any]) -> None:
+    now = read_pointer(model)
+    if now != json.loads(json.dumps(pointer, default=str)):
+        raise PointerMoved(model, now.get("run_id") if now else None)
+
+
+@contextlib.contextmanager
+def _local_lock(model: str) -> Iterator[None]:
+    if is_s3(model):
+        yield
+        return
+    import fcntl
+
+    os.makedirs(local_path(model), exist_ok=True)
+    with open(os.path.join(local_path(model), ".latest.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@ride_through("writing")
+def _put_if_unchanged(uri: str, body: bytes, seen: PointerRead) -> str | None:
+    """PUT ``body`` if the object is still ``seen``; the store's refusal code, or None."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    condition = {"IfMatch": seen.etag} if seen.pointer is not None else {"IfNoneMatch": "*"}
+    with translate_errors(uri):
+        try:
+            s3_client().put_object(
+                Bucket=bucket, Key=key, Body=body, ContentType="application/json", **condition
+            )
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _CONDITION_FAILED | _NO_CONDITIONS:
+                return code
+            raise
+    return None
 
 
 def history(model: str) -> list[dict[str, Any]]:

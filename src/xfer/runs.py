@@ -29,6 +29,7 @@ from xfer.errors import NotFoundError, XferError
 from xfer.layout import (
     CONFIG,
     CONSOLE_LOG,
+    GATE_PREDICTIONS,
     LATEST,
     LINEAGE,
     METRICS,
@@ -36,8 +37,11 @@ from xfer.layout import (
     PREDICTIONS,
     REPORT,
     TENSORBOARD,
+    PointerMoved,
+    PointerRead,
     publish_pointer,
     read_pointer,
+    read_pointer_for_update,
 )
 from xfer.report import flatten
 
@@ -108,17 +112,19 @@ def summarize(root: str, run_id: str, published: dict[str, str] | None = None) -
     if published is None:
         published = published_runs(root)
     metrics = _read(storage.join(uri, METRICS)) if layout.is_complete(uri) else None
-    attempts, driver_failed = [], False
+    attempts, driver_failed_at = [], 0.0  # when the driver last recorded a failed run
     for info in storage.list_files(storage.join(uri, JOURNAL)) if not metrics else []:
         name = storage.basename(info.uri)
         if name.startswith("attempt-"):
             attempts.append(_read(info.uri) or {})
         elif name.startswith("error-") and name.endswith("-driver.json"):
-            driver_failed = True
+            driver_failed_at = max(driver_failed_at, int(name.split("-")[1]) / 1000)
     attempts.sort(key=lambda a: a.get("attempt", 0))
     phases = (metrics or {}).get("phases", {})
     gate = (metrics or {}).get("gate", {})
     last = attempts[-1] if attempts else {}
+    # A run resumed after a failure is running again: the latest attempt's state wins.
+    driver_failed = driver_failed_at > float(last.get("started_at") or 0)
     return RunSummary(
         run_id=run_id,
         uri=uri,
@@ -237,6 +243,7 @@ def show(root: str, run: str) -> str:
         (METRICS, "metrics per phase and epoch, test metrics, failures, gate"),
         (REPORT, "the report"),
         (f"{PREDICTIONS}/test.parquet", "predictions on the test split"),
+        (f"{GATE_PREDICTIONS}/", "the published model's predictions on it (champion/challenger)"),
         (CONSOLE_LOG, "everything Ray and TensorFlow printed"),
         (f"{TENSORBOARD}/", "per-epoch scalars"),
     ):
@@ -283,6 +290,7 @@ def _committed_metrics(uri: str) -> dict[str, Any]:
 
 
 def promote(root: str, run: str, force: bool = False) -> dict[str, Any]:
+    """Publish a complete run; the run already published stays as it is (``unchanged``)."""
     uri = run_uri(root, run)
     m = _committed_metrics(uri)
     gate = m.get("gate", {})
@@ -292,13 +300,14 @@ def promote(root: str, run: str, force: bool = False) -> dict[str, Any]:
             f"{gate.get('min_test_accuracy')}); --force publishes it anyway"
         )
     model_uri = layout.model_uri(root, m["model_name"])
-    return publish_pointer(
+    seen = read_pointer_for_update(model_uri)
+    if seen.run_id == m["run_id"]:
+        return {**(seen.pointer or {}), "unchanged": True}
+    return _publish(
         model_uri,
         m["model_name"],
-        m["run_id"],
         uri,
-        gate.get("metric", "test_accuracy"),
-        gate.get("value"),
+        seen,
         action="promote",
         forced=bool(force and not gate.get("passed")),
     )
@@ -307,33 +316,77 @@ def promote(root: str, run: str, force: bool = False) -> dict[str, Any]:
 def rollback(root: str, model: str, force: bool = False) -> dict[str, Any]:
     """Publish the run that was published before the current one.
 
-    The current pointer's ``previous_run_id`` names it; the new pointer's previous is
-    what that run's own publication replaced, so rollbacks walk back one at a time.
+    That is the first run other than the current one down the chain of
+    ``previous_run_id`` (a run published twice in a row names itself). The new
+    pointer's previous is what that run's own publication replaced, so rollbacks
+    walk back one distinct run at a time.
     """
     model_uri = layout.model_uri(root, model)
-    current = read_pointer(model_uri)
+    seen = read_pointer_for_update(model_uri)
+    current = seen.pointer
     if not current:
         raise XferError(f"model {model!r} is not published (no {model_uri}/{LATEST})")
-    target = current.get("previous_run_id")
+    past = layout.history(model_uri)
+    target, entry = _previous_distinct(past, current)
     if not target:
         raise XferError(
             f"model {model!r}: run {current['run_id']} is the first published; nothing to roll back to"
         )
-    earlier = [p for p in layout.history(model_uri) if p["run_id"] == target]
-    before = earlier[-1].get("previous_run_id") if earlier else None
+    before = _previous_distinct(past, entry)[0] if entry else None
     uri = layout.run_uri(root, target)
-    m = _committed_metrics(uri)
-    gate = m.get("gate", {})
+    gate = _committed_metrics(uri).get("gate", {})
     if not gate.get("passed") and not force:
         raise XferError(f"run {target} did not pass its gate; --force publishes it anyway")
-    return publish_pointer(
+    return _publish(
         model_uri,
         model,
-        target,
         uri,
-        gate.get("metric", "test_accuracy"),
-        gate.get("value"),
+        seen,
         action="rollback",
         rolled_back_from=current["run_id"],
         previous_run_id=before,
     )
+
+
+def _previous_distinct(
+    past: list[dict[str, Any]], pointer: dict[str, Any]
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The run published before ``pointer`` other than its own, and the history entry
+    of that publication (None when history lost it)."""
+    run = pointer["run_id"]
+    at = past.index(pointer) if pointer in past else len(past)
+    for _ in range(len(past) + 1):
+        prev = pointer.get("previous_run_id")
+        if not prev:
+            return None, None
+        earlier = [i for i in range(at) if past[i]["run_id"] == prev]
+        entry = past[earlier[-1]] if earlier else None
+        if prev != run:
+            return prev, entry
+        if entry is None:
+            return None, None
+        pointer, at = entry, earlier[-1]
+    return None, None
+
+
+def _publish(
+    model_uri: str, model: str, uri: str, seen: PointerRead, **extra: Any
+) -> dict[str, Any]:
+    m = storage.read_json(storage.join(uri, METRICS))
+    gate = m.get("gate", {})
+    try:
+        return publish_pointer(
+            model_uri,
+            model,
+            m["run_id"],
+            uri,
+            gate.get("metric", "test_accuracy"),
+            gate.get("value"),
+            seen,
+            **extra,
+        )
+    except PointerMoved as exc:
+        raise XferError(
+            f"model {model!r}: {exc.args[0]}; nothing published: look again "
+            "(`xfer runs list`) and retry"
+        ) from None

@@ -1,9 +1,12 @@
-"""A finished run's outputs: predictions, metrics, lineage, report, _SUCCESS, publish.
+"""A finished run's outputs: test predictions, the gate, metrics, lineage, report, _SUCCESS.
 
 Everything here runs on the driver after Ray Train returns. The test split is scored
 through the batch-scoring code path (:mod:`xfer.score`), not a second implementation.
-``_SUCCESS`` is written after every other output; ``models/<name>/latest.json`` moves
-only when the quality gate passes, in one atomic PUT.
+The gate runs before the outputs are written: ``models/<name>/latest.json`` moves
+(one conditional PUT) only when the run passes it and the pointer still names the
+champion it was compared with; ``metrics.json`` then records what happened, and
+``_SUCCESS`` is written after every other output. A run that stops between its
+publication and ``_SUCCESS`` is resumed by id and finds itself already published.
 """
 
 from __future__ import annotations
@@ -17,19 +20,10 @@ from typing import Any
 
 from xfer import __version__, storage
 from xfer.config import XferConfig, resolved_dict
-from xfer.layout import (
-    LATEST,
-    LINEAGE,
-    METRICS,
-    PREDICTIONS,
-    REPORT,
-    publish_pointer,
-    read_pointer,
-    resolve_model,
-    write_success,
-)
+from xfer.layout import LINEAGE, METRICS, PREDICTIONS, REPORT, resolve_model, write_success
 from xfer.manifest import Manifest
 from xfer.provenance import git_commit, source_sha256
+from xfer.train.gate import gate_and_publish, lost_race_text
 from xfer.train.journal import failures, mark_complete, worker_code
 
 
@@ -63,7 +57,9 @@ class TrainResult:
         gate = self.metrics["gate"]
         vs = gate.get("vs_published")
         versus = ""
-        if vs:
+        if vs and vs.get("missing"):
+            versus = f"; {vs['reason']}"
+        elif vs:
             versus = (
                 f"; vs the published run {vs['run_id']} ({_pct(vs.get('accuracy'))}"
                 f" + {100 * vs['margin']:.1f} points): "
@@ -73,6 +69,8 @@ class TrainResult:
             f"  gate ({gate['metric'].replace('_', ' ')} >= {gate['min_test_accuracy']}{versus}): "
             + ("passed, published as " + gate["latest"] if self.published else "not published")
         )
+        if gate.get("lost_race"):
+            lines.append("  " + lost_race_text(self.run_id, gate["lost_race"]))
         lines.append(f"  report: {self.run_uri}/{REPORT}")
         return "\n".join(lines)
 
@@ -161,7 +159,7 @@ def finish_run(
     resume_changes: list[str] | None = None,
     before_commit: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Predictions, metrics, lineage, report; ``_SUCCESS`` last; then the gate.
+    """Predictions, the gate and publication, metrics, lineage, report; ``_SUCCESS`` last.
 
     ``before_commit`` runs just before ``_SUCCESS`` (the driver keeps its console
     log there), so nothing in a committed run changes after its marker.
@@ -219,12 +217,7 @@ def finish_run(
         test["mistakes"] = mistakes(table)
         thumbs = thumbnails(manifest.shard_uris("test"), {m["key"] for m in test["mistakes"]})
     gate_metric, value = gate_value(test, history)
-    passed = value is not None and value >= cfg.output.gate.min_test_accuracy
-    champion = None
-    if passed and cfg.output.gate.vs_published and cfg.output.publish:
-        champion = against_published(cfg, manifest, run_id, run_uri, test)
-        passed = champion is None or champion["beaten"]
-    latest_uri = storage.join(cfg.model_uri(), LATEST)
+    gate = gate_and_publish(cfg, manifest, run_id, run_uri, test, gate_metric, value)
     metrics: dict[str, Any] = {
         "run_id": run_id,
         "model_name": cfg.output.model_name,
@@ -243,15 +236,7 @@ def finish_run(
         "resume_changes": resume_changes or [],
         "feature_cache": final.get("feature_cache") or None,
         "wall_time_s": wall,
-        "gate": {
-            "metric": gate_metric,
-            "min_test_accuracy": cfg.output.gate.min_test_accuracy,
-            "value": value,
-            "passed": passed,
-            "vs_published": champion,
-            "published": bool(passed and cfg.output.publish),
-            "latest": latest_uri,
-        },
+        "gate": gate,
     }
     lin = lineage(cfg, manifest, final, run_uri)
     storage.write_json(storage.join(run_uri, METRICS), metrics)
@@ -266,64 +251,4 @@ def finish_run(
         before_commit()
     write_success(run_uri, run_id)
     mark_complete(run_uri)
-    published = False
-    if passed and cfg.output.publish:
-        publish(cfg, run_id, run_uri, gate_metric, value)
-        published = True
-    return TrainResult(run_id, run_uri, metrics, published)
-
-
-def against_published(
-    cfg: XferConfig, manifest: Manifest, run_id: str, run_uri: str, test: dict[str, Any]
-) -> dict[str, Any] | None:
-    """Champion/challenger: the published model scored on this run's test split.
-
-    Both models go through the same scoring code on the same images; the run must
-    reach the champion's accuracy plus ``output.gate.margin``. None when nothing is
-    published yet (the first run of a model is compared with no one).
-    """
-    import pyarrow.compute as pc
-
-    from xfer.score import write_predictions
-
-    pointer = read_pointer(cfg.model_uri())
-    if pointer is None:
-        return None
-    margin = cfg.output.gate.margin
-    out: dict[str, Any] = {"run_id": pointer["run_id"], "margin": margin, "accuracy": None}
-    own = test.get("accuracy_from_predictions", test.get("accuracy"))
-    out["challenger_accuracy"] = own
-    champion = resolve_model(pointer["run_uri"])
-    if champion.classes != manifest.classes:
-        return {**out, "beaten": False, "reason": "the published model has other classes"}
-    if own is None or not ("test" in manifest.splits and manifest.splits["test"].rows):
-        return {**out, "beaten": False, "reason": "no test split to compare on"}
-    preds = storage.join(run_uri, PREDICTIONS)
-    write_predictions(
-        champion,
-        manifest.uri,
-        cfg.score,
-        preds,
-        single_file="published-test.parquet",
-        split="test",
-        quiet=True,
-    )
-    table = storage.read_parquet(storage.join(preds, "published-test.parquet"))
-    table = table.filter(pc.is_null(table.column("error")))
-    right = pc.sum(pc.equal(table.column("true_index"), table.column("predicted_index"))).as_py()
-    accuracy = (right or 0) / max(table.num_rows, 1)
-    beaten = own >= accuracy + margin
-    print(
-        f"[xfer] gate vs the published run {pointer['run_id']}: {100 * own:.1f}% against "
-        f"{100 * accuracy:.1f}% (+{100 * margin:.1f} points needed): "
-        + ("beaten" if beaten else "not beaten, not published"),
-        flush=True,
-    )
-    return {**out, "accuracy": accuracy, "beaten": beaten}
-
-
-def publish(
-    cfg: XferConfig, run_id: str, run_uri: str, metric: str, accuracy: float | None
-) -> None:
-    """Point ``models/<name>/latest.json`` at the run (one atomic PUT), keeping history."""
-    publish_pointer(cfg.model_uri(), cfg.output.model_name, run_id, run_uri, metric, accuracy)
+    return TrainResult(run_id, run_uri, metrics, gate["published"])
