@@ -15,6 +15,8 @@ import pytest
 import xfer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from xfer.s3server import EmbeddedS3
 
+from .faultproxy import FaultProxy
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS3]:
@@ -63,6 +65,27 @@ def bucket(s3_server: EmbeddedS3, s3_env: dict[str, str]) -> str:
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def _fault_proxy_server(s3_server: EmbeddedS3) -> Iterator[FaultProxy]:
+    with FaultProxy(s3_server.endpoint) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def fault_proxy(
+    _fault_proxy_server: FaultProxy, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the session's S3 server (tests/faultproxy.py).
+
+    This test's own S3 calls (and the processes it starts with ``proxy.env()``) go
+    through it; its rules and request log start empty.
+    """
+    _fault_proxy_server.clear()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", _fault_proxy_server.endpoint)
+    yield _fault_proxy_server
+    _fault_proxy_server.clear()
 
 
 @pytest.fixture(params=["s3", "local"])

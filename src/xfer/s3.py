@@ -20,6 +20,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -188,26 +189,93 @@ def describe_client_error(uri: str, code: str, message: str) -> StorageError:
     return StorageError(f"S3 error {code} for {uri} at {endpoint}: {message}")
 
 
+# pyarrow (the AWS C++ SDK) names errors by type and status, not by S3 code:
+# "AWS Error SLOW_DOWN during PutObject operation: ...", "AWS Error UNKNOWN (HTTP
+# status 503) during HeadObject operation: ...", sometimes with "ExceptionName: X".
+_ARROW_ERROR = re.compile(r"AWS Error (?P<type>[A-Z_]+)(?: \(HTTP status (?P<status>\d{3})\))?")
+_ARROW_EXCEPTION = re.compile(r"ExceptionName: (?P<code>[A-Za-z]+)")
+_ARROW_TYPES = {
+    "ACCESS_DENIED": "AccessDenied",
+    "NO_SUCH_BUCKET": "NoSuchBucket",
+    "NO_SUCH_KEY": "NoSuchKey",
+    "RESOURCE_NOT_FOUND": "NoSuchKey",
+    "INVALID_ACCESS_KEY_ID": "InvalidAccessKeyId",
+    "SIGNATURE_DOES_NOT_MATCH": "SignatureDoesNotMatch",
+    "INVALID_CLIENT_TOKEN_ID": "InvalidToken",
+    "EXPIRED_TOKEN": "ExpiredToken",
+    "INTERNAL_FAILURE": "InternalError",
+    "SERVICE_UNAVAILABLE": "ServiceUnavailable",
+    "SLOW_DOWN": "SlowDown",
+    "THROTTLING": "Throttling",
+    "REQUEST_TIMEOUT": "RequestTimeout",
+}
+
+
+def _arrow_code(text: str) -> str | None:
+    """The S3 error code behind a pyarrow error message, or None when it names none."""
+    named = _ARROW_EXCEPTION.search(text)
+    if named:
+        return named["code"]
+    found = _ARROW_ERROR.search(text)
+    if not found:
+        return None
+    if found["type"] in _ARROW_TYPES:
+        return _ARROW_TYPES[found["type"]]
+    return found["status"] or found["type"]
+
+
 def _translate_arrow_error(uri: str, exc: Exception) -> StorageError:
     text = str(exc)
     if isinstance(exc, FileNotFoundError) or "Path does not exist" in text:
         return _missing_object_or_bucket(uri)
-    for code in ("NoSuchBucket", *_CREDENTIAL_CODES, *_DENIED_CODES):
-        if code in text:
-            return describe_client_error(uri, code, "")
-    if "ACCESS_DENIED" in text:
-        endpoint = S3Settings.from_env().describe()
+    code = _arrow_code(text)
+    if code == "NETWORK_CONNECTION" or (code is None and _CURL_ERROR.search(text)):
+        return _unavailable(uri, "cannot reach S3")
+    if code in MISSING_CODES:
+        return _missing_object_or_bucket(uri)
+    if code is not None and code.isupper() and not code.isdigit():
+        code = None  # a type with no S3 meaning: report the message as it is
+    if code == "AccessDenied" and not _ARROW_EXCEPTION.search(text):
+        endpoint = S3Settings.from_env().describe()  # a bare 403: no body says which
         return StorageError(
             f"access denied to {uri} at {endpoint}: the credentials are wrong or lack permission"
         )
-    if "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "curlCode" in text:
-        return _unavailable(uri, "cannot reach S3")
-    for code in ("SlowDown", "ServiceUnavailable", "InternalError", "Throttling", "HTTP 503"):
-        if code in text:
-            return _unavailable(uri, f"S3 answered {code}")
-    if "Bucket" in text and ("does not exist" in text or "NOT_FOUND" in text):
-        return describe_client_error(uri, "NoSuchBucket", "")
+    if code is not None:
+        return describe_client_error(uri, code, text.splitlines()[0][:300])
     return StorageError(f"storage error for {uri}: {text.splitlines()[0][:300]}")
+
+
+_CURL_ERROR = re.compile(r"curlCode: \d+")
+
+
+def _client_error_in(exc: BaseException) -> Any:
+    """The botocore error a boto3 transfer error wraps (S3UploadFailedError keeps it
+    as its context; RetriesExceededError as ``last_exception``), or None."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if cur is not exc and type(cur).__module__.startswith(("botocore", "urllib3")):
+            return cur
+        cur = getattr(cur, "last_exception", None) or cur.__cause__ or cur.__context__
+    return None
+
+
+def _translate_transfer_error(uri: str, exc: BaseException) -> StorageError:
+    """boto3's managed transfers wrap the real error; classify that one."""
+    inner = _client_error_in(exc)
+    if inner is not None:
+        try:
+            with translate_errors(uri):
+                raise inner
+        except StorageError as translated:
+            return translated
+        except Exception:  # urllib3's own: a read that timed out or was cut
+            return _unavailable(uri, f"S3 connection failed ({type(inner).__name__})")
+    coded = re.search(r"An error occurred \((?P<code>\w+)\)", str(exc))
+    if coded:
+        return describe_client_error(uri, coded["code"], "")
+    return _unavailable(uri, f"S3 transfer failed ({type(exc).__name__})")
 
 
 def _missing_object_or_bucket(uri: str) -> StorageError:
@@ -240,6 +308,7 @@ def check_bucket(uri: str) -> None:
 @contextlib.contextmanager
 def translate_errors(uri: str) -> Iterator[None]:
     """Turn botocore/pyarrow/OS errors into one StorageError naming ``uri``."""
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -253,6 +322,8 @@ def translate_errors(uri: str) -> Iterator[None]:
         yield
     except StorageError:
         raise
+    except (S3UploadFailedError, RetriesExceededError) as exc:
+        raise _translate_transfer_error(uri, exc) from None
     except ClientError as exc:
         err = exc.response.get("Error", {})
         raise describe_client_error(
