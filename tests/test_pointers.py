@@ -18,9 +18,10 @@ from xfer.commit import SUCCESS
 from xfer.config import load_config
 from xfer.errors import XferError
 from xfer.layout import PointerMoved, publish_pointer, read_pointer_for_update
+from xfer.manifest import Manifest, SplitInfo
 from xfer.runs import promote, rollback, summarize
 from xfer.train.gate import gate_and_publish
-from xfer.train.journal import JOURNAL
+from xfer.train.journal import JOURNAL, recorded_dataset
 
 MODEL = "ptr"
 
@@ -201,3 +202,103 @@ def test_a_resumed_run_is_listed_as_running_not_failed(root):
         {"attempt": 2, "started_at": 2000.0, "stage": stage, "updated_at": 2100.0},
     )
     assert summarize(root, "R").status == "running"
+
+
+# ------------------------------------------------------------ real training runs
+
+QUICK = {
+    "output.model_name": "ptr-trained",
+    "train.head.epochs": 1,
+    "train.fine_tune.epochs": 0,
+    "output.gate.min_test_accuracy": 0.0,
+}
+
+
+@pytest.mark.slow
+def test_a_challenger_keeps_its_test_predictions_and_a_failed_publication_finishes_on_resume(
+    bucket, pretrained_weights, target_dataset, s3_server, monkeypatch
+):
+    """The champion scored into gate/ leaves the run's predictions/test.parquet alone
+    (the nightly report reads it); a publication the store refused leaves the run
+    uncommitted, and resuming it by id publishes it."""
+    from tests.faultproxy import FaultProxy
+    from xfer.train.driver import train
+
+    from .conftest import train_overrides
+
+    root = f"{bucket}/xfer"
+
+    def overrides(**extra: object) -> list[str]:
+        settings = {**QUICK, "data.dataset": target_dataset, **extra}
+        return train_overrides(root, pretrained_weights, **settings)
+
+    champion = train(load_config(None, overrides()))
+    assert champion.published
+    challenger = overrides(**{"output.gate.vs_published": "true", "output.gate.margin": -1.0})
+    with FaultProxy(s3_server.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
+        refused = proxy.add("PUT", r"/models/ptr-trained/latest\.json", "internal")
+        with pytest.raises(XferError):
+            train(load_config(None, challenger))
+        assert refused.hits > 0
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)
+    run_id = next(r for r in storage.list_dirs(layout.runs_prefix(root)) if r != champion.run_id)
+    run = layout.run_uri(root, run_id)
+    model = layout.model_uri(root, "ptr-trained")
+    assert not storage.exists(f"{run}/{SUCCESS}") and not storage.exists(f"{run}/metrics.json")
+    assert storage.read_json(f"{model}/latest.json")["run_id"] == champion.run_id
+
+    resumed = train(load_config(None, [*challenger, f"output.run_id={run_id}"]))
+    assert resumed.published and resumed.metrics["gate"]["published"]
+    assert resumed.metrics["gate"]["vs_published"]["run_id"] == champion.run_id
+    assert storage.read_json(f"{model}/latest.json")["run_id"] == run_id
+    assert storage.exists(f"{run}/{SUCCESS}")
+    for kept in ("predictions/test.parquet", "predictions/_SUCCESS", "gate/published-test.parquet"):
+        assert storage.exists(f"{run}/{kept}"), kept
+    # The dataset the run started on, which a resume must find unchanged.
+    lineage = storage.read_json(f"{run}/lineage.json")["dataset"]
+    assert recorded_dataset(run)["manifest_checksum"] == lineage["manifest_checksum"]
+
+
+def write_tiny_dataset(root: str, rows: int) -> Manifest:
+    """A manifest (no shards needed: the resume is refused before any read)."""
+    counts = {"ring": rows, "star": rows}
+    manifest = Manifest(
+        name="tiny",
+        classes=["ring", "star"],
+        splits={"train": SplitInfo(rows=2 * rows, shards=[], class_counts=counts)},
+        source={},
+        settings={},
+        rejected={},
+        uri=layout.dataset_uri(root, "tiny"),
+    )
+    storage.write_bytes(f"{manifest.uri}/manifest.json", manifest.to_json())
+    return manifest
+
+
+def test_a_resume_on_a_changed_dataset_is_refused(root):
+    from xfer.config import resolved_dict
+    from xfer.train.journal import record_dataset
+
+    overrides = [
+        f"storage.root={root}",
+        "data.dataset=tiny",
+        "model.weights=none",
+        "train.fine_tune.epochs=0",
+        f"output.model_name={MODEL}",
+    ]
+    first = write_tiny_dataset(root, rows=5)
+    run = layout.run_uri(root, "R")
+    storage.write_yaml(f"{run}/{layout.CONFIG}", resolved_dict(load_config(None, overrides)))
+    record_dataset(run, first.uri, first.checksum)  # as the run's first attempt did
+    changed = write_tiny_dataset(root, rows=6)
+    out = subprocess.run(
+        [sys.executable, "-m", "xfer", "train", *overrides, "output.run_id=R"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    [line] = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert "the dataset" in line and "changed since the run started" in line
+    assert first.checksum[:12] in line and changed.checksum[:12] in line

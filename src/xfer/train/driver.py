@@ -165,6 +165,21 @@ def _resume_config(cfg: XferConfig, run_uri: str) -> tuple[XferConfig, list[str]
     return resumed, notes
 
 
+def check_same_dataset(run_uri: str, manifest: Manifest) -> None:
+    """A resumed run continues on the dataset it started on (its manifest checksum)."""
+    from xfer.train.journal import recorded_dataset
+
+    started = recorded_dataset(run_uri)
+    if started is None or started.get("manifest_checksum") == manifest.checksum:
+        return
+    raise DataError(
+        f"output.run_id={storage.basename(run_uri)}: the dataset {manifest.uri} changed since "
+        f"the run started (manifest checksum {str(started.get('manifest_checksum'))[:12]} then, "
+        f"{manifest.checksum[:12]} now): a resumed run trains on the data it started with; "
+        "restore that dataset or start a new run"
+    )
+
+
 def explicit_settings(model: BaseModel, prefix: str = "") -> dict[str, Any]:
     """The settings given explicitly (file or overrides), not defaults, as JSON values."""
     out: dict[str, Any] = {}
@@ -206,6 +221,7 @@ def train(cfg: XferConfig) -> TrainResult:
         FailureRecorder,
         describe_exception,
         enter_outputs,
+        record_dataset,
         record_error,
     )
     from xfer.train.worker import train_loop_per_worker
@@ -231,9 +247,12 @@ def train(cfg: XferConfig) -> TrainResult:
         cfg, resume_notes = _resume_config(cfg, run_uri)
         print(f"[xfer] resuming run {run_id}", flush=True)
     manifest = preflight(cfg)
+    if resuming:
+        check_same_dataset(run_uri, manifest)
     s3.ensure_bucket(run_uri)
     if not resuming:
         storage.write_yaml(storage.join(run_uri, CONFIG), resolved_dict(cfg))
+        record_dataset(run_uri, manifest.uri, manifest.checksum)
     # Resolved once here; every worker checks that it loads exactly these bytes.
     weights = fetch_weights(cfg.model.weights)
 

@@ -4,6 +4,7 @@
     <run>/_journal/error-<ms>-r<rank>.json     the Ray Train controller: a worker's failure
     <run>/_journal/error-<ms>-driver.json      the driver: a run that failed as a whole
     <run>/_journal/code-r<rank>.json           each rank: the xfer code it runs (lineage)
+    <run>/_journal/dataset.json                the driver: the dataset the run started on
 
 A checkpoint says where a run *is*, not what happened to it: a worker killed before
 the first checkpoint of an attempt restarts from zero and leaves nothing behind, and
@@ -126,6 +127,24 @@ def record_code(run_uri: str, rank: int, identity: dict[str, Any]) -> None:
 
 def worker_code(run_uri: str) -> list[dict[str, Any]]:
     return [e for name, e in _entries(run_uri) if name.startswith("code-")]
+
+
+DATASET = "dataset.json"
+
+
+def record_dataset(run_uri: str, uri: str, checksum: str) -> None:
+    """The dataset a new run starts on: a resume must train on the same one."""
+    storage.write_json(
+        storage.join(run_uri, JOURNAL, DATASET), {"uri": uri, "manifest_checksum": checksum}
+    )
+
+
+def recorded_dataset(run_uri: str) -> dict[str, Any] | None:
+    """What :func:`record_dataset` wrote, or None (a run started before it existed)."""
+    try:
+        return storage.read_json(storage.join(run_uri, JOURNAL, DATASET))
+    except NotFoundError:
+        return None
 
 
 def record_error(run_uri: str, rank: int | None, message: str) -> None:
