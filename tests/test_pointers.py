@@ -19,7 +19,7 @@ from xfer.config import load_config
 from xfer.errors import XferError
 from xfer.layout import PointerMoved, publish_pointer, read_pointer_for_update
 from xfer.manifest import Manifest, SplitInfo
-from xfer.runs import promote, rollback, summarize
+from xfer.runs import promote, rollback, show, summarize
 from xfer.train.gate import gate_and_publish
 from xfer.train.journal import JOURNAL, recorded_dataset
 
@@ -166,6 +166,9 @@ def test_the_gate_publishes_only_over_the_champion_it_read(root):
     assert gate["passed"] and not gate["published"]
     assert gate["lost_race"] == {"compared_with": "A", "champion_now": "C"}
     assert latest(root)["run_id"] == "C"
+    run = layout.run_uri(root, "B")  # metrics.json records it; `xfer runs show` says it
+    storage.write_json(f"{run}/{layout.METRICS}", {"run_id": "B", "gate": gate})
+    assert "not published: the champion changed to C while this run was gated" in show(root, "B")
 
 
 def test_a_pointer_to_a_deleted_run_is_replaced_with_a_warning(root, capsys):
@@ -221,10 +224,10 @@ def test_a_challenger_keeps_its_test_predictions_and_a_failed_publication_finish
     """The champion scored into gate/ leaves the run's predictions/test.parquet alone
     (the nightly report reads it); a publication the store refused leaves the run
     uncommitted, and resuming it by id publishes it."""
-    from tests.faultproxy import FaultProxy
     from xfer.train.driver import train
 
     from .conftest import train_overrides
+    from .faultproxy import FaultProxy
 
     root = f"{bucket}/xfer"
 

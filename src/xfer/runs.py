@@ -44,6 +44,7 @@ from xfer.layout import (
     read_pointer_for_update,
 )
 from xfer.report import flatten
+from xfer.train.gate import lost_race_text
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,8 @@ def show(root: str, run: str) -> str:
             + ("passed" if gate.get("passed") else "not passed")
             + ("; published (latest)" if r.published else "")
         )
+        if gate.get("lost_race"):
+            lines.append(f"  {lost_race_text(r.run_id, gate['lost_race'])}")
         for failure in m.get("failures", []):
             lines.append(
                 f"  failure: attempt {failure['attempt']}, {failure['stage']}"
