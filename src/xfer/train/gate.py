@@ -76,9 +76,10 @@ def gate_and_publish(
 
 
 def lost_race_text(run_id: str, lost: dict[str, Any]) -> str:
+    now = lost["champion_now"]
     return (
-        f"not published: the champion changed to {lost['champion_now']} while this run was "
-        f"gated; run `xfer runs promote {run_id}` to compare"
+        f"not published: the champion changed to {now} while this run was gated; compare "
+        f"them (`xfer runs compare {now} {run_id}`), then `xfer runs promote {run_id}` publishes it"
     )
 
 
