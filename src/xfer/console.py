@@ -15,8 +15,10 @@ The log file is kept with a run's outputs (``<run>/logs/console.log``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import stat
 import sys
 import tempfile
 import threading
@@ -50,7 +52,7 @@ def capture_native_output() -> None:
         return
     sys.stderr.flush()
     console_fd = os.dup(2)
-    log_fd = os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    log_fd = os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     os.dup2(log_fd, 2)
     os.close(log_fd)
     sys.stderr = open(  # noqa: SIM115 - the process's stderr from now on
@@ -66,12 +68,29 @@ def log_path() -> str:
     """This process's log file (created on first use; ``XFER_LOG_FILE`` to choose)."""
     path = os.environ.get(LOG_ENV)
     if not path:
-        folder = os.path.join(tempfile.gettempdir(), "xfer-logs")
-        os.makedirs(folder, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        path = os.path.join(folder, f"{stamp}-{os.getpid()}.log")
+        path = os.path.join(_private_folder(), f"{stamp}-{os.getpid()}.log")
+        # Created here, private, never through a link someone else planted.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         os.environ[LOG_ENV] = path
     return path
+
+
+def _private_folder() -> str:
+    """``$TMPDIR/xfer-logs-<uid>``, mode 0700; a fresh folder if that one is not ours.
+
+    The temporary directory is usually shared: a folder (or a link) another user made
+    there must not receive our logs, which hold paths, run ids and data samples.
+    """
+    folder = os.path.join(tempfile.gettempdir(), f"xfer-logs-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():  # a link, or theirs
+        return tempfile.mkdtemp(prefix="xfer-logs-")
+    if info.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
 
 
 def _source(data: dict[str, Any]) -> str:
