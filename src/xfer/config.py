@@ -14,8 +14,7 @@ looks like a secret before the config is written next to a run's outputs.
 from __future__ import annotations
 
 import difflib
-import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -29,10 +28,8 @@ from xfer.configbase import (
     parse_overrides,
     redact,
 )
+from xfer.configsections import ScoreConfig, ShardConfig
 from xfer.errors import ConfigError, NotFoundError
-
-if TYPE_CHECKING:
-    from xfer.images import ImageSettings
 
 # ---------------------------------------------------------------- sections
 
@@ -205,99 +202,6 @@ class FaultConfig(Strict):
     epoch: int = Field(1, ge=0, description="0-based epoch of the phase (points epoch, batch)")
     batch: int = Field(1, ge=0, description="batch of that epoch (point batch)")
     action: Literal["exit", "hang"] = "exit"
-
-
-class ScoreConfig(Strict):
-    batch_size: int | Literal["auto"] = Field(
-        "auto", description="images per model call; auto: 256 on a GPU, 64 on CPUs"
-    )
-    num_actors: int | Literal["auto"] = Field(
-        "auto", description="scoring actors; auto: as many as the cluster's CPUs/GPUs fit"
-    )
-    use_gpu: bool = False
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(1.0, ge=0)
-    decode_threads: int | Literal["auto"] = Field(
-        "auto", description="threads preparing images in each actor; auto: its CPUs"
-    )
-    block_size: int = Field(
-        2048, ge=1, description="images per block: the unit of work, of resuming and of a part file"
-    )
-    tta: bool = Field(
-        False, description="test-time augmentation: average the image's and its mirror's outputs"
-    )
-    store_outage_seconds: float = Field(
-        180.0, ge=0, description="how long to ride out an unreachable or failing object store"
-    )
-    resource_wait_seconds: float = Field(
-        600.0, ge=0, description="on a cluster: how long to wait for the actors' resources"
-    )
-    split: str = Field(
-        "test", description="split to score when the input is a dataset ('all': every split)"
-    )
-
-    @field_validator("batch_size", "num_actors", "decode_threads")
-    @classmethod
-    def _positive(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be at least 1 (or auto)")
-        return v
-
-    def actors(self, cpus: float, gpus: float) -> int:
-        """``num_actors``, with auto resolved against the cluster's resources."""
-        if self.num_actors != "auto":
-            return int(self.num_actors)
-        if self.use_gpu:
-            return max(1, int(gpus // max(self.gpus_per_actor, 1e-9)))
-        return max(1, int(cpus // self.cpus_per_actor))
-
-    def batch(self) -> int:
-        if self.batch_size != "auto":
-            return int(self.batch_size)
-        return 256 if self.use_gpu else 64
-
-    def threads(self) -> int:
-        if self.decode_threads != "auto":
-            return int(self.decode_threads)
-        return max(1, math.ceil(self.cpus_per_actor))
-
-
-class ShardConfig(Strict):
-    """`xfer shard`: how images become a dataset (recorded in its manifest)."""
-
-    split_fractions: tuple[float, float, float] = Field(
-        (0.8, 0.1, 0.1), description="train, val, test fractions, by a hash of each key"
-    )
-    target_shard_mb: float = Field(96.0, gt=0, description="target size of a shard")
-    max_side: int | None = Field(None, ge=16, description="pre-resize: longest side in pixels")
-    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality when re-encoding")
-    max_pixels: int = Field(50_000_000, ge=1, description="larger images are rejected")
-    max_rejected_fraction: float = Field(
-        0.05, ge=0, le=1, description="fail, committing nothing, above this share of rejects"
-    )
-    num_tasks: int | None = Field(None, ge=1, description="parallel Ray tasks (default: CPUs)")
-    files_per_task: int = Field(256, ge=1, description="images per Ray task")
-    row_group_rows: int = Field(64, ge=1, description="rows per Parquet row group")
-    name: str | None = Field(None, description="dataset name in the manifest (default: DEST's)")
-
-    @field_validator("split_fractions")
-    @classmethod
-    def _fractions(cls, f: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(x < 0 for x in f) or not math.isclose(sum(f), 1.0, abs_tol=1e-6):
-            raise ValueError(f"needs three fractions train,val,test summing to 1 (got {list(f)})")
-        if f[0] <= 0:
-            raise ValueError("the train fraction must be above 0")
-        return f
-
-    def image_settings(self) -> ImageSettings:
-        from xfer.images import ImageSettings
-
-        return ImageSettings(self.max_pixels, self.max_side, self.jpeg_quality)
-
-    def recorded(self) -> dict[str, Any]:
-        """What determines the output (recorded in the manifest)."""
-        keys = {"split_fractions", "target_shard_mb", "max_side", "jpeg_quality", "max_pixels"}
-        return self.model_dump(mode="json", include=keys)
 
 
 class XferConfig(Strict):
