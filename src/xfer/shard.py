@@ -91,10 +91,15 @@ def _generic_reason(reason: str) -> str:
     return reason.split(" (")[0].split(": ")[0]
 
 
-def list_inputs(src: str, fractions: tuple[float, ...]) -> tuple[list[Item], list[dict[str, str]]]:
+def list_inputs(
+    src: str, fractions: tuple[float, ...], allow_outside: bool = False
+) -> tuple[list[Item], list[dict[str, str]]]:
     """Inputs and early rejects, from a folder tree or a uri,label list."""
     src = src.rstrip("/")
-    found = inputs.read_list(src, labelled=True) if inputs.is_list(src) else inputs.class_tree(src)
+    if inputs.is_list(src):
+        found = inputs.read_list(src, labelled=True, allow_outside=allow_outside)
+    else:
+        found = inputs.class_tree(src)
     items, rejects = [], []
     for found_input in found:
         key, uri, label = found_input.key, found_input.uri, found_input.label
@@ -161,7 +166,7 @@ def shard_dataset(src: str, dest: str, settings: ShardConfig | None = None) -> S
     settings = settings or ShardConfig()
     start = time.monotonic()
     dest = dest.rstrip("/")
-    items, early_rejects = list_inputs(src, settings.split_fractions)
+    items, early_rejects = list_inputs(src, settings.split_fractions, settings.allow_outside_inputs)
     classes = sorted({i.label for i in items})
     if len(classes) < 2:
         raise DataError(
