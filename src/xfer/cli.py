@@ -11,8 +11,9 @@
 Each subcommand parses its flags and calls one library function. Exit status:
 0 success; 2 a problem the user can fix (XferError: config, input, credentials),
 printed as one line; 75 (EX_TEMPFAIL: try again later) a store that stayed
-unreachable past its retry budget; 1 a job failure; 130 Ctrl-C and 143 SIGTERM,
-after every process the command started (S3 server, local Ray) has been stopped.
+unreachable past its retry budget, or a night of `xfer score` held by another run;
+1 a job failure; 130 Ctrl-C and 143 SIGTERM, after every process the command
+started (S3 server, local Ray) has been stopped.
 """
 
 from __future__ import annotations
@@ -106,9 +107,16 @@ def _train(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from xfer.config import load_config
     from xfer.score import score
+    from xfer.scorelock import NightBusy
 
     cfg = load_config(args.config, args.overrides)
-    result = score(cfg, model=args.model, input_uri=args.input, output=args.output, date=args.date)
+    try:
+        result = score(
+            cfg, model=args.model, input_uri=args.input, output=args.output, date=args.date
+        )
+    except NightBusy as exc:  # another run holds the night: try again later
+        print(f"xfer: error: {exc}", file=sys.stderr)
+        return EXIT_STORE_UNAVAILABLE
     print(result.describe())
     return 0
 
@@ -221,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, help="dataset prefix, image prefix, or CSV/Parquet list"
     )
     p.add_argument("--output", required=True, help="predictions prefix (dt=<date>/ is added)")
-    p.add_argument("--date", default=None, help="partition date YYYY-MM-DD (default: today, UTC)")
+    p.add_argument(
+        "--date", default=None, help="partition date YYYY-MM-DD or YYYYMMDD (default: today, UTC)"
+    )
     p.add_argument("--config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_score)

@@ -14,6 +14,11 @@ half a partition. A bad image becomes a row with an ``error``, never a failed ni
 a night that fails part-way resumes where it stopped when started again; a store
 outage is ridden out for ``score.store_outage_seconds`` (:mod:`xfer.retry`). The
 training job writes its ``predictions/test.parquet`` through this same code.
+
+A bad night never replaces a good partition: reads refused for the whole night
+(missing bucket, access denied), error rows over ``score.max_error_fraction`` and
+actors that keep dying fail it before the commit; one run at a time holds a night
+(:mod:`xfer.scorelock`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ import datetime as dt
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from xfer import s3, storage
 from xfer.config import ScoreConfig, XferConfig
-from xfer.errors import StoreUnavailable, XferError
+from xfer.errors import XferError
 from xfer.layout import ModelRef, resolve_model
+from xfer.nightguard import actor_died, check_night, store_unavailable
+from xfer.scorelock import NightLock
 
 MAX_PIXELS = 50_000_000  # larger images are refused from their header
 
@@ -69,22 +77,6 @@ class ScoreResult:
         )
 
 
-def _store_unavailable(exc: BaseException) -> StoreUnavailable | None:
-    """The StoreUnavailable behind an error raised through Ray (actor or task), if any."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, StoreUnavailable):
-            return StoreUnavailable(str(e).splitlines()[0], e.endpoint, e.reason)
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    match = re.search(r"StoreUnavailable: (.+)", str(exc))
-    return StoreUnavailable(match.group(1).strip()) if match else None
-
-
 def write_predictions(
     ref: ModelRef,
     input_uri: str,
@@ -93,11 +85,13 @@ def write_predictions(
     single_file: str | None = None,
     split: str | None = None,
     quiet: bool = False,
+    lock: NightLock | None = None,
 ) -> ScoreResult:
     """Score ``input_uri`` in blocks on the actor pool; commit at ``final``, marker last.
 
     ``quiet``: progress and the actors' identity go to the log file only (a step of a
-    larger job, such as a training run's test predictions).
+    larger job, such as a training run's test predictions). ``lock``: the night's
+    lock, checked to be still ours just before the commit.
 
     A night started again for the same partition resumes: blocks already written by
     an earlier attempt are kept (see :mod:`xfer.scoreplan`).
@@ -105,12 +99,7 @@ def write_predictions(
     import ray
     import ray.data
 
-    from xfer.provenance import code_identity
-    from xfer.raycluster import runtime_env
-    from xfer.retry import ENV as RETRY_ENV
-    from xfer.retry import budget_seconds
     from xfer.scoreplan import class_columns, commit_night, done_blocks, plan_night
-    from xfer.scorer import BlockScorer
 
     start = time.monotonic()
     class_columns(ref.classes)  # colliding class columns fail before any work
@@ -121,9 +110,12 @@ def write_predictions(
         "image_size": ref.image_size,
         "tta": sc.tta,
         "quiet": quiet,
+        "max_object_mb": sc.max_object_mb,
     }
     tag = "[xfer-detail]" if quiet else "[xfer]"
-    night, resumed = plan_night(identity, input_uri, split or sc.split, final, sc.block_size)
+    night, resumed = plan_night(
+        identity, input_uri, split or sc.split, final, sc.block_size, sc.allow_outside_inputs
+    )
     done = done_blocks(night)
     todo = [b for b in range(night["blocks"]) if b not in done]
     if resumed:
@@ -152,27 +144,26 @@ def write_predictions(
         "threads": sc.threads(),
         "tta": sc.tta,
         "scored_at": scored_at,
+        "max_object_mb": sc.max_object_mb,
     }
     began = last_done = None
     rows_now = 0
     if todo:
         blocks = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=len(todo))
-        scored = blocks.map_batches(
-            BlockScorer,
-            fn_constructor_kwargs={"night": work, "code": code_identity()},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=sc.cpus_per_actor,
-            num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
-            # The driver's store-outage budget (xfer.retry), for every actor.
-            runtime_env=runtime_env({RETRY_ENV: str(budget_seconds())}, use_gpu=sc.use_gpu),
-        )
+        with warnings.catch_warnings():  # Ray 2.60 names no max_restarts option yet
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            scored = _scoring_stage(blocks, work, sc, actors)
         every = max(1, len(todo) // 20)
         # A failed block is reported below, as one line when the store was down;
         # Ray Data's own copy of the user-code stack trace would bury it.
         logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
         try:
             for n, row in enumerate(scored.iter_rows(), start=1):
+                if row.get("refused"):
+                    raise XferError(
+                        f"--input {input_uri}: cannot read {row['refused']}; nothing "
+                        "committed, the previous partition stays"
+                    )
                 summaries[int(row["block"])] = dict(row)
                 last_done = time.monotonic()
                 rows_now += int(row["rows"])
@@ -187,10 +178,16 @@ def write_predictions(
                         flush=True,
                     )
         except Exception as exc:
-            unavailable = _store_unavailable(exc)
+            unavailable = store_unavailable(exc)
             if unavailable is not None:
                 raise unavailable from None
+            died = None if isinstance(exc, XferError) else actor_died(exc, sc.max_actor_restarts)
+            if died is not None:
+                raise died from None
             raise
+    check_night(summaries, input_uri, sc, night["parts_uri"])
+    if lock is not None:
+        lock.check()
     marker = commit_night(
         night,
         summaries,
@@ -215,6 +212,32 @@ def write_predictions(
         steady_images_per_s=rows_now / steady if steady > 0 else 0.0,
         blocks=night["blocks"],
         resumed_blocks=len(done),
+    )
+
+
+def _scoring_stage(blocks: Any, work: dict[str, Any], sc: ScoreConfig, actors: int) -> Any:
+    """The actor pool over block numbers (STYLE: Ray's shape)."""
+    import ray.data
+
+    from xfer.provenance import code_identity
+    from xfer.raycluster import runtime_env
+    from xfer.retry import ENV as RETRY_ENV
+    from xfer.retry import budget_seconds
+    from xfer.scorer import BlockScorer
+
+    return blocks.map_batches(
+        BlockScorer,
+        fn_constructor_kwargs={"night": work, "code": code_identity()},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=sc.cpus_per_actor,
+        num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
+        # The driver's store-outage budget (xfer.retry), for every actor.
+        runtime_env=runtime_env({RETRY_ENV: str(budget_seconds())}, use_gpu=sc.use_gpu),
+        # Finite: Ray Data's defaults restart a killed actor and retry its block for
+        # ever, so an input that kills its actor would spin the night for ever.
+        max_restarts=sc.max_actor_restarts,
+        max_task_retries=sc.max_actor_restarts,
     )
 
 
@@ -244,6 +267,23 @@ def input_for_date(input_uri: str, day: str) -> str:
         ) from None
 
 
+def partition_date(date: str | None) -> str:
+    """``--date`` as YYYY-MM-DD (given so, or as YYYYMMDD); default: today, UTC.
+
+    One spelling per day: ``20260105`` and ``2026-01-05`` are one partition, and
+    ISO forms Python also accepts (``2026-W48-5``) are refused.
+    """
+    if date is None:
+        return dt.datetime.now(dt.timezone.utc).date().isoformat()
+    match = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})|(\d{4})(\d{2})(\d{2})", date.strip())
+    if match:
+        try:
+            return dt.date(*(int(g) for g in match.groups() if g)).isoformat()
+        except ValueError:  # 2026-02-30
+            pass
+    raise XferError(f"--date {date!r} is not a date: give YYYY-MM-DD or YYYYMMDD")
+
+
 def score(
     cfg: XferConfig, model: str, input_uri: str, output: str, date: str | None = None
 ) -> ScoreResult:
@@ -258,16 +298,24 @@ def score(
 def _score(
     cfg: XferConfig, model: str, input_uri: str, output: str, date: str | None
 ) -> ScoreResult:
+    from xfer.scoreplan import night_root
+
+    sc = cfg.score
+    day = partition_date(date)
+    input_uri = input_for_date(input_uri, day)
+    ref = resolve_model(model)
+    final = storage.join(output, f"dt={day}")
+    s3.ensure_bucket(final)
+    with NightLock(night_root(final), sc.lock_stale_minutes * 60) as lock:
+        return _score_night(cfg, ref, input_uri, final, lock)
+
+
+def _score_night(
+    cfg: XferConfig, ref: ModelRef, input_uri: str, final: str, lock: NightLock
+) -> ScoreResult:
     from xfer.raycluster import check_capacity, ensure_ray, is_local
 
     sc = cfg.score
-    day = date or dt.datetime.now(dt.timezone.utc).date().isoformat()
-    try:
-        dt.date.fromisoformat(day)
-    except ValueError:
-        raise XferError(f"--date {day!r} is not a date (YYYY-MM-DD)") from None
-    input_uri = input_for_date(input_uri, day)
-    ref = resolve_model(model)
     started = ensure_ray(cfg.cluster.address, cfg.cluster.local_num_cpus)
     import ray
 
@@ -280,9 +328,7 @@ def _score(
         is_local(started, cfg.cluster.address),
         wait_seconds=sc.resource_wait_seconds,
     )
-    final = storage.join(output, f"dt={day}")
-    s3.ensure_bucket(final)
-    result = write_predictions(ref, input_uri, sc, final)
+    result = write_predictions(ref, input_uri, sc, final, lock=lock)
     from xfer.nightly import REPORT, write_nightly_report
 
     summary = write_nightly_report(final, ref.classes, ref.run_uri)

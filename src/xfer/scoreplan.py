@@ -136,26 +136,40 @@ def done_blocks(night: dict[str, Any]) -> dict[int, str]:
 
 
 def plan_night(
-    identity: dict[str, Any], input_uri: str, split: str, final: str, block_size: int
+    identity: dict[str, Any],
+    input_uri: str,
+    split: str,
+    final: str,
+    block_size: int,
+    allow_outside: bool = False,
 ) -> tuple[dict[str, Any], bool]:
     """The staged night for ``final`` if it is the same night, else a new plan.
 
     Returns (night, resumed). ``identity`` holds what must match for a night to be
-    resumed (model run, input, split, settings that change the rows).
+    resumed (model run, input, split, settings that change the rows). A staged plan
+    whose blocks are gone (the ``_tmp/`` lifecycle rule expired them while
+    ``_night.json``, rewritten by each attempt, lived on) is made again.
     """
     root = night_root(final)
     night_uri = storage.join(root, NIGHT_FILE)
     identity = {**identity, "input": input_uri, "split": split, "block_size": block_size}
     old = storage.read_json(night_uri) if storage.exists(night_uri) else None
     if old and old.get("identity") == identity and old.get("planned"):
-        old["attempt"] = int(old.get("attempt", 1)) + 1
-        storage.write_json(night_uri, old)
-        return old, True
-    if old:
+        if _plan_intact(old):
+            old["attempt"] = int(old.get("attempt", 1)) + 1
+            storage.write_json(night_uri, old)
+            return old, True
+        print(
+            f"[xfer] warning: the night staged at {root} ({old.get('token')}) lost blocks of "
+            "its plan (expired?): planning the night again",
+            flush=True,
+        )
+    elif old:
         print(
             f"[xfer] discarding a night staged for other settings ({old.get('token')})", flush=True
         )
-        storage.delete_prefix(root)
+    if old:  # the night's folder holds its lock too: only the old token's files go
+        storage.delete_prefix(storage.join(root, str(old.get("token"))))
     token = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     base = storage.join(root, token)
     night: dict[str, Any] = {
@@ -167,13 +181,26 @@ def plan_night(
         "parts_uri": storage.join(base, "parts"),
         "final": final,
     }
-    night.update(_plan_input(input_uri, split, block_size, night["plan_uri"]))
+    night.update(_plan_input(input_uri, split, block_size, night["plan_uri"], allow_outside))
     night["planned"] = True
     storage.write_json(night_uri, night)
     return night, False
 
 
-def _plan_input(input_uri: str, split: str, block_size: int, plan_uri: str) -> dict[str, Any]:
+def _plan_intact(night: dict[str, Any]) -> bool:
+    """Every plan block the night lists is still there (datasets have none)."""
+    if night.get("kind") != "objects":
+        return True
+    try:
+        have = {storage.basename(f.uri) for f in storage.list_files(night["plan_uri"])}
+    except NotFoundError:
+        return False
+    return all(f"block-{b:05d}.parquet" in have for b in range(int(night["blocks"])))
+
+
+def _plan_input(
+    input_uri: str, split: str, block_size: int, plan_uri: str, allow_outside: bool
+) -> dict[str, Any]:
     from xfer.manifest import MANIFEST, load_manifest
 
     uri = input_uri.rstrip("/")
@@ -207,7 +234,7 @@ def _plan_input(input_uri: str, split: str, block_size: int, plan_uri: str) -> d
             "has_labels": True,
             "label_classes": list(manifest.classes),
         }
-    listing = _list_objects(uri)
+    listing = _list_objects(uri, allow_outside)
     rows = count = 0
     with ThreadPoolExecutor(8) as pool:
         pending: list[Future[None]] = []
@@ -225,7 +252,7 @@ def _plan_input(input_uri: str, split: str, block_size: int, plan_uri: str) -> d
 
 
 def _chunks(rows: Any, size: int) -> Any:
-    chunk: list[dict[str, str]] = []
+    chunk: list[dict[str, Any]] = []
     for row in rows:
         chunk.append(row)
         if len(chunk) == size:
@@ -235,29 +262,30 @@ def _chunks(rows: Any, size: int) -> Any:
         yield chunk
 
 
-def _write_plan_block(plan_uri: str, block: int, rows: list[dict[str, str]]) -> None:
+def _write_plan_block(plan_uri: str, block: int, rows: list[dict[str, Any]]) -> None:
     import pyarrow as pa
 
     table = pa.table(
         {
             "key": pa.array([r["key"] for r in rows], pa.string()),
             "source_uri": pa.array([r["source_uri"] for r in rows], pa.string()),
+            "size": pa.array([r["size"] for r in rows], pa.int64()),  # null: not listed
         }
     )
     storage.write_parquet(table, storage.join(plan_uri, f"block-{block:05d}.parquet"))
 
 
-def _list_objects(uri: str) -> Any:
-    """key/source_uri of each image under a prefix or in a CSV/Parquet list (streamed)."""
+def _list_objects(uri: str, allow_outside: bool = False) -> Any:
+    """key/source_uri/size of each image under a prefix or in a CSV/Parquet list (streamed)."""
     if inputs.is_list(uri):
         try:
-            found: Any = inputs.read_list(uri, labelled=False)
+            found: Any = inputs.read_list(uri, labelled=False, allow_outside=allow_outside)
         except DataError as exc:
             raise DataError(f"--input: {exc}") from None
     else:
         found = inputs.under_prefix(uri)
     for item in found:
-        yield {"key": item.key, "source_uri": item.uri}
+        yield {"key": item.key, "source_uri": item.uri, "size": item.size}
 
 
 def block_items(night: dict[str, Any], block: int) -> list[dict[str, Any]]:

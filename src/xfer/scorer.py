@@ -23,8 +23,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from xfer import storage
-from xfer.errors import StorageError, StoreUnavailable
+from xfer import s3, storage
+from xfer.errors import NotFoundError, StorageError, StoreUnavailable
 from xfer.images import (
     CONVERTIBLE_MODES,
     LOSSLESS_FORMATS,
@@ -34,6 +34,7 @@ from xfer.images import (
     open_header,
 )
 from xfer.layout import MODEL_FILE
+from xfer.retry import ride_through
 
 _FUNCTIONS: dict[tuple[str, int], Any] = {}
 
@@ -102,6 +103,64 @@ def image_pixels(
         return f"cannot decode: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
+class InputRefused(Exception):
+    """A read refused for reasons no other object of the night escapes: a missing
+    bucket, access denied, rejected credentials. The night fails before its commit."""
+
+
+@ride_through("reading")
+def read_capped(uri: str, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``uri``: more than ``limit`` means too large.
+
+    Never reads past the cap: a multi-GB object, or ``/dev/zero`` named in a list,
+    costs ``limit`` bytes, not the actor.
+    """
+    from botocore.exceptions import ClientError
+
+    with s3.translate_errors(uri):
+        if not s3.is_s3(uri):
+            try:
+                with open(s3.local_path(uri), "rb") as f:
+                    return f.read(limit + 1)
+            except (IsADirectoryError, NotADirectoryError):
+                raise NotFoundError(f"not a file: {uri}") from None
+        bucket, key = s3.split_s3(uri)
+        try:
+            got = s3.s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limit}")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # an empty object has no byte 0
+            raise
+        data: bytes = got["Body"].read(limit + 1)
+        return data
+
+
+def _read_input(item: dict[str, Any], max_mb: float) -> bytes | str:
+    """An input's bytes, or the reason (str) of its error row; InputRefused if the
+    read was refused for the whole night."""
+    limit = int(max_mb * 2**20)
+    too_large = f"too large: over score.max_object_mb ({max_mb:g} MB)"
+    if item.get("size") is not None and int(item["size"]) > limit:
+        return f"{too_large}: {int(item['size'])} bytes"
+    uri = item["source_uri"]
+    try:
+        data = read_capped(uri, limit)
+    except StoreUnavailable:
+        raise  # past the budget: the night fails, nothing is committed
+    except NotFoundError as exc:
+        if s3.is_s3(uri):
+            try:
+                s3.check_bucket(uri)  # one missing object, or its whole bucket?
+            except StoreUnavailable:
+                raise
+            except StorageError as refused:
+                raise InputRefused(f"{uri}: {refused}") from None
+        return f"cannot read: {exc}"
+    except StorageError as exc:
+        raise InputRefused(f"{uri}: {str(exc).splitlines()[0]}") from None
+    return too_large if len(data) > limit else data
+
+
 class BlockScorer:
     """Actor stage of the night (``map_batches`` over block numbers; STYLE: Ray's shape)."""
 
@@ -162,7 +221,17 @@ class BlockScorer:
         night = self.night
         start = time.monotonic()
         items = block_items(night, block)
-        probs, errors = self._predict(items)
+        try:
+            probs, errors = self._predict(items)
+        except InputRefused as exc:  # no part: the driver fails the night
+            return {
+                "block": block,
+                "rows": 0,
+                "errors": 0,
+                "file": "",
+                "seconds": 0.0,
+                "refused": str(exc),
+            }
         table = predictions_table(night, items, probs, errors)
         name = part_name(night, block)
         storage.write_parquet(table, storage.join(night["parts_uri"], name))
@@ -172,18 +241,16 @@ class BlockScorer:
             "errors": sum(e is not None for e in errors),
             "file": name,
             "seconds": time.monotonic() - start,
+            "refused": "",
         }
 
     def _prepare(self, item: dict[str, Any]) -> Any:
+        night = self.night
         data = item.get("image")
         if data is None:
-            try:
-                data = storage.read_bytes(item["source_uri"])
-            except StoreUnavailable:
-                raise  # past the budget: the night fails, nothing is committed
-            except StorageError as exc:
-                return f"cannot read: {exc}"
-        night = self.night
+            data = _read_input(item, float(night["max_object_mb"]))
+            if isinstance(data, str):
+                return data
         return image_pixels(
             bytes(data),
             night["image_size"],
