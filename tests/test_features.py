@@ -8,6 +8,7 @@ import pytest
 
 from xfer import storage
 from xfer.config import load_config
+from xfer.errors import StorageError
 from xfer.features import plan_cache
 from xfer.manifest import load_manifest
 from xfer.train.driver import train
@@ -244,3 +245,23 @@ def test_ranks_share_the_row_groups_by_rows_not_by_shards():
         assert seq == [("train", i, g) for i, g in enumerate(train_groups)] + [
             ("val", i, g) for i, g in enumerate(val_groups)
         ]
+
+
+def test_a_transient_read_never_deletes_a_committed_cache(
+    bucket, pretrained_weights, target_dataset, fault_proxy
+):
+    """On main one SlowDown on the manifest GET read as "no usable manifest", and the
+    plan deleted the manifest and the build other runs were training on."""
+    cfg = cached_cfg(f"{bucket}/root", pretrained_weights, **{"data.dataset": target_dataset})
+    dataset = load_manifest(target_dataset)
+    weights = fetch_weights(cfg.model.weights)
+    plan = plan_cache(cfg, dataset, weights, build_id="run-a")
+    _build_in_process(cfg, plan, dataset)
+    committed = storage.list_files(plan.uri)
+    for action in ("slowdown", "denied"):
+        fault_proxy.add("GET", r"/features/[^/]+/manifest\.json", action, times=1000)
+        with pytest.raises(StorageError):
+            plan_cache(cfg, dataset, weights, build_id="run-b")
+        fault_proxy.clear()
+        assert storage.list_files(plan.uri) == committed, f"{action}: the cache was touched"
+    assert not plan_cache(cfg, dataset, weights, build_id="run-b").build  # still a hit

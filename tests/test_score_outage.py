@@ -52,10 +52,11 @@ class Night:
                 Bucket=BUCKET, Key=f"incoming/{rel}", Body=(images / rel).read_bytes()
             )
 
-    def score(self, date: str, *overrides: str) -> subprocess.Popen[str]:
+    def score(self, date: str, *overrides: str, endpoint: str = "") -> subprocess.Popen[str]:
         env = {
             **os.environ,
             **self.server.env(),
+            **({"AWS_ENDPOINT_URL_S3": endpoint} if endpoint else {}),
             "RAY_ADDRESS": "",
             "XFER_S3_MAX_ATTEMPTS": "2",
             "PYTHONPATH": str(REPO / "src"),

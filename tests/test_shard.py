@@ -140,7 +140,8 @@ def test_bad_inputs_are_rejected_with_reasons_never_fatal(bucket, ray_local):
     raw, ds = f"{bucket}/messy", f"{bucket}/datasets/messy"
     expected = make_messy_tree(raw)
     summary = shard_dataset(raw, ds, ShardConfig(max_rejected_fraction=0.5))
-    rejects = storage.read_parquet(f"{ds}/rejects.parquet").to_pylist()
+    listed = load_manifest(ds).rejected["list"]
+    rejects = storage.read_parquet(f"{ds}/{listed}").to_pylist()
     got = {r["key"]: r["reason"] for r in rejects}
     assert set(got) == set(expected)
     for key, fragment in expected.items():
@@ -169,6 +170,22 @@ def test_too_many_rejects_fails_and_commits_nothing(bucket, ray_local):
     assert "empty file" in msg
     assert storage.list_files(ds) == []
     assert not [f for f in storage.list_files(bucket) if "/_tmp/" in f.uri]
+
+
+def test_sharding_into_the_folder_of_all_datasets_is_refused(bucket, ray_local):
+    """On main `xfer shard SRC s3://b/datasets` deleted datasets/<name>/manifest.json."""
+    raw = f"{bucket}/raw"
+    synthesize(raw, ["a", "b"], per_class=6, size=32, seed=1)
+    shard_dataset(raw, f"{bucket}/datasets/pets", ShardConfig())
+    before = storage.list_files(f"{bucket}/datasets")
+    with pytest.raises(DataError, match="not a dataset"):
+        shard_dataset(raw, f"{bucket}/datasets", ShardConfig())
+    assert storage.list_files(f"{bucket}/datasets") == before
+    # Re-sharding a dataset in place replaces it: one version, the old one gone.
+    shard_dataset(raw, f"{bucket}/datasets/pets", ShardConfig(max_side=16))
+    manifest = load_manifest(f"{bucket}/datasets/pets")
+    versions = {f.uri.split("/pets/")[1].split("/")[0] for f in storage.list_files(manifest.uri)}
+    assert versions == {"manifest.json", manifest.split("train").shards[0].path.split("/")[0]}
 
 
 def test_list_input_and_pre_resize(tmp_path, ray_local):

@@ -178,3 +178,41 @@ def test_unreachable_endpoint(monkeypatch, s3_env):
 def test_local_errors_name_the_path(tmp_path):
     with pytest.raises(NotFoundError, match=str(tmp_path / "nope")):
         storage.read_bytes(str(tmp_path / "nope"))
+
+
+def test_file_uris_list_as_file_uris_so_keep_keeps_them(tmp_path):
+    """On main a ``file://`` root listed bare paths: keep={file://...} kept nothing."""
+    root = f"file://{tmp_path}/p"
+    for name in ("a", "b", "sub/c"):
+        storage.write_bytes(f"{root}/{name}", b"x")
+    assert [f.uri for f in storage.list_files(root)] == [f"{root}/a", f"{root}/b", f"{root}/sub/c"]
+    assert storage.delete_prefix(root, keep={f"{root}/b"}) == 2
+    assert [f.uri for f in storage.list_files(root)] == [f"{root}/b"]
+    assert not (tmp_path / "p" / "sub").exists(), "emptied folders go too"
+
+
+def test_a_commit_that_fails_keeps_the_old_set_whole_and_its_staging(root, monkeypatch):
+    """The marker is written before anything is deleted; a failed commit keeps its staging."""
+    final = f"{root}/ds"
+    commit.commit_prefix(_stage(final, "v-old", 2), final, "manifest.json", b"old")
+    staging = _stage(final, "v-new", 2)
+
+    def refuse(uri, *args, **kwargs):
+        raise StorageError(f"refused: {uri}")
+
+    monkeypatch.setattr(commit, "write_bytes", refuse)  # the marker write fails
+    with pytest.raises(StorageError):
+        commit.commit_prefix(staging, final, "manifest.json", b"new")
+    assert storage.read_bytes(f"{final}/manifest.json") == b"old"
+    assert storage.read_bytes(f"{final}/v-old/part-0") == b"v-old"
+    for i in range(2):  # the new set is not lost: still staged (S3) or moved in (local)
+        assert storage.exists(f"{staging}/v-new/part-{i}") or storage.exists(
+            f"{final}/v-new/part-{i}"
+        )
+
+
+def _stage(final: str, version: str, n: int) -> str:
+    staging = commit.staging_prefix(final)
+    for i in range(n):
+        storage.write_bytes(f"{staging}/{version}/part-{i}", version.encode())
+    return staging

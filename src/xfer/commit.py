@@ -4,21 +4,24 @@ A single S3 PUT (or a completed multipart upload) is all-or-nothing, and local w
 go to a temporary file renamed into place (:mod:`xfer.storage`), so no reader sees
 half an object. Sets of objects (a model directory, a dataset, a partition) are
 staged under a temporary prefix and committed here, with a marker written last
-(``_SUCCESS``): :func:`commit_prefix` replaces the destination whole,
-:func:`commit_partition` switches a partition by replacing its marker. Temporary S3
+(``_SUCCESS``): :func:`commit_prefix` copies a set in, switches the marker, then deletes
+what the marker no longer names; :func:`commit_partition` is the same for a
+partition whose files carry the night's token. Temporary S3
 objects live under ``s3://<bucket>/_tmp/`` so that one lifecycle rule can expire
 anything a crashed job left behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
+import re
 import tempfile
 import uuid
 
+from xfer.errors import StorageError
 from xfer.s3 import is_s3, local_path, split_s3, translate_errors
-from xfer.storage import copy, delete, delete_prefix, join, list_files, write_bytes
+from xfer.storage import copy, delete_prefix, join, list_files, write_bytes
 
 SUCCESS = "_SUCCESS"  # the marker of a committed run or partition, written last
 TMP_PREFIX = "_tmp"
@@ -38,42 +41,57 @@ def staging_prefix(final: str) -> str:
     return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{token}")
 
 
-def commit_prefix(
-    staging: str, final: str, marker: str | None = None, marker_body: bytes = b""
-) -> None:
-    """Move a staged set of objects to ``final`` and, last, write ``marker``.
+def version_name(*parts: str) -> str:
+    """The folder of one committed version of a set: named by its content.
 
-    Whatever was under ``final`` is replaced whole. Locally this is a directory
-    rename. On S3, objects are copied server-side; readers that honour the marker
-    (``_SUCCESS``) never see a mix: the old marker is removed first and the new one
-    written only after every object is in place.
+    The same content gets the same name (re-sharding the same inputs gives the same
+    manifest), other content another one, so a new version never overwrites a file
+    the old marker names.
     """
-    if is_s3(final):
-        old_marker = join(final, marker) if marker else None
-        if old_marker:
-            delete(old_marker)
-        delete_prefix(final)
-        staged = list_files(staging)
-        base = staging.rstrip("/") + "/"
-        for info in staged:
-            copy(info.uri, join(final, info.uri[len(base) :]))
-        if marker:
-            write_bytes(join(final, marker), marker_body)
-        delete_prefix(staging)
-        return
-    with translate_errors(final):
-        src, dst = local_path(staging), local_path(final).rstrip("/")
-        if marker:
-            with open(os.path.join(src, marker), "wb") as f:
-                f.write(marker_body)
-        if os.path.exists(dst):
-            trash = f"{dst}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, trash)
-            os.replace(src, dst)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-            os.replace(src, dst)
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return f"v-{digest[:16]}"
+
+
+def is_version_name(name: str) -> bool:
+    return bool(_VERSION.fullmatch(name))
+
+
+_VERSION = re.compile(r"v-[0-9a-f]{16}")
+
+
+def commit_prefix(
+    staging: str,
+    final: str,
+    marker: str | None = None,
+    marker_body: bytes = b"",
+    into: str = "",
+) -> list[str]:
+    """Move a staged set of objects to ``final``, write ``marker``, then drop the rest.
+
+    The order is the commit rule (docs/design.md, "The write contract"): every staged
+    object is copied in (server-side on S3, a rename locally), then the marker is
+    written in one PUT, and only then is whatever the new set does not hold deleted,
+    staging last. Nothing is deleted before the marker that replaces it is written,
+    so a crash or an error at any step leaves the old marker and every object it
+    names whole; running the commit again completes it. Objects the caller wants
+    kept readable by the old marker until the switch must have new names (a version
+    folder from :func:`version_name`, given as ``into``, or a token in the name): an
+    object copied over one of the same name replaces it at once. A failed commit
+    keeps its staging.
+
+    Returns the URIs of the committed set, the marker included.
+    """
+    base = staging.rstrip("/") + "/"
+    names = [info.uri[len(base) :] for info in list_files(staging)]
+    for name in names:
+        move(join(staging, name), join(final, into, name))
+    kept = [join(final, into, name) for name in names]
+    if marker:
+        write_bytes(join(final, marker), marker_body, "application/json")
+        kept.append(join(final, marker))
+    delete_prefix(final, keep=set(kept))
+    delete_prefix(staging)
+    return kept
 
 
 def commit_partition(
@@ -82,22 +100,30 @@ def commit_partition(
     """Publish a partition by switching its marker; readers follow the marker.
 
     ``keep`` are the relative names of the staged files; they must be new names
-    (xfer puts a run token in them). The files are copied in next to the old ones,
-    then the marker, which lists them, is replaced in one PUT, then everything the
-    new marker does not list is deleted. A reader that reads the marker and then the
-    files it lists sees the old partition or the new one, never a mix; one that lists
-    the prefix instead of reading the marker may briefly see both (don't).
-    Locally the directory is swapped by rename.
+    (xfer puts the night's token in them), so the old marker's files stay whole until
+    the new marker, which lists them, replaces it in one PUT (:func:`commit_prefix`).
+    A reader that follows the marker sees the old partition or the new one, never a
+    mix; one that lists the prefix instead may briefly see both (don't).
     """
-    if not is_s3(final):
-        commit_prefix(staging, final, marker=marker, marker_body=marker_body)
+    staged = {storage_rel(info.uri, staging) for info in list_files(staging)}
+    missing = sorted(set(keep) - staged)
+    if missing:
+        raise StorageError(f"{staging}: staged files missing for the commit: {missing[:5]}")
+    commit_prefix(staging, final, marker=marker, marker_body=marker_body)
+
+
+def storage_rel(uri: str, prefix: str) -> str:
+    return uri[len(prefix.rstrip("/")) + 1 :]
+
+
+def move(src: str, dst: str) -> None:
+    """Put a staged object in place: a rename on one local disk, else a copy."""
+    if is_s3(src) or is_s3(dst):
+        copy(src, dst)
         return
-    base = staging.rstrip("/") + "/"
-    for info in list_files(staging):
-        copy(info.uri, join(final, info.uri[len(base) :]))
-    write_bytes(join(final, marker), marker_body, "application/json")
-    delete_prefix(final, keep={join(final, name) for name in [*keep, marker]})
-    delete_prefix(staging)
+    with translate_errors(dst):
+        os.makedirs(os.path.dirname(os.path.abspath(local_path(dst))), exist_ok=True)
+        os.replace(local_path(src), local_path(dst))
 
 
 def make_local_staging(final: str) -> str:

@@ -39,7 +39,7 @@ from typing import Any
 
 from xfer import storage
 from xfer.config import XferConfig
-from xfer.errors import NotFoundError
+from xfer.errors import DataError, NotFoundError
 from xfer.manifest import MANIFEST, SCHEMA_VERSION, Manifest, ShardInfo, SplitInfo, load_manifest
 from xfer.weights import WeightsSource
 
@@ -106,8 +106,10 @@ def check_cache(uri: str, fields: dict[str, Any], dataset: Manifest) -> str | No
     """None if the cache at ``uri`` is complete and intact; otherwise why not."""
     try:
         features = load_manifest(uri)
-    except Exception as exc:  # missing, or unreadable: both mean rebuild
+    except DataError as exc:  # missing, or damaged: both mean rebuild
         return f"no usable manifest ({str(exc).splitlines()[0][:120]})"
+    # A StorageError (the store away, access denied) says nothing about the cache:
+    # it propagates, so a cache other runs are training on is never deleted for it.
     if features.settings.get("key_fields") != fields:
         return "its manifest was made for a different key"
     for split in fields["splits"]:

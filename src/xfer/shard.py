@@ -18,7 +18,10 @@ How it runs, and why:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import json
 import math
 import time
 from collections import Counter, defaultdict
@@ -27,7 +30,7 @@ from typing import Any
 
 from xfer import commit, inputs, s3, storage
 from xfer.config import ShardConfig
-from xfer.errors import DataError
+from xfer.errors import DataError, StorageError
 from xfer.manifest import MANIFEST, SCHEMA_VERSION, Manifest, ShardInfo, SplitInfo
 from xfer.shardtasks import assemble_shard, process_chunk
 
@@ -174,6 +177,7 @@ def shard_dataset(src: str, dest: str, settings: ShardConfig | None = None) -> S
         )
     class_ids = {c: i for i, c in enumerate(classes)}
     s3.ensure_bucket(dest)
+    check_destination(dest)
     ensure_ray()
     staging = commit.staging_prefix(dest)
     final_staging = storage.join(staging, "final")
@@ -255,7 +259,17 @@ def shard_dataset(src: str, dest: str, settings: ShardConfig | None = None) -> S
             )
             for s, v in splits.items()
         }
-        _write_rejects(rejects, storage.join(final_staging, REJECTS))
+        rejects_sha = _write_rejects(rejects, storage.join(final_staging, REJECTS))
+        # The new dataset's folder, named by its content: the old one stays whole.
+        version = commit.version_name(
+            rejects_sha, *(f"{s.path}:{s.sha256}" for v in splits.values() for s in v.shards)
+        )
+        splits = {
+            name: dataclasses.replace(
+                v, shards=[dataclasses.replace(s, path=f"{version}/{s.path}") for s in v.shards]
+            )
+            for name, v in splits.items()
+        }
         manifest = Manifest(
             name=settings.name or storage.basename(dest),
             classes=classes,
@@ -266,13 +280,19 @@ def shard_dataset(src: str, dest: str, settings: ShardConfig | None = None) -> S
                 "count": len(rejects),
                 "by_reason": dict(sorted(reasons.items())),
                 "converted_to_rgb": sum(1 for r in kept if r.get("converted_from")),
-                "list": REJECTS,
+                "list": f"{version}/{REJECTS}",
             },
             schema_version=SCHEMA_VERSION,
         )
-        commit.commit_prefix(final_staging, dest, marker=MANIFEST, marker_body=manifest.to_json())
-    finally:
-        storage.delete_prefix(staging)
+    except BaseException:
+        with contextlib.suppress(StorageError):
+            storage.delete_prefix(staging)  # nothing was committed: the staging is scratch
+        raise
+    # A commit that fails keeps its staging (the old dataset is still whole; see commit).
+    commit.commit_prefix(
+        final_staging, dest, marker=MANIFEST, marker_body=manifest.to_json(), into=version
+    )
+    storage.delete_prefix(staging)
     return ShardSummary(
         dest=dest,
         inputs=total_inputs,
@@ -284,7 +304,29 @@ def shard_dataset(src: str, dest: str, settings: ShardConfig | None = None) -> S
     )
 
 
-def _write_rejects(rejects: list[dict[str, str]], uri: str) -> None:
+def check_destination(dest: str) -> None:
+    """Refuse a destination that holds something other than one xfer dataset.
+
+    Committing a dataset deletes what its new manifest does not name, so ``dest``
+    must be empty, a dataset (``manifest.json`` at its top), or hold only the version
+    folders a crashed commit left there. ``s3://b/datasets`` (the folder of all the
+    datasets) is none of these.
+    """
+    if storage.exists(storage.join(dest, MANIFEST)):
+        return
+    base = dest.rstrip("/") + "/"
+    for info in storage.iter_files(dest):
+        top = info.uri[len(base) :].split("/", 1)[0]
+        if not commit.is_version_name(top):
+            raise DataError(
+                f"{dest} is not empty and is not a dataset (no {MANIFEST}; it holds "
+                f"{info.uri}): sharding into it would replace what is there. Give the "
+                f"dataset's own prefix, e.g. {storage.join(dest, '<name>')}"
+            )
+
+
+def _write_rejects(rejects: list[dict[str, str]], uri: str) -> str:
+    """Write the rejects list; returns a digest of its rows."""
     import pyarrow as pa
 
     rows = sorted(rejects, key=lambda r: r["key"])
@@ -299,3 +341,4 @@ def _write_rejects(rejects: list[dict[str, str]], uri: str) -> None:
         ),
     )
     storage.write_parquet(table, uri)
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()

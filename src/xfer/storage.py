@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from xfer.errors import NotFoundError, StorageError
+from xfer.errors import DataError, NotFoundError
 from xfer.retry import ride_through
 from xfer.s3 import (
     MISSING_CODES,
@@ -103,7 +103,7 @@ def read_json(uri: str) -> Any:
     try:
         return json.loads(read_bytes(uri))
     except json.JSONDecodeError as exc:
-        raise StorageError(f"{uri} is not valid JSON: {exc}") from None
+        raise DataError(f"{uri} is not valid JSON: {exc}") from None
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -115,7 +115,7 @@ def read_yaml(uri: str) -> Any:
     try:
         return yaml.safe_load(read_bytes(uri))
     except yaml.YAMLError as exc:
-        raise StorageError(f"{uri} is not valid YAML: {exc}") from None
+        raise DataError(f"{uri} is not valid YAML: {exc}") from None
 
 
 def write_yaml(uri: str, obj: Any) -> None:
@@ -172,13 +172,14 @@ def list_files(prefix: str) -> list[FileInfo]:
         return sorted(iter_files(prefix), key=lambda f: f.uri)
     with translate_errors(prefix):
         root = local_path(prefix)
+        scheme = prefix[: len(prefix) - len(root)]  # "file://" stays on what it lists
         if os.path.isfile(root):
-            return [FileInfo(root, os.path.getsize(root))]
+            return [FileInfo(prefix, os.path.getsize(root))]
         out = []
         for dirpath, _, names in os.walk(root):
             for name in names:
                 path = os.path.join(dirpath, name)
-                out.append(FileInfo(path, os.path.getsize(path)))
+                out.append(FileInfo(scheme + path, os.path.getsize(path)))
         return sorted(out, key=lambda f: f.uri)
 
 
@@ -260,6 +261,9 @@ def delete_prefix(prefix: str, keep: Collection[str] = ()) -> int:
         elif keep:
             for uri in gone:
                 os.remove(local_path(uri))
+            for dirpath, _, _ in sorted(os.walk(local_path(prefix)), reverse=True):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)  # children first; only the empty ones
         elif os.path.exists(local_path(prefix)):
             shutil.rmtree(local_path(prefix))  # the folders too
         return len(gone)
