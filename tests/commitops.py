@@ -1,6 +1,7 @@
 """A child process for the crash matrix: stage one version of a set, wait, commit it.
 
     python tests/commitops.py dataset|partition FINAL VERSION N
+    python tests/commitops.py xfer ARGS...      (an xfer command, once told to go)
 
 It stages N objects (each holding VERSION) the way xfer names them (a dataset's
 version folder, a partition's token in the name), prints ``staged``, waits for a
@@ -39,5 +40,16 @@ def main(kind: str, final: str, version: str, n: int) -> None:
     print("committed", flush=True)
 
 
+def xfer_when_told(args: list[str]) -> int:
+    """Run an ``xfer`` command once a line arrives on stdin."""
+    from xfer.cli import main as xfer_main
+
+    print("staged", flush=True)
+    sys.stdin.readline()
+    return xfer_main(args)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "xfer":
+        raise SystemExit(xfer_when_told(sys.argv[2:]))
     main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))

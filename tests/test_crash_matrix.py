@@ -54,11 +54,15 @@ FINAL = {"dataset": "ds", "partition": "preds/dt=2026-01-05"}
 def commit_version(proxy: FaultProxy, kind: str, final: str, fault: tuple | None) -> int:
     """Run the child; aim ``fault`` (action, op, pattern, skip) at it. Its exit code."""
     version = commit.version_name(uuid.uuid4().hex)
+    return run_child(proxy, [kind, final, version, str(N)], fault)
+
+
+def run_child(proxy: FaultProxy, args: list[str], fault: tuple | None) -> int:
     env = proxy.env()
     env["XFER_STORE_RETRY_SECONDS"] = "0"  # no budget: an error reply ends the command
     env["XFER_S3_MAX_ATTEMPTS"] = "2"
     child = subprocess.Popen(
-        [sys.executable, str(SCRIPT), kind, final, version, str(N)],
+        [sys.executable, str(SCRIPT), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -123,3 +127,43 @@ def test_crash_matrix(fault_proxy: FaultProxy, bucket: str, kind: str) -> None:
     assert len({f.uri.split("/_tmp/")[1].split("/")[0] for f in staged}) <= 2 * len(STEPS[kind])
     print("\n" + "\n".join(table))
     print(json.dumps({"cases": len(table) - 1}))
+
+
+POINTER_STEPS = [
+    ("write latest.json", "PUT", r"/models/ptr/latest\.json", 0),
+    ("write history", "PUT", r"/models/ptr/history/", 0),
+]
+
+
+@pytest.mark.slow
+def test_crash_matrix_promote(fault_proxy: FaultProxy, bucket: str) -> None:
+    """`xfer runs promote B` while A is published: latest.json names A or B, never
+    nothing; promoting again leaves B published; a rollback then reaches A."""
+    from xfer import layout
+
+    from .test_pointers import fake_run
+
+    root = f"{bucket}/xfer"
+    for run in ("A", "B"):
+        fake_run(root, run)
+    model = layout.model_uri(root, "ptr")
+
+    def xfer(*args: str, fault: tuple | None = None) -> int:
+        return run_child(fault_proxy, ["xfer", *args, f"storage.root={root}"], fault)
+
+    table = ["promote: step | fault | exit | latest.json names | promote again, then rollback"]
+    for step, op, pattern, skip in POINTER_STEPS:
+        for action in ("slowdown", "kill"):
+            assert xfer("runs", "promote", "A", "--force") == 0
+            code = xfer("runs", "promote", "B", "--force", fault=(action, op, pattern, skip))
+            assert code != 0, f"{step}/{action}: the fault did not stop the command"
+            seen = layout.read_pointer(model)
+            assert seen is not None and seen["run_id"] in ("A", "B"), f"{step}/{action}: {seen}"
+            layout.resolve_model(model)  # a reader can load what it names
+            assert xfer("runs", "promote", "B", "--force") == 0
+            assert layout.read_pointer(model)["run_id"] == "B"  # type: ignore[index]
+            assert xfer("runs", "rollback", "ptr") == 0
+            back = layout.read_pointer(model)
+            assert back is not None and back["run_id"] == "A", f"{step}/{action}: {back}"
+            table.append(f"{step} | {action} | {code} | {seen['run_id']} | B, then A")
+    print("\n" + "\n".join(table))
