@@ -282,13 +282,13 @@ def test_a_night_that_keeps_killing_its_actors_fails_with_a_clear_error(night):
 # ------------------------------------------------------------ 3. one run per night
 
 
-def _foreign_lock(part: str, age_minutes: float) -> str:
+def _foreign_lock(part: str, age_minutes: float, host: str = "otherhost", pid: int = 4242) -> str:
     uri = f"{night_root(part)}/{LOCK_FILE}"
     beat = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=age_minutes)
     body = {
         "token": "other",
-        "host": "otherhost",
-        "pid": 4242,
+        "host": host,
+        "pid": pid,
         "started": beat.isoformat(),
         "heartbeat": beat.isoformat(),
     }
@@ -330,6 +330,13 @@ def test_the_lock_admits_one_holder_and_takes_over_a_stale_one(night, tmp_path, 
         first.check()
     assert not storage.exists(f"{root}/{LOCK_FILE}")
     _foreign_lock(part, age_minutes=5)
+    with NightLock(root, stale_seconds=60) as taker:
+        assert storage.read_json(f"{root}/{LOCK_FILE}")["token"] == taker.token
+    # A fresh lock of a process of this host that is gone (killed, or its store went
+    # away before it could remove the lock) is taken over at once.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _foreign_lock(part, age_minutes=0, host=socket.gethostname(), pid=dead.pid)
     with NightLock(root, stale_seconds=60) as taker:
         assert storage.read_json(f"{root}/{LOCK_FILE}")["token"] == taker.token
     # A holder that was taken over finds out before committing.

@@ -10,9 +10,10 @@ token, host, pid, start and heartbeat times), created with a conditional PUT
 (``If-None-Match: *``: only one creator wins; AWS S3 and SeaweedFS honour it) and
 read back, for stores that ignore the condition. The holder rewrites the heartbeat
 every quarter of ``stale_seconds`` (``If-Match`` its last ETag, so a holder that was
-taken over notices). A lock whose heartbeat is older than ``stale_seconds`` was
-left by a run that died: it is taken over (``If-Match`` its ETag: one taker wins).
-Locally the file is created with ``O_EXCL``. Heartbeats compare the holder's clock
+taken over notices). A lock whose heartbeat is older than ``stale_seconds``, or
+whose holder ran on this host and is gone, was left by a run that died: it is
+taken over (``If-Match`` its ETag: one taker wins).
+Locally the file is linked into place only if there is none. Heartbeats compare the holder's clock
 with the reader's: hosts are assumed to agree within a small part of the limit.
 """
 
@@ -41,6 +42,20 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _holder_gone(held: dict[str, Any]) -> bool:
+    """A holder on this host whose process is gone (crashed, killed, or its store
+    went away before it could remove the lock): no need to wait for staleness."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class NightLock:
     def __init__(self, root: str, stale_seconds: float):
         self.uri = storage.join(root, LOCK_FILE)
@@ -59,7 +74,7 @@ class NightLock:
             if held is None:  # released between our attempt and the read: once more
                 if not self._create():
                     raise NightBusy(f"the night at {self.uri} is being taken by another run")
-            elif self._age(held) <= self.stale:
+            elif self._age(held) <= self.stale and not _holder_gone(held):
                 raise NightBusy(f"{self.describe(held)}; try again later")
             elif not self._take_over(etag):
                 raise NightBusy(f"another run took over the stale lock {self.uri} first")
