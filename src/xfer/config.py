@@ -42,6 +42,12 @@ class StorageConfig(Strict):
         None, description="S3-compatible endpoint; default: AWS_ENDPOINT_URL_S3 or AWS"
     )
     region: str | None = None
+    outage_seconds: float = Field(
+        180,
+        ge=0,
+        description="how long a command rides out a store that is away (xfer score: "
+        "score.store_outage_seconds)",
+    )
 
     @field_validator("root")
     @classmethod
