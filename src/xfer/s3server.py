@@ -134,6 +134,13 @@ def _tail(path: Path, size: int = 4096) -> str:
         return ""
 
 
+# Each bucket is a SeaweedFS collection, which starts with several 128 MB volumes, and
+# by default the number of volumes is capped by free disk / 128 MB: with 77 GB free
+# the 77th bucket's first PUT failed with InternalError ("no free volumes left"), and
+# the test suite makes a bucket per test. Volumes are sparse files, created as needed.
+MAX_VOLUMES = 5000
+
+
 @dataclass
 class EmbeddedS3:
     """Runs `weed mini` until :meth:`stop`; a context manager for tests and the demo."""
@@ -209,6 +216,7 @@ class EmbeddedS3:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            f"-volume.max={MAX_VOLUMES}",
             f"-s3.config={data / IDENTITIES_FILE}",
         ]
         self._log = open(data / "weed.log", "ab")  # noqa: SIM115 - closed in stop()
