@@ -18,7 +18,9 @@ regular expression searched in ``/bucket/key`` (path-style, query included).
 
 Actions: ``slowdown`` (503 SlowDown), ``unavailable`` (503 ServiceUnavailable),
 ``internal`` (500 InternalError), ``denied`` (403 AccessDenied), ``reset`` (the
-connection is closed with a TCP reset, nothing forwarded), and ``kill``: the
+connection is closed with a TCP reset, nothing forwarded), ``refuse_keys`` (a
+multi-object delete answered 200 with an AccessDenied error for every key, and
+nothing deleted), and ``kill``: the
 request is forwarded, so the write lands, then ``pid`` is sent SIGKILL before any
 answer reaches it. A rule fires ``times`` times (after skipping the first ``skip``
 matches), or for ``seconds`` from when it was added; :attr:`Rule.hits` counts.
@@ -46,7 +48,7 @@ ERRORS = {
     "internal": (500, "InternalError", "We encountered an internal error."),
     "denied": (403, "AccessDenied", "Access Denied"),
 }
-ACTIONS = {*ERRORS, "reset", "kill"}
+ACTIONS = {*ERRORS, "reset", "kill", "refuse_keys"}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
@@ -207,6 +209,21 @@ class FaultProxy:
                 if self.command != "HEAD":
                     self.wfile.write(body)
 
+            def _refuse_keys(self, body: bytes) -> None:
+                keys = re.findall(rb"<Key>(.*?)</Key>", body)
+                errors = b"".join(
+                    b"<Error><Key>" + k + b"</Key><Code>AccessDenied</Code>"
+                    b"<Message>Access Denied</Message></Error>"
+                    for k in keys
+                )
+                data = b'<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult>' + errors
+                data += b"</DeleteResult>"
+                self.send_response(200)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def _forward(self, body: bytes, chunked: bool) -> tuple[int, list[Any], bytes]:
                 conn = http.client.HTTPConnection(
                     proxy.upstream_host, proxy.upstream_port, timeout=120
@@ -236,6 +253,10 @@ class FaultProxy:
                 if rule is not None and rule.action in ERRORS:
                     proxy._record(op, self.path, ERRORS[rule.action][0], rule.action)
                     self._error(*ERRORS[rule.action])
+                    return
+                if rule is not None and rule.action == "refuse_keys":  # 200, yet none deleted
+                    proxy._record(op, self.path, 200, "refuse_keys")
+                    self._refuse_keys(body)
                     return
                 if rule is not None and rule.action == "reset":
                     proxy._record(op, self.path, 0, "reset")

@@ -116,3 +116,15 @@ def test_a_500_reply_is_transient_too(seeded: dict[str, Any], fault_proxy: Fault
     fault_proxy.add(method, pattern, "internal", times=1000)
     with pytest.raises(StoreUnavailable, match="InternalError"):
         call()
+
+
+def test_keys_a_multi_delete_refuses_are_an_error_not_ignored(
+    seeded: dict[str, Any], fault_proxy: FaultProxy, bucket: str
+) -> None:
+    """DeleteObjects answers 200 and lists the keys it did not delete; on main those
+    were ignored, so a commit went on as if the old files were gone."""
+    fault_proxy.add("POST", r"\?delete", "refuse_keys", times=1)
+    with pytest.raises(StorageError, match="access denied") as info:
+        storage.delete_prefix(f"{bucket}/e")
+    assert not isinstance(info.value, StoreUnavailable)
+    assert storage.exists(f"{bucket}/e/x")

@@ -1,14 +1,11 @@
 """Every read, write and listing goes through here, by URI.
 
-A URI is ``s3://bucket/key`` or a local path (optionally ``file://``); nothing else
-in xfer needs to know which. What a URI is and how the S3 connection behind it is
-made (clients, pyarrow's filesystem, error translation) is :mod:`xfer.s3`; committing
-sets of objects atomically is :mod:`xfer.commit`.
-
-Every write is whole or absent: a single S3 PUT (or a completed multipart upload)
-is all-or-nothing, and local writes go to a temporary file renamed into place.
-Errors are :class:`~xfer.errors.StorageError` naming the URI; reads and writes ride
-out a store that is briefly away (:mod:`xfer.retry`).
+A URI is ``s3://bucket/key`` or a local path (optionally ``file://``). The S3
+connection and error translation are :mod:`xfer.s3`; committing sets of objects is
+:mod:`xfer.commit`. Every write is whole or absent (one S3 PUT or completed multipart
+upload; locally a temporary file renamed into place). Errors are
+:class:`~xfer.errors.StorageError` naming the URI; calls ride out a store that is
+briefly away (:mod:`xfer.retry`).
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from xfer.s3 import (
     MISSING_CODES,
     arrow_filesystem,
     check_bucket,
+    describe_client_error,
     is_s3,
     local_path,
     s3_client,
@@ -184,11 +182,7 @@ def list_files(prefix: str) -> list[FileInfo]:
 
 
 def iter_files(prefix: str) -> Iterator[FileInfo]:
-    """Objects under ``prefix`` page by page (1,000 at a time on S3), in key order.
-
-    For listings too long to hold at once; each page is fetched (and retried
-    through an outage) on its own.
-    """
+    """Objects under ``prefix`` in key order, a page (1,000 on S3, retried) at a time."""
     if not is_s3(prefix):
         yield from list_files(prefix)
         return
@@ -257,7 +251,12 @@ def delete_prefix(prefix: str, keep: Collection[str] = ()) -> int:
             keys = [split_s3(uri)[1] for uri in gone]
             for i in range(0, len(keys), 1000):
                 chunk = [{"Key": k} for k in keys[i : i + 1000]]
-                s3_client().delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+                answer = s3_client().delete_objects(
+                    Bucket=bucket, Delete={"Objects": chunk, "Quiet": True}
+                )
+                for err in answer.get("Errors", [])[:1]:  # quiet: only failures come back
+                    uri, code = f"s3://{bucket}/{err.get('Key')}", str(err.get("Code"))
+                    raise describe_client_error(uri, code, str(err.get("Message", "")))
         elif keep:
             for uri in gone:
                 os.remove(local_path(uri))
