@@ -15,6 +15,7 @@ import json
 import sys
 
 from xfer import commit, storage
+from xfer.scoreplan import write_table_manifest
 
 MARKERS = {"dataset": "manifest.json", "partition": "_SUCCESS"}
 
@@ -36,7 +37,14 @@ def main(kind: str, final: str, version: str, n: int) -> None:
     if kind == "dataset":
         commit.commit_prefix(staging, final, marker=MARKERS[kind], marker_body=body)
     else:
-        commit.commit_partition(staging, final, MARKERS[kind], body, keep=files)
+        commit.commit_partition(
+            staging,
+            final,
+            MARKERS[kind],
+            body,
+            keep=files,
+            before_delete=lambda _: write_table_manifest(final, files),
+        )
     print("committed", flush=True)
 
 

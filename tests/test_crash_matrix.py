@@ -2,8 +2,8 @@
 
 For each multi-write commit (a dataset: copies into a new version folder, then
 ``manifest.json``, then the old version deleted, then the staging; a predictions
-partition: token-named parts, then ``_SUCCESS``, then the old parts, then the
-staging), a real child process commits a new version through the fault proxy in
+partition: token-named parts, then ``_SUCCESS``, then the table manifest Athena
+reads, then the old parts, then the staging), a real child process commits a new version through the fault proxy in
 front of the embedded S3 server, and at one write step the proxy either (a) answers
 503 SlowDown until the child gives up (no outage budget), or (b) lets the write land
 and SIGKILLs the child before it hears the answer. After each, a reader that follows
@@ -25,6 +25,7 @@ import pytest
 
 from xfer import commit, storage
 from xfer.errors import NotFoundError
+from xfer.scoreplan import table_manifest_uri
 
 from .commitops import MARKERS, names
 from .faultproxy import FaultProxy
@@ -44,6 +45,7 @@ STEPS = {
         ("copy first part", "COPY", r"/dt(=|%3D)[^/]+/part-00000-", 0),
         ("copy last part", "COPY", rf"/dt(=|%3D)[^/]+/part-{N - 1:05d}-", 0),
         ("write marker", "PUT", r"/dt(=|%3D)[^/]+/_SUCCESS", 0),
+        ("write table manifest", "PUT", r"/_symlink_format_manifest/", 0),
         ("delete old parts", "POST", r"\?delete", 0),
         ("delete staging", "POST", r"\?delete", 1),
     ],
@@ -96,6 +98,10 @@ def whole_version(kind: str, final: str) -> str | None:
     for name in marker["files"]:
         body = storage.read_bytes(storage.join(final, name))
         assert body == version.encode(), f"{name} holds {body!r}, the marker says {version}: a mix"
+    if kind == "partition":  # what Athena/Trino read: one version too, maybe the old one
+        listed = storage.read_text(table_manifest_uri(final)).split()
+        bodies = {storage.read_bytes(uri) for uri in listed}
+        assert len(listed) == N and len(bodies) == 1, f"the table manifest mixes {bodies}"
     return version
 
 

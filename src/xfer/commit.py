@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import uuid
+from collections.abc import Callable
 
 from xfer.errors import StorageError
 from xfer.s3 import is_s3, local_path, split_s3, translate_errors
@@ -65,6 +66,7 @@ def commit_prefix(
     marker: str | None = None,
     marker_body: bytes = b"",
     into: str = "",
+    before_delete: Callable[[list[str]], None] | None = None,
 ) -> list[str]:
     """Move a staged set of objects to ``final``, write ``marker``, then drop the rest.
 
@@ -77,7 +79,8 @@ def commit_prefix(
     kept readable by the old marker until the switch must have new names (a version
     folder from :func:`version_name`, given as ``into``, or a token in the name): an
     object copied over one of the same name replaces it at once. A failed commit
-    keeps its staging.
+    keeps its staging. ``before_delete`` runs after the marker, before any delete,
+    with the committed URIs (a second marker, e.g. a table's manifest, goes there).
 
     Returns the URIs of the committed set, the marker included.
     """
@@ -89,13 +92,20 @@ def commit_prefix(
     if marker:
         write_bytes(join(final, marker), marker_body, "application/json")
         kept.append(join(final, marker))
+    if before_delete is not None:
+        before_delete(kept)
     delete_prefix(final, keep=set(kept))
     delete_prefix(staging)
     return kept
 
 
 def commit_partition(
-    staging: str, final: str, marker: str, marker_body: bytes, keep: list[str]
+    staging: str,
+    final: str,
+    marker: str,
+    marker_body: bytes,
+    keep: list[str],
+    before_delete: Callable[[list[str]], None] | None = None,
 ) -> None:
     """Publish a partition by switching its marker; readers follow the marker.
 
@@ -109,7 +119,9 @@ def commit_partition(
     missing = sorted(set(keep) - staged)
     if missing:
         raise StorageError(f"{staging}: staged files missing for the commit: {missing[:5]}")
-    commit_prefix(staging, final, marker=marker, marker_body=marker_body)
+    commit_prefix(
+        staging, final, marker=marker, marker_body=marker_body, before_delete=before_delete
+    )
 
 
 def storage_rel(uri: str, prefix: str) -> str:

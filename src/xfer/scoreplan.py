@@ -330,7 +330,33 @@ def commit_night(
     }
     body = json.dumps(marker, indent=2).encode()
     commit.commit_partition(
-        parts, night["final"], marker=commit.SUCCESS, marker_body=body, keep=files
+        parts,
+        night["final"],
+        marker=commit.SUCCESS,
+        marker_body=body,
+        keep=files,
+        before_delete=lambda _: write_table_manifest(night["final"], files),
     )
     storage.delete_prefix(night_root(night["final"]))
     return marker
+
+
+TABLE_MANIFESTS = "_symlink_format_manifest"
+
+
+def table_manifest_uri(final: str) -> str:
+    """``<output>/_symlink_format_manifest/dt=<date>/manifest``."""
+    return storage.join(storage.parent(final), TABLE_MANIFESTS, storage.basename(final), "manifest")
+
+
+def write_table_manifest(final: str, files: list[str]) -> None:
+    """The partition's files, one URI a line, for tables with ``SymlinkTextInputFormat``.
+
+    Athena, Trino and Presto read a partition through this one object (written in one
+    PUT after ``_SUCCESS``, before any old part is deleted), so a query sees the old
+    night or the new one, never both: the prefix itself briefly holds both.
+    """
+    if not storage.basename(final).startswith("dt="):
+        return  # a run's own predictions/ is no table partition
+    body = "".join(f"{storage.join(final, name)}\n" for name in files)
+    storage.write_bytes(table_manifest_uri(final), body.encode(), "text/plain")
