@@ -406,3 +406,26 @@ def test_list_labels_are_text_and_rows_outside_the_list_are_refused(night, tmp_p
 
     with pytest.raises(DataError, match=r"set shard\.allow_outside_inputs=true"):
         shard_dataset(str(tmp_path / "lists" / "s.csv"), str(tmp_path / "ds"), ShardConfig())
+
+
+def test_a_resumed_night_is_pinned_to_its_dataset(root):
+    """On main a night staged from a dataset resumed on a re-sharded one: blocks
+    planned from the old manifest read the new shards."""
+    from xfer.manifest import Manifest, ShardInfo, SplitInfo
+    from xfer.scoreplan import plan_night
+
+    dataset = f"{root}/datasets/tiny"
+
+    def write_dataset(rows: int) -> None:
+        shard = ShardInfo("v-0/test/part-00000.parquet", rows, 1, "x", [2] * (rows // 2))
+        split = SplitInfo(rows=rows, shards=[shard], class_counts={"a": rows})
+        m = Manifest("tiny", ["a", "b"], {"test": split}, {}, {}, {}, uri=dataset)
+        storage.write_bytes(f"{dataset}/manifest.json", m.to_json())
+
+    final = f"{root}/preds/dt=2026-01-05"
+    write_dataset(4)
+    assert plan_night({"run_id": "r"}, dataset, "test", final, 2, False)[1] is False
+    assert plan_night({"run_id": "r"}, dataset, "test", final, 2, False)[1] is True
+    write_dataset(6)  # re-sharded meanwhile
+    night, resumed = plan_night({"run_id": "r"}, dataset, "test", final, 2, False)
+    assert not resumed and night["blocks"] == 3

@@ -152,7 +152,13 @@ def plan_night(
     """
     root = night_root(final)
     night_uri = storage.join(root, NIGHT_FILE)
-    identity = {**identity, "input": input_uri, "split": split, "block_size": block_size}
+    identity = {
+        **identity,
+        "input": input_uri,
+        "input_version": _input_version(input_uri),
+        "split": split,
+        "block_size": block_size,
+    }
     old = storage.read_json(night_uri) if storage.exists(night_uri) else None
     if old and old.get("identity") == identity and old.get("planned"):
         if _plan_intact(old):
@@ -185,6 +191,19 @@ def plan_night(
     night["planned"] = True
     storage.write_json(night_uri, night)
     return night, False
+
+
+def _input_version(input_uri: str) -> str | None:
+    """What pins a resumed night to its input: a dataset's manifest checksum, a list's
+    version. A prefix has none: the plan lists it once, and a resume keeps that list."""
+    from xfer.manifest import MANIFEST, load_manifest
+
+    uri = input_uri.rstrip("/")
+    if uri.endswith(MANIFEST) or storage.exists(storage.join(uri, MANIFEST)):
+        return f"dataset:{load_manifest(uri).checksum}"
+    if inputs.is_list(uri):
+        return f"list:{storage.stat(uri).version}"
+    return None
 
 
 def _plan_intact(night: dict[str, Any]) -> bool:
