@@ -77,6 +77,7 @@ def _shard(args: argparse.Namespace) -> int:
     import json
 
     from xfer.config import load_config
+    from xfer.retry import budget
     from xfer.shard import shard_dataset
 
     flags = []
@@ -89,7 +90,8 @@ def _shard(args: argparse.Namespace) -> int:
             flags.append(f"shard.{key}={json.dumps(value)}")
     cfg = load_config(args.config, [*flags, *args.overrides])
     cfg.apply_storage_env()
-    summary = shard_dataset(args.src, args.dest, cfg.shard)
+    with budget(cfg.storage.outage_seconds):  # run_tasks passes it to every task
+        summary = shard_dataset(args.src, args.dest, cfg.shard)
     print(summary.describe())
     return 0
 

@@ -21,6 +21,7 @@ from xfer.config import XferConfig
 from xfer.features import CachePlan, row_groups
 from xfer.manifest import Manifest, ShardInfo
 from xfer.provenance import file_sha256
+from xfer.retry import ride_through
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,15 @@ def encode_batch_size(configured: int) -> int:
     return max(configured, 128)
 
 
+@ride_through("reading")
+def _read_group(uri: str, g: int, files: dict[str, Any]) -> Any:
+    with s3.translate_errors(uri):
+        parquet_file = files.get(uri)
+        if parquet_file is None:
+            parquet_file = files[uri] = storage.open_parquet(uri)
+        return parquet_file.read_row_group(g, columns=["key", "image", "label"])
+
+
 def _encoded_rows(dataset: Manifest, pieces: list[_Piece], meta: dict[int, Any], reads: int) -> Any:
     """The pieces' encoded images, one row group at a time, read ``reads`` ahead.
 
@@ -80,12 +90,7 @@ def _encoded_rows(dataset: Manifest, pieces: list[_Piece], meta: dict[int, Any],
 
     def read(item: tuple[_Piece, int]) -> Any:
         piece, g = item
-        uri = storage.join(dataset.uri, piece.path)
-        with s3.translate_errors(uri):
-            parquet_file = files.get(uri)
-            if parquet_file is None:
-                parquet_file = files[uri] = storage.open_parquet(uri)
-            return parquet_file.read_row_group(g, columns=["key", "image", "label"])
+        return _read_group(storage.join(dataset.uri, piece.path), g, files)
 
     # One thread: a ParquetFile is not safe for concurrent reads, and consecutive row
     # groups mostly come from one shard. Decoding and the forward pass overlap it.

@@ -164,12 +164,18 @@ def run_tasks(
     """Run ``fn(*args)`` for each call as Ray tasks, with a progress bar; results in order.
 
     ``max_in_flight`` bounds how many run at once (default: as many as Ray schedules).
+    Each task rides out a store that is away as long as this process does
+    (:mod:`xfer.retry`), whatever environment its worker process was started with.
     """
     import ray
 
     from xfer.console import Progress
+    from xfer.retry import budget_seconds
 
-    remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+    remote = ray.remote(num_cpus=num_cpus, max_retries=2)(_within_budget).options(
+        name=getattr(fn, "__name__", "task")
+    )
+    seconds = budget_seconds()
     limit = max_in_flight or len(calls)
     index: dict[Any, int] = {}
     results: list[Any] = [None] * len(calls)
@@ -178,12 +184,19 @@ def run_tasks(
         for i, args in enumerate(calls):
             if len(pending) >= limit:
                 pending = _collect(ray, pending, index, results, bar)
-            ref = remote.remote(*args)
+            ref = remote.remote(seconds, fn, *args)
             index[ref] = i
             pending.append(ref)
         while pending:
             pending = _collect(ray, pending, index, results, bar)
     return results
+
+
+def _within_budget(seconds: float, fn: Any, *args: Any) -> Any:
+    from xfer.retry import budget
+
+    with budget(seconds):
+        return fn(*args)
 
 
 def _collect(

@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 
 from xfer import s3, storage
+from xfer.errors import StoreUnavailable
 from xfer.manifest import Manifest
 from xfer.preprocess import AugmentSettings, augment, decode_and_resize
+from xfer.retry import ride_through
 
 NO_AUGMENT = AugmentSettings(flip=False, rotation=0.0, zoom=0.0)
 
@@ -138,6 +140,9 @@ class _ShardCache:
 
     A ParquetFile is not safe for concurrent reads (pyarrow's read-range cache), so
     each shard has its own lock: reads of different shards still run in parallel.
+    A store that stayed away past its budget (:mod:`xfer.retry`) fails every later
+    read at once: tf.data's read-ahead would otherwise start epoch after epoch after
+    the error, each waiting out the whole budget again before the run can stop.
     """
 
     def __init__(self, uris: list[str], column: str):
@@ -145,16 +150,33 @@ class _ShardCache:
         self._column = column
         self._files: dict[int, tuple[Any, threading.Lock]] = {}
         self._lock = threading.Lock()
+        self._gone: StoreUnavailable | None = None
 
     def read(self, shard: int, row_group: int) -> Any:
+        if self._gone is not None:
+            raise StoreUnavailable(str(self._gone), self._gone.endpoint, self._gone.reason)
+        try:
+            return self._read(shard, row_group)
+        except StoreUnavailable as exc:
+            self._gone = exc
+            raise
+
+    def _read(self, shard: int, row_group: int) -> Any:
         with self._lock:
             entry = self._files.get(shard)
             if entry is None:
                 entry = (storage.open_parquet(self._uris[shard]), threading.Lock())
                 self._files[shard] = entry
-        parquet_file, lock = entry
-        with lock, s3.translate_errors(self._uris[shard]):
-            return parquet_file.read_row_group(row_group, columns=["key", self._column, "label"])
+        return _read_row_group(self._uris[shard], entry, row_group, self._column)
+
+
+@ride_through("reading")
+def _read_row_group(
+    uri: str, entry: tuple[Any, threading.Lock], row_group: int, column: str
+) -> Any:
+    parquet_file, lock = entry
+    with lock, s3.translate_errors(uri):
+        return parquet_file.read_row_group(row_group, columns=["key", column, "label"])
 
 
 def iter_rows(

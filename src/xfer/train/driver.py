@@ -29,7 +29,7 @@ from xfer import console, s3, storage
 from xfer.commit import SUCCESS
 from xfer.config import XferConfig, build_config, resolved_dict
 from xfer.configbase import merge
-from xfer.errors import ConfigError, DataError, NotFoundError, XferError
+from xfer.errors import ConfigError, DataError, NotFoundError, StoreUnavailable, XferError
 from xfer.layout import CONFIG, CONSOLE_LOG, is_complete, runs_prefix
 from xfer.manifest import Manifest, load_manifest
 from xfer.train.outputs import TrainResult, completed_run, finish_run
@@ -212,6 +212,16 @@ def _assign(d: dict[str, Any], key: str, value: Any) -> None:
 
 
 def train(cfg: XferConfig) -> TrainResult:
+    """Run (or resume) a training run, riding out a store that is away for
+    ``storage.outage_seconds`` here and on every worker (:mod:`xfer.retry`)."""
+    from xfer.retry import budget
+
+    cfg.apply_storage_env()
+    with budget(cfg.storage.outage_seconds):  # worker_env forwards it to every worker
+        return _train(cfg)
+
+
+def _train(cfg: XferConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -227,7 +237,6 @@ def train(cfg: XferConfig) -> TrainResult:
     from xfer.train.worker import train_loop_per_worker
     from xfer.weights import fetch_weights
 
-    cfg.apply_storage_env()
     started = time.monotonic()
     resume_notes: list[str] = []
     submitted = None if cfg.output.run_id else submission_run_id()
@@ -293,7 +302,8 @@ def train(cfg: XferConfig) -> TrainResult:
             "code": identity,  # every worker checks it runs this very code
             # Tells the journal a Ray Train restart (same driver) from a resume by id.
             "driver": secrets.token_hex(8),
-            # Applied first thing on each worker, before TensorFlow is imported.
+            # Applied first thing on each worker, before TensorFlow is imported
+            # (XFER_STORE_RETRY_SECONDS included: the budget set above).
             "env": worker_env(use_gpu=c.use_gpu),
         },
         scaling_config=ScalingConfig(
@@ -326,11 +336,7 @@ def train(cfg: XferConfig) -> TrainResult:
             raise
         except Exception as exc:
             record_error(run_uri, None, describe_exception(exc))
-            raise XferError(
-                f"training run {run_id} failed: {_root_cause(exc)}\n  checkpoints are in "
-                f"{run_uri}; the workers' output is in {console.log_path()}\n  resume with: "
-                f"xfer train --config <same config> output.run_id={run_id}"
-            ) from None
+            raise _failed(exc, run_id, run_uri) from None
         final = result.metrics or {}
         if not final.get("final"):
             raise XferError(
@@ -355,6 +361,25 @@ def train(cfg: XferConfig) -> TrainResult:
     finally:
         if not log_kept:  # a run that did not commit keeps its log too
             keep_log()
+
+
+def _failed(exc: BaseException, run_id: str, run_uri: str) -> XferError:
+    """The error a failed ``trainer.fit`` ends the command with: a store that stayed
+    away past its budget behind it is a StoreUnavailable (exit 75, run again later)."""
+    from xfer.nightguard import store_unavailable
+
+    resume = f"xfer train --config <same config> output.run_id={run_id}"
+    unavailable = store_unavailable(exc)
+    if unavailable is not None:
+        return StoreUnavailable(
+            f"training run {run_id} stopped: {unavailable}; resume with: {resume}",
+            endpoint=unavailable.endpoint,
+            reason=unavailable.reason,
+        )
+    return XferError(
+        f"training run {run_id} failed: {_root_cause(exc)}\n  checkpoints are in "
+        f"{run_uri}; the workers' output is in {console.log_path()}\n  resume with: {resume}"
+    )
 
 
 def _root_cause(exc: BaseException) -> str:
