@@ -261,7 +261,6 @@ def _train(cfg: XferConfig) -> TrainResult:
     s3.ensure_bucket(run_uri)
     if not resuming:
         storage.write_yaml(storage.join(run_uri, CONFIG), resolved_dict(cfg))
-        record_dataset(run_uri, manifest.uri, manifest.checksum)
     # Resolved once here; every worker checks that it loads exactly these bytes.
     weights = fetch_weights(cfg.model.weights)
 
@@ -285,6 +284,8 @@ def _train(cfg: XferConfig) -> TrainResult:
     say(f"[xfer] driver: {describe(identity)}")
     started_ray = ensure_ray(cfg.cluster.address, cfg.cluster.local_num_cpus)
     check_resources(cfg, is_local(started_ray, cfg.cluster.address))
+    if not resuming:  # past every check: a config refused up to here leaves no run
+        record_dataset(run_uri, manifest.uri, manifest.checksum)
     c = cfg.cluster
     resources: dict[str, float] = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
