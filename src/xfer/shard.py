@@ -260,16 +260,7 @@ def shard_dataset(src: str, dest: str, settings: ShardConfig | None = None) -> S
             for s, v in splits.items()
         }
         rejects_sha = _write_rejects(rejects, storage.join(final_staging, REJECTS))
-        # The new dataset's folder, named by its content: the old one stays whole.
-        version = commit.version_name(
-            rejects_sha, *(f"{s.path}:{s.sha256}" for v in splits.values() for s in v.shards)
-        )
-        splits = {
-            name: dataclasses.replace(
-                v, shards=[dataclasses.replace(s, path=f"{version}/{s.path}") for s in v.shards]
-            )
-            for name, v in splits.items()
-        }
+        version, splits = _in_version_folder(splits, rejects_sha)
         manifest = Manifest(
             name=settings.name or storage.basename(dest),
             classes=classes,
@@ -302,6 +293,23 @@ def shard_dataset(src: str, dest: str, settings: ShardConfig | None = None) -> S
         seconds=time.monotonic() - start,
         classes=classes,
     )
+
+
+def _in_version_folder(
+    splits: dict[str, SplitInfo], rejects_sha: str
+) -> tuple[str, dict[str, SplitInfo]]:
+    """The new dataset's folder, named by its content, and the shards moved into it:
+    the new files never overwrite what the old manifest names."""
+    version = commit.version_name(
+        rejects_sha, *(f"{s.path}:{s.sha256}" for v in splits.values() for s in v.shards)
+    )
+    moved = {
+        name: dataclasses.replace(
+            v, shards=[dataclasses.replace(s, path=f"{version}/{s.path}") for s in v.shards]
+        )
+        for name, v in splits.items()
+    }
+    return version, moved
 
 
 def check_destination(dest: str) -> None:
