@@ -240,7 +240,8 @@ def test_a_challenger_keeps_its_test_predictions_and_a_failed_publication_finish
     challenger = overrides(**{"output.gate.vs_published": "true", "output.gate.margin": -1.0})
     with FaultProxy(s3_server.endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.endpoint)
-        refused = proxy.add("PUT", r"/models/ptr-trained/latest\.json", "internal")
+        # Refused (403): a 5xx would be ridden out for storage.outage_seconds first.
+        refused = proxy.add("PUT", r"/models/ptr-trained/latest\.json", "denied")
         with pytest.raises(XferError):
             train(load_config(None, challenger))
         assert refused.hits > 0
