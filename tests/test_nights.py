@@ -92,6 +92,15 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def score_night(night: dict, date: str) -> subprocess.CompletedProcess[str]:
+    """`xfer score` of the night's incoming images into its preds, for ``date``."""
+    bucket = night["bucket"]
+    return cli(
+        *("--model", night["model"], "--input", f"{bucket}/incoming"),
+        *("--output", f"{bucket}/preds", "--date", date),
+    )
+
+
 # ------------------------------------------------------------ 5. one date, one name
 
 
@@ -105,16 +114,7 @@ def test_a_date_has_one_spelling(night):
     for bad in ("2026-W48-5", "2026-02-30", "26-1-5", "2026-0105"):
         with pytest.raises(XferError, match=f"--date '{bad}' is not a date"):
             partition_date(bad)
-    proc = cli(
-        "--model",
-        night["model"],
-        "--input",
-        f"{night['bucket']}/incoming",
-        "--output",
-        f"{night['bucket']}/preds",
-        "--date",
-        "2026-W48-5",
-    )
+    proc = score_night(night, "2026-W48-5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("xfer: error: --date '2026-W48-5'")
 
@@ -303,16 +303,7 @@ def test_a_night_held_by_another_run_exits_75_naming_the_holder(night):
     part = good_partition(night, "2026-01-10")
     before = state(part)
     _foreign_lock(part, age_minutes=1)
-    proc = cli(
-        "--model",
-        night["model"],
-        "--input",
-        f"{night['bucket']}/incoming",
-        "--output",
-        f"{night['bucket']}/preds",
-        "--date",
-        "2026-01-10",
-    )
+    proc = score_night(night, "2026-01-10")
     assert proc.returncode == 75, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("xfer: error: the night is held by otherhost pid 4242 since")
