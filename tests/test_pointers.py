@@ -23,6 +23,8 @@ from xfer.runs import promote, rollback, show, summarize
 from xfer.train.gate import gate_and_publish
 from xfer.train.journal import JOURNAL, recorded_dataset
 
+from .test_runs import xfer_runs
+
 MODEL = "ptr"
 
 
@@ -40,15 +42,6 @@ def fake_run(root: str, run_id: str, passed: bool = True, value: float = 0.9) ->
     )
     layout.write_success(uri, run_id)
     return uri
-
-
-def xfer_runs(root: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xfer", "runs", *args, f"storage.root={root}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def latest(root: str) -> dict[str, Any]:
