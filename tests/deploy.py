@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -74,25 +76,58 @@ def kustomize(directory: Path) -> Resources:
 
 RAYCRONJOB_LINE = "  - ../../schedulers/raycronjob\n"
 CRONJOB_LINE = "  # - ../../schedulers/cronjob\n"
+CREDENTIALS = ("irsa", "static-keys")
+CREDENTIALS_LINE = "  - ../../../components/credentials/{}\n"
+SETTINGS = Path("settings") / "xfer-settings.yaml"
+
+
+def settings_path(env: str, root: Path = K8S) -> Path:
+    """The environment's settings: bucket, region, account, role (for k8s and Terraform)."""
+    return schedule_dir(env, root) / SETTINGS
+
+
+def _swap_line(path: Path, active: str, inactive: str) -> None:
+    """Comment out the line ``active`` and uncomment ``inactive`` (both list entries)."""
+    text = path.read_text()
+    off = inactive.replace("  - ", "  # - ", 1)
+    assert text.count(active) == 1 and text.count(off) == 1, (path, active, inactive)
+    text = text.replace(active, active.replace("  - ", "  # - ", 1))
+    path.write_text(text.replace(off, inactive))
 
 
 @functools.cache
-def variant(env: str, scheduler: str = "raycronjob", image: str | None = None) -> Path:
-    """A copy of k8s/ with one documented edit made, as an operator would make it.
+def variant(
+    env: str,
+    scheduler: str = "raycronjob",
+    image: str | None = None,
+    credentials: str = "irsa",
+    settings: tuple[tuple[str, str], ...] = (),
+) -> Path:
+    """A copy of k8s/ with documented edits made, as an operator would make them.
 
     variant(env, "cronjob") swaps the scheduler lines of the env's overlay (docs/runbook.md,
     "Switch the nightly scheduler"); variant(env, image="<name>@<digest>") names another
-    image in the env's image component. Returns the copy's k8s/ directory.
+    image in the env's image component; variant(env, credentials="static-keys") swaps the
+    credentials lines of the env's settings component; variant(env, settings=((key,
+    value), ...)) changes values in the env's settings/xfer-settings.yaml, line by line.
+    Returns the copy's k8s/ directory.
     """
     root = Path(tempfile.mkdtemp(prefix=f"xfer-k8s-{env}-")) / "k8s"
     atexit.register(shutil.rmtree, root.parent, True)
     shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("crds"))
     if scheduler == "cronjob":
         path = schedule_dir(env, root) / "kustomization.yaml"
-        text = path.read_text()
-        assert text.count(RAYCRONJOB_LINE) == 1 and text.count(CRONJOB_LINE) == 1, path
-        text = text.replace(RAYCRONJOB_LINE, "  # - ../../schedulers/raycronjob\n")
-        path.write_text(text.replace(CRONJOB_LINE, "  - ../../schedulers/cronjob\n"))
+        _swap_line(path, RAYCRONJOB_LINE, CRONJOB_LINE.replace("  # - ", "  - "))
+    if credentials != "irsa":
+        path = schedule_dir(env, root) / "settings" / "kustomization.yaml"
+        _swap_line(path, CREDENTIALS_LINE.format("irsa"), CREDENTIALS_LINE.format(credentials))
+    if settings:
+        path = settings_path(env, root)
+        lines = path.read_text().splitlines(keepends=True)
+        for key, value in settings:
+            (i,) = [i for i, ln in enumerate(lines) if ln.startswith(f"  {key}: ")]
+            lines[i] = f"  {key}: {json.dumps(value)}\n"
+        path.write_text("".join(lines))
     if image is not None:
         path = root / "overlays" / env / "image" / "kustomization.yaml"
         component = yaml.safe_load(path.read_text())
@@ -111,16 +146,25 @@ def schedules(env: str) -> dict[str, Resources]:
 
 
 def renderings() -> list[str]:
-    """Names of everything that makes pods, for rendering(): schedules, training runs."""
-    return [name for env in ENVS for name in (env, f"{env}+cronjob", f"{env}/train")]
+    """Names of everything that makes pods, for rendering(): schedules (either scheduler)
+    and training runs, with either credentials mode ("+static-keys"; IRSA by default)."""
+    names = []
+    for env in ENVS:
+        for mode in CREDENTIALS:
+            suffix = "" if mode == "irsa" else f"+{mode}"
+            names += [f"{env}{suffix}", f"{env}+cronjob{suffix}", f"{env}/train{suffix}"]
+    return names
 
 
 def rendering(name: str) -> Resources:
-    env, _, rest = name.partition("/")
-    if rest:
-        return kustomize(train_dir(env))
-    env, _, scheduler = name.partition("+")
-    return schedules(env)[scheduler or "raycronjob"]
+    """`kubectl kustomize` of a rendering named by renderings(), e.g. prod+cronjob."""
+    first, *options = name.split("+")
+    env, _, train = first.partition("/")
+    scheduler = "cronjob" if "cronjob" in options else "raycronjob"
+    mode = "static-keys" if "static-keys" in options else "irsa"
+    shipped = (scheduler, mode) == ("raycronjob", "irsa")
+    root = K8S if shipped else variant(env, scheduler, credentials=mode)
+    return kustomize(train_dir(env, root) if train else schedule_dir(env, root))
 
 
 def one(resources: Resources, kind: str, name: str) -> dict[str, Any]:
@@ -207,9 +251,32 @@ def env_image(env: str) -> str:
     return f"{image['newName']}:{image['newTag']}"
 
 
-def entrypoint_config(entrypoint: str) -> tuple[str, Any, XferConfig]:
-    """(subcommand, parsed args, loaded config) of `python /opt/xfer/jobs/<x>.py ...`."""
-    argv = shlex.split(entrypoint)
+def settings_of(resources: Resources) -> dict[str, str]:
+    """The data of the xfer-settings ConfigMap these resources hold."""
+    return dict(one(resources, "ConfigMap", "xfer-settings")["data"])
+
+
+_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' expansion of a container's command and args: $(NAME) becomes the
+    variable's value when the container has it, and stays as written when not; $$ is $."""
+
+    def value(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _REFERENCE.sub(value, text)
+
+
+def entrypoint_config(
+    entrypoint: str, env: dict[str, str] | None = None
+) -> tuple[str, Any, XferConfig]:
+    """(subcommand, parsed args, loaded config) of `python /opt/xfer/jobs/<x>.py ...`, its
+    words expanded as Kubernetes expands the submitter's args with ``env`` (its settings)."""
+    argv = [expand(word, env or {}) for word in shlex.split(entrypoint)]
     assert argv[0] == "python" and argv[1].startswith("/opt/xfer/"), entrypoint
     script = ROOT / argv[1].removeprefix("/opt/xfer/")
     assert script.is_file(), f"{argv[1]}: no {script.relative_to(ROOT)} in the repo"

@@ -30,6 +30,7 @@ from .deploy import (
     all_images,
     entrypoint_config,
     env_image,
+    expand,
     job_specs,
     kustomizations,
     kustomize,
@@ -40,6 +41,7 @@ from .deploy import (
     schedule_dir,
     schedules,
     schema_errors,
+    settings_of,
     train_dir,
     variant,
     walk,
@@ -270,18 +272,23 @@ def test_region_comes_from_the_namespaces_settings_only(env: str) -> None:
 @pytest.mark.parametrize("env", ENVS)
 def test_entrypoints_name_existing_scripts_and_valid_configs(env: str) -> None:
     specs = [*job_specs(kustomize(schedule_dir(env))), *job_specs(kustomize(train_dir(env)))]
-    commands = sorted(entrypoint_config(spec["entrypoint"])[0] for _, spec in specs)
+    settings = settings_of(kustomize(schedule_dir(env)))
+    commands = sorted(entrypoint_config(spec["entrypoint"], settings)[0] for _, spec in specs)
     assert commands == ["score", "score", "train"], commands
 
 
 @pytest.mark.parametrize("env", ENVS)
 def test_everything_points_at_the_environments_bucket(env: str) -> None:
+    """As the submitter runs it: its args expanded with the namespace's xfer-settings."""
     bucket = BUCKET[env]
+    settings = settings_of(kustomize(schedule_dir(env)))
+    assert settings["XFER_BUCKET"] == bucket
     for directory in (schedule_dir(env), train_dir(env)):
         resources = kustomize(directory)
         for where, spec in job_specs(resources):
-            _, _, cfg = entrypoint_config(spec["entrypoint"])
-            uris = [u for u in shlex.split(spec["entrypoint"]) if "s3://" in u]
+            _, _, cfg = entrypoint_config(spec["entrypoint"], settings)
+            words = [expand(w, settings) for w in shlex.split(spec["entrypoint"])]
+            uris = [u for u in words if "s3://" in u]
             uris += [cfg.storage.root, cfg.model.weights, cfg.dataset_uri()]
             for uri in (u[u.index("s3://") :] for u in uris if "s3://" in u):
                 assert uri.startswith(f"s3://{bucket}/") or uri == f"s3://{bucket}", (

@@ -2,14 +2,18 @@
 
     .venv/bin/pytest -q tests/test_terraform.py
 
-Offline: `terraform fmt -check` when terraform is installed, and the HCL parsed with
-python-hcl2 for the rest (the bucket, the least-privilege role, each environment's
-state key, names and region against its k8s overlay).
+Offline: `terraform fmt -check` and `terraform console` (each environment's settings.tf
+read against a renamed settings file) when terraform is installed, and the HCL parsed
+with python-hcl2 for the rest (the bucket, the least-privilege role, each environment's
+state key, names, and bucket, region and account from its k8s settings).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,7 +22,17 @@ from typing import Any
 import hcl2
 import pytest
 
-from .deploy import ENVS, ROOT, TERRAFORM, kustomize, one, schedule_dir
+from .deploy import (
+    ENVS,
+    ROOT,
+    TERRAFORM,
+    kustomize,
+    one,
+    schedule_dir,
+    settings_of,
+    settings_path,
+    variant,
+)
 
 MODULE = TERRAFORM / "modules" / "xfer"
 
@@ -69,11 +83,6 @@ def policy_statements() -> list[dict[str, Any]]:
         for dynamic in doc.get("dynamic", []):
             statements += dynamic["statement"]["content"]
     return statements
-
-
-def overlay_region(env: str) -> str:
-    settings = one(kustomize(schedule_dir(env)), "ConfigMap", "xfer-settings")
-    return str(settings["data"]["AWS_REGION"])
 
 
 # ------------------------------------------------------------------ format
@@ -201,19 +210,52 @@ def test_environment_names_match_its_k8s_overlay(env: str) -> None:
     assert call["service_account"] == one(resources, "ServiceAccount", "xfer")["metadata"]["name"]
     account = one(resources, "ServiceAccount", "xfer")["metadata"]["annotations"]
     role = account["eks.amazonaws.com/role-arn"].rsplit("/", 1)[1]
-    assert role == f"{call['bucket_name']}-jobs", f"{env}: the overlay names another role"
-    assert call["bucket_name"] == f"xfer-{env}"
+    assert role == settings_of(resources)["XFER_IAM_ROLE"], f"{env}: the overlay names another role"
+    assert call["bucket_name"] == "${local.settings.XFER_BUCKET}", call["bucket_name"]
+    assert call["role_name"] == "${local.settings.XFER_IAM_ROLE}", call["role_name"]
+    assert "${local.settings.XFER_AWS_ACCOUNT}" in call["oidc_provider_arn"], "the role's account"
 
 
 @pytest.mark.parametrize("env", ENVS)
-def test_region_is_a_variable_that_agrees_with_the_overlay(env: str) -> None:
+def test_region_account_and_bucket_come_from_the_k8s_settings(env: str) -> None:
+    """Written once, in k8s/overlays/<env>/settings/xfer-settings.yaml: no variable, no tfvars."""
     (provider,) = [p["aws"] for p in terraform(env_root(env))["provider"]]
-    assert provider["region"] == "${var.region}", f"{env}: region hard-coded in the provider"
-    variables = {n: v for block in terraform(env_root(env))["variable"] for n, v in block.items()}
-    assert "default" not in variables["region"], f"{env}: region must be stated, not defaulted"
+    assert provider["region"] == "${local.settings.AWS_REGION}", provider
+    assert provider["allowed_account_ids"] == ["${local.settings.XFER_AWS_ACCOUNT}"], provider
+    variables = {n for block in terraform(env_root(env))["variable"] for n in block}
+    assert not variables & {"region", "bucket_name", "account_id"}, variables
     example = parse(env_root(env) / "terraform.tfvars.example")
-    assert example["region"] == overlay_region(env), (
-        f"{env}: terraform.tfvars.example and k8s/overlays/{env} name different regions"
+    assert not set(example) & {"region", "bucket_name", "oidc_provider_arn"}, example
+    (local,) = [block["settings"] for block in terraform(env_root(env))["locals"]]
+    (relative,) = re.findall(r'file\("\$\{path\.module\}/([^"]+)"\)', local)
+    assert (env_root(env) / relative).resolve() == settings_path(env).resolve(), relative
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_terraform_reads_a_renamed_settings_file(env: str, tmp_path: Path) -> None:
+    """`terraform console` evaluates the environment's settings.tf against a settings file
+    with another bucket, region and account: Terraform follows the one edit too."""
+    terraform_bin = shutil.which("terraform")
+    if terraform_bin is None:
+        pytest.skip("terraform is not installed: settings.tf not evaluated")
+    renamed = {"XFER_BUCKET": f"acme-ml-{env}-2", "AWS_REGION": "eu-west-3"}
+    renamed["XFER_AWS_ACCOUNT"] = "210987654321"
+    root = variant(env, settings=tuple(renamed.items()))
+    tf_dir = tmp_path / env_root(env).relative_to(ROOT)
+    tf_dir.mkdir(parents=True)
+    shutil.copy(env_root(env) / "settings.tf", tf_dir)
+    target = tmp_path / settings_path(env, root).relative_to(root.parent)
+    target.parent.mkdir(parents=True)
+    shutil.copy(settings_path(env, root), target)
+    out = subprocess.run(
+        [terraform_bin, f"-chdir={tf_dir}", "console"],
+        input="jsonencode(local.settings)\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_IN_AUTOMATION": "1", "CHECKPOINT_DISABLE": "1"},
     )
-    runbook = (ROOT / "docs" / "runbook.md").read_text()
-    assert "must equal `region` in `infra/terraform/envs/prod/terraform.tfvars`" in runbook
+    assert out.returncode == 0, out.stderr
+    settings = json.loads(json.loads(out.stdout.strip()))
+    assert {k: settings[k] for k in renamed} == renamed, settings
+    assert settings["XFER_IAM_ROLE"] == f"xfer-{env}-jobs"

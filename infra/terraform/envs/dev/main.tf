@@ -27,7 +27,9 @@ terraform {
 }
 
 provider "aws" {
-  region = var.region
+  region = local.settings.AWS_REGION
+  # Applying with credentials of another account fails before anything is made.
+  allowed_account_ids = [local.settings.XFER_AWS_ACCOUNT]
 
   default_tags {
     tags = {
@@ -37,13 +39,15 @@ provider "aws" {
   }
 }
 
-# The bucket is the config's storage.root (s3://xfer-dev); the namespace and service
-# account are k8s/overlays/dev's, the only pods that may assume the role.
+# The bucket and role named in k8s/overlays/dev/settings/xfer-settings.yaml (settings.tf);
+# the namespace and service account are k8s/overlays/dev's, the only pods that may
+# assume the role. The OIDC provider is the cluster's, in the same account.
 module "xfer" {
   source = "../../modules/xfer"
 
-  bucket_name       = "xfer-dev"
+  bucket_name       = local.settings.XFER_BUCKET
+  role_name         = local.settings.XFER_IAM_ROLE
   namespace         = "xfer-dev"
   service_account   = "xfer"
-  oidc_provider_arn = var.oidc_provider_arn
+  oidc_provider_arn = "arn:aws:iam::${local.settings.XFER_AWS_ACCOUNT}:oidc-provider/${trimprefix(var.oidc_issuer, "https://")}"
 }

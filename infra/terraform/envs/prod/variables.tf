@@ -1,14 +1,15 @@
 # What differs between installations of the prod environment, from terraform.tfvars
-# (copy terraform.tfvars.example):
+# (copy terraform.tfvars.example). The bucket, region, account and role are not here:
+# they are in k8s/overlays/prod/settings/xfer-settings.yaml (settings.tf reads it).
 #
 #   terraform -chdir=infra/terraform/envs/prod apply
 
-variable "region" {
-  description = "AWS region of the bucket. The jobs get theirs from AWS_REGION in k8s/overlays/prod/kustomization.yaml (xfer-settings): keep the two equal."
+variable "oidc_issuer" {
+  description = "The EKS cluster's OIDC issuer, as `aws eks describe-cluster --name <cluster> --query cluster.identity.oidc.issuer --output text` prints it (https:// is optional); its IAM OIDC provider must exist in the account of xfer-settings."
   type        = string
-}
 
-variable "oidc_provider_arn" {
-  description = "ARN of the EKS cluster's IAM OIDC provider, for IRSA (see terraform.tfvars.example)."
-  type        = string
+  validation {
+    condition     = can(regex("^(https://)?oidc\\.eks\\.[a-z0-9-]+\\.amazonaws\\.com/id/[A-Za-z0-9]+$", var.oidc_issuer))
+    error_message = "oidc_issuer must look like https://oidc.eks.<region>.amazonaws.com/id/<id>."
+  }
 }
