@@ -8,6 +8,7 @@
 #       jobs/kuberay_submit.sh python jobs/train.py --config jobs/configs/local.yaml
 #
 # Usage: jobs/kuberay_submit.sh ENTRYPOINT [ARG ...]
+#        jobs/kuberay_submit.sh --help
 #   ENTRYPOINT [ARG ...]   what the head runs, one word per argument, as after
 #                          `ray job submit --` (the RayJob's spec.entrypoint, split)
 #   RAY_DASHBOARD_ADDRESS  the Ray dashboard, host:port (http:// is added) or a URL
@@ -41,6 +42,10 @@ die() {
   exit "$code"
 }
 
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then # this header, up to `set -euo pipefail`
+  sed -n '2,/^set -euo pipefail/{/^set /d;s/^# \{0,1\}//;p}' "$0"
+  exit 0
+fi
 [[ -n "${RAY_DASHBOARD_ADDRESS:-}" ]] || die 2 "RAY_DASHBOARD_ADDRESS is not set (the Ray dashboard, host:port)"
 [[ -n "${RAY_JOB_SUBMISSION_ID:-}" ]] || die 2 "RAY_JOB_SUBMISSION_ID is not set"
 (($# > 0)) || die 2 "no entrypoint; usage: $0 ENTRYPOINT [ARG ...]"

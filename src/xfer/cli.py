@@ -7,6 +7,7 @@
     xfer score --model URI --input URI --output URI [--config FILE] [key=value ...]
     xfer runs list|show RUN|compare RUN RUN|promote RUN|rollback MODEL [--config FILE] [k=v ...]
     xfer demo [--workdir D] [--keep] [--weights source|imagenet]
+    xfer --version
 
 Each subcommand parses its flags and calls one library function. Exit status:
 0 success; 2 a problem the user can fix (XferError: config, input, credentials),
@@ -160,10 +161,26 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(settings)
 
 
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked (it reads the installed packages' metadata)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=str(kwargs.get("help", "")))
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from xfer.provenance import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xfer",
         description="Transfer-learning image classifiers on Ray Train, data and models in S3.",
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, help="the code's version and commit, and the stack"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)

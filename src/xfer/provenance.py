@@ -82,6 +82,22 @@ def describe(identity: dict[str, Any]) -> str:
     )
 
 
+def version_line() -> str:
+    """`xfer --version`: this code's identity and the stack it runs on (read from the
+    installed packages' metadata, without importing TensorFlow or Ray)."""
+    import platform
+    from importlib import metadata
+
+    def installed(dist: str) -> str:
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            return f"{dist} not installed"
+
+    stack = ", ".join(installed(d) for d in ("tensorflow", "tf-keras", "ray", "boto3", "pyarrow"))
+    return f"{describe(code_identity())}\n{stack}, Python {platform.python_version()}"
+
+
 def check_same_code(expected: dict[str, Any] | None, where: str) -> dict[str, Any]:
     """This process's identity; raises if it is not the code the driver runs."""
     from xfer.errors import XferError
