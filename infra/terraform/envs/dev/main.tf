@@ -5,7 +5,7 @@
 #   cp terraform.tfvars.example terraform.tfvars     # once, then fill it in (git-ignored)
 #   terraform -chdir=infra/terraform/envs/dev init -backend-config=backend.hcl
 #   terraform -chdir=infra/terraform/envs/dev apply
-#   terraform -chdir=infra/terraform/envs/dev output -raw role_arn   # -> k8s/overlays/dev
+#   terraform -chdir=infra/terraform/envs/dev output -raw role_arn   # = kubectl kustomize k8s/overlays/dev | grep role-arn
 
 terraform {
   required_version = ">= 1.10"

@@ -2,7 +2,8 @@
 #
 #   terraform -chdir=infra/terraform/envs/dev output -raw role_arn
 #
-# role_arn goes into k8s/overlays/dev/kustomization.yaml (the xfer ServiceAccount).
+# role_arn equals the xfer ServiceAccount's eks.amazonaws.com/role-arn, which k8s/overlays/dev
+# builds from the same settings (settings/xfer-settings.yaml: XFER_AWS_ACCOUNT, XFER_IAM_ROLE).
 
 output "bucket_name" {
   description = "Name of the xfer bucket."

@@ -5,7 +5,7 @@
 #   cp terraform.tfvars.example terraform.tfvars     # once, then fill it in (git-ignored)
 #   terraform -chdir=infra/terraform/envs/prod init -backend-config=backend.hcl
 #   terraform -chdir=infra/terraform/envs/prod apply
-#   terraform -chdir=infra/terraform/envs/prod output -raw role_arn   # -> k8s/overlays/prod
+#   terraform -chdir=infra/terraform/envs/prod output -raw role_arn   # = kubectl kustomize k8s/overlays/prod | grep role-arn
 
 terraform {
   required_version = ">= 1.10"

@@ -2,7 +2,7 @@
 # through IRSA, and its least-privilege S3 policy.
 #
 #   terraform -chdir=infra/terraform/envs/prod apply           # this module, for production
-#   terraform -chdir=infra/terraform/envs/prod output -raw role_arn   # -> the overlay's ServiceAccount
+#   terraform -chdir=infra/terraform/envs/prod output -raw role_arn   # = the xfer ServiceAccount's role
 #
 # What the jobs touch (README.md, "Object-storage layout"; src/xfer/storage.py):
 #   read        datasets/ weights/ incoming/   shards, pretrained weights, new images

@@ -4,7 +4,8 @@
 #   terraform -chdir=infra/terraform/envs/prod output
 #   terraform -chdir=infra/terraform/envs/prod output -raw role_arn
 #
-# role_arn goes into the overlay's ServiceAccount annotation (k8s/overlays/<env>/);
+# role_arn is what the k8s irsa component writes on the xfer ServiceAccount, from the
+# same settings (k8s/overlays/<env>/settings/xfer-settings.yaml);
 # bucket_name is the config's storage.root (s3://<bucket_name>).
 
 output "bucket_name" {

@@ -37,7 +37,7 @@ variable "service_account" {
 }
 
 variable "role_name" {
-  description = "Name of the IAM role for the jobs; default <bucket_name>-jobs, the name the k8s overlays expect."
+  description = "Name of the IAM role for the jobs; default <bucket_name>-jobs. The environments pass XFER_IAM_ROLE of k8s/overlays/<env>/settings/xfer-settings.yaml, which the k8s irsa component names too."
   type        = string
   default     = null
 }
