@@ -13,7 +13,7 @@ from PIL import Image
 
 from xfer import storage
 from xfer.config import load_config
-from xfer.errors import DataError, XferError
+from xfer.errors import XferError
 from xfer.layout import resolve_model
 from xfer.score import score
 from xfer.synth import synthesize
@@ -159,9 +159,7 @@ def test_dataset_and_list_inputs(trained_run, session_root, target_dataset, tmp_
     assert result.rows == 4 and result.errors == 0
 
 
-def test_missing_model_uncommitted_run_and_empty_input_fail_clearly(
-    trained_run, session_root, bucket
-):
+def test_missing_model_and_uncommitted_run_fail_clearly(trained_run, session_root, bucket):
     cfg = load_config(None, [f"storage.root={session_root}"])
     inputs = f"{bucket}/incoming"
     make_inputs(inputs)
@@ -174,9 +172,6 @@ def test_missing_model_uncommitted_run_and_empty_input_fail_clearly(
         storage.copy(f.uri, f"{fake}/model/{storage.basename(f.uri)}")
     with pytest.raises(XferError, match="not committed"):
         score(cfg, model=fake, input_uri=inputs, output=out)
-    storage.write_bytes(f"{bucket}/empty/.keep", b"")
-    with pytest.raises(DataError, match="no images found; nothing to score"):
-        score(cfg, model=trained_run.run_uri, input_uri=f"{bucket}/empty", output=out)
     with pytest.raises(XferError, match="not a date"):
         score(cfg, model=trained_run.run_uri, input_uri=inputs, output=out, date="yesterday")
     assert storage.list_files(out) == []

@@ -176,7 +176,7 @@ def test_a_15s_store_outage_mid_night_is_ridden_out(night: Night):
 
 def test_an_outage_past_the_budget_fails_cleanly_and_the_night_resumes(night: Night):
     date = "2026-06-02"
-    proc = night.score(date, "score.store_outage_seconds=6")
+    proc = night.score(date, "storage.outage_seconds=6")
     written = night.kill_store_after_first_block(date, proc)
     code, _, err = finish(proc, timeout=240)
     night.restart_store()

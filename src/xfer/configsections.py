@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from xfer.configbase import Strict
 
@@ -35,8 +35,10 @@ class ScoreConfig(Strict):
     tta: bool = Field(
         False, description="test-time augmentation: average the image's and its mirror's outputs"
     )
-    store_outage_seconds: float = Field(
-        180.0, ge=0, description="how long to ride out an unreachable or failing object store"
+    date_offset_days: int = Field(
+        0,
+        description="the night {date} names without --date: the UTC date the job starts "
+        "plus this many days (-1: the day before, the night just ended at 02:00 UTC)",
     )
     resource_wait_seconds: float = Field(
         600.0, ge=0, description="on a cluster: how long to wait for the actors' resources"
@@ -63,6 +65,16 @@ class ScoreConfig(Strict):
     lock_stale_minutes: float = Field(
         10.0, gt=0, description="a night's lock whose holder is silent this long is taken over"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "store_outage_seconds" in data:
+            raise ValueError(
+                "store_outage_seconds is now storage.outage_seconds (one store-outage "
+                "budget for every command)"
+            )
+        return data
 
     @field_validator("batch_size", "num_actors", "decode_threads")
     @classmethod

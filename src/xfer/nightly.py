@@ -1,6 +1,7 @@
 """The nightly report, next to each predictions partition: ``_summary.json`` and ``_report.html``.
 
-    summary = write_nightly_report(partition_uri, model_ref)
+    summary = write_nightly_report(partition_uri, classes, run_uri)
+    report_night(partition_uri, classes, run_uri)   # the same; a failure is a warning
 
 Per night: images scored, error rows (grouped by reason, with examples), counts and
 shares per predicted class, the confidence histogram; and the same figures for the
@@ -16,14 +17,19 @@ two sample sizes explain (a chi-square test of the two count vectors, p < 0.01: 
 test split of a few dozen images differs from any night by chance), or when its mean
 confidence dropped by more than 0.1. Not a verdict: a reason to look (new kinds of
 images, a broken camera, a pipeline change).
-Names starting with ``_`` are ignored by Athena, Spark and Hive, so the report does
-not disturb a table over the partition. Both files are single PUTs after the commit.
+A night of 0 images (an empty or missing input folder) is flagged too: its summary's
+``look_at`` says "0 images". Names starting with ``_`` are ignored by Athena, Spark
+and Hive, so the report does not disturb a table over the partition. Both files are
+single PUTs after the commit: the night is committed whether or not they get
+written (:func:`report_night` warns), and running the date again writes a missing
+report without scoring again (:func:`committed_without_report`).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import sys
 from collections import Counter
 from typing import Any
 
@@ -66,7 +72,10 @@ def _read(uris: list[str]) -> Any:
         storage.read_parquet(u, columns=["key", "predicted_label", "probability", "error"])
         for u in uris
     ]
-    return pa.concat_tables(tables) if tables else None
+    if tables:
+        return pa.concat_tables(tables)
+    text, real = pa.array([], pa.string()), pa.array([], pa.float64())  # a night of 0 images
+    return pa.table({"key": text, "predicted_label": text, "probability": real, "error": text})
 
 
 def summarize_night(partition: str, classes: list[str], run_uri: str) -> dict[str, Any]:
@@ -127,7 +136,18 @@ def summarize_night(partition: str, classes: list[str], run_uri: str) -> dict[st
                     "confidence_drop": CONFIDENCE_DROP_LIMIT,
                 },
             }
+    summary["look_at"] = _look_at(summary)
     return summary
+
+
+def _look_at(summary: dict[str, Any]) -> list[str]:
+    """What a person should look at tonight, each as one phrase (none: nothing)."""
+    out = []
+    if summary["rows"] == 0:
+        out.append(f"0 images: nothing to score in {summary['input']} (a late or missing upload?)")
+    if summary["drift"] and summary["drift"]["flagged"]:
+        out.append("drift flagged: look at tonight's images")
+    return out
 
 
 def chi_square_p(a: list[int], b: list[int]) -> float:
@@ -209,7 +229,8 @@ def _plots(summary: dict[str, Any], classes: list[str]) -> tuple[str, str]:
     ax.set_xlabel("confidence (probability of the predicted class)")
     ax.set_ylabel("share of images")
     ax.set_title("confidence")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a night of 0 images and no test split: none
+        ax.legend()
     return shares, png(fig)
 
 
@@ -241,6 +262,10 @@ def render_nightly(summary: dict[str, Any], classes: list[str]) -> str:
         f"<p>{summary['rows']} images from <code>{esc(str(summary['input']))}</code>, model "
         f"<b>{esc(str(summary['model_name']))}</b> (run <code>{esc(str(summary['run_id']))}</code>), "
         f"scored at {esc(str(summary['scored_at']))}; {summary['errors']} error row(s).</p>",
+        *(
+            f"<p style='color:#b00'><b>Look at:</b> {esc(look)}.</p>"
+            for look in summary.get("look_at", [])
+        ),
         f"<p>Drift: {verdict}.</p>",
         "<h2>Predicted classes</h2><table><tr><th>class</th><th>tonight</th><th>share</th>"
         f"<th>test split share ({ref.get('scored', 0)} images)</th></tr>",
@@ -281,3 +306,32 @@ def write_nightly_report(partition: str, classes: list[str], run_uri: str) -> di
         storage.join(partition, REPORT), render_nightly(summary, classes).encode(), "text/html"
     )
     return summary
+
+
+def report_night(partition: str, classes: list[str], run_uri: str) -> None:
+    """Write the report of a committed night; a failure is one warning line, never the
+    night's failure (it is committed: "nothing committed" would be a lie)."""
+    try:
+        summary = write_nightly_report(partition, classes, run_uri)
+    except Exception as exc:  # anything: the store, the plots, the figures
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(
+            f"[xfer] warning: the night at {partition} is committed but its report was not "
+            f"written ({reason}); run the same date again to write it without scoring again",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    look = f" ({'; '.join(summary['look_at'])})" if summary["look_at"] else ""
+    print(f"[xfer] nightly report: {storage.join(partition, REPORT)}{look}", flush=True)
+
+
+def committed_without_report(partition: str, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``_SUCCESS`` of this same night (model, input, settings) when its report is
+    missing: a re-run writes the report from it instead of scoring again."""
+    marker_uri = storage.join(partition, SUCCESS)
+    reported = all(storage.exists(storage.join(partition, f)) for f in (SUMMARY, REPORT))
+    if reported or not storage.exists(marker_uri):
+        return None
+    marker = storage.read_json(marker_uri)
+    return marker if marker.get("night") == identity else None

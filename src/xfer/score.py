@@ -12,8 +12,11 @@ one-row summary per block. When every block is written, ``dt=<date>/`` is replac
 whole with ``_SUCCESS`` written last, so a reader never sees a mix of two runs or
 half a partition. A bad image becomes a row with an ``error``, never a failed night;
 a night that fails part-way resumes where it stopped when started again; a store
-outage is ridden out for ``score.store_outage_seconds`` (:mod:`xfer.retry`). The
-training job writes its ``predictions/test.parquet`` through this same code.
+outage is ridden out for ``storage.outage_seconds`` (:mod:`xfer.retry`). The
+training job writes its ``predictions/test.parquet`` through this same code. A night
+with no images (an empty or missing folder) commits an empty partition. The nightly
+report (:mod:`xfer.nightly`) comes after the commit: failing to write it is a
+warning, and running the date again writes it without scoring again.
 
 A bad night never replaces a good partition: reads refused for the whole night
 (missing bucket, access denied), error rows over ``score.max_error_fraction`` and
@@ -58,12 +61,21 @@ class ScoreResult:
     steady_images_per_s: float = 0.0
     blocks: int = 0
     resumed_blocks: int = 0  # done by an earlier attempt at the same night
+    report_only: bool = False  # committed before: only its missing report was written
 
     @property
     def images_per_s(self) -> float:
         return self.rows / max(self.seconds, 1e-9)
 
     def describe(self) -> str:
+        model = f"{self.model.model_name or 'model'} run {self.model.run_id}"
+        if self.report_only:
+            return (
+                f"already committed: {self.rows} inputs ({self.errors} with errors) scored with "
+                f"{model}; wrote its missing report\n  predictions: {self.output}"
+            )
+        if not self.rows:
+            return f"0 images to score: committed an empty night\n  predictions: {self.output}"
         resumed = (
             f", {self.resumed_blocks} of {self.blocks} blocks kept from an earlier attempt"
             if self.resumed_blocks
@@ -71,7 +83,7 @@ class ScoreResult:
         )
         return (
             f"scored {self.rows} inputs ({self.errors} with errors) with "
-            f"{self.model.model_name or 'model'} run {self.model.run_id} in {self.seconds:.1f}s: "
+            f"{model} in {self.seconds:.1f}s: "
             f"start-up {self.startup_seconds:.1f}s, then {self.steady_images_per_s:.1f} images/s"
             f"{resumed}\n  predictions: {self.output}"
         )
@@ -103,18 +115,14 @@ def write_predictions(
 
     start = time.monotonic()
     class_columns(ref.classes)  # colliding class columns fail before any work
-    identity = {
-        "run_id": ref.run_id,
-        "max_side": ref.max_side,
-        "jpeg_quality": ref.jpeg_quality,
-        "image_size": ref.image_size,
-        "tta": sc.tta,
-        "quiet": quiet,
-        "max_object_mb": sc.max_object_mb,
-    }
     tag = "[xfer-detail]" if quiet else "[xfer]"
     night, resumed = plan_night(
-        identity, input_uri, split or sc.split, final, sc.block_size, sc.allow_outside_inputs
+        _identity(ref, sc, quiet),
+        input_uri,
+        split or sc.split,
+        final,
+        sc.block_size,
+        sc.allow_outside_inputs,
     )
     done = done_blocks(night)
     todo = [b for b in range(night["blocks"]) if b not in done]
@@ -215,6 +223,19 @@ def write_predictions(
     )
 
 
+def _identity(ref: ModelRef, sc: ScoreConfig, quiet: bool = False) -> dict[str, Any]:
+    """What of the model and the settings must match for a night to be the same night."""
+    return {
+        "run_id": ref.run_id,
+        "max_side": ref.max_side,
+        "jpeg_quality": ref.jpeg_quality,
+        "image_size": ref.image_size,
+        "tta": sc.tta,
+        "quiet": quiet,
+        "max_object_mb": sc.max_object_mb,
+    }
+
+
 def _scoring_stage(blocks: Any, work: dict[str, Any], sc: ScoreConfig, actors: int) -> Any:
     """The actor pool over block numbers (STYLE: Ray's shape)."""
     import ray.data
@@ -267,14 +288,17 @@ def input_for_date(input_uri: str, day: str) -> str:
         ) from None
 
 
-def partition_date(date: str | None) -> str:
-    """``--date`` as YYYY-MM-DD (given so, or as YYYYMMDD); default: today, UTC.
+def partition_date(date: str | None, offset_days: int = 0) -> str:
+    """``--date`` as YYYY-MM-DD (given so, or as YYYYMMDD); default: the UTC date now
+    plus ``offset_days`` (``score.date_offset_days``; -1 at 02:00 UTC names the night
+    just ended). An explicit ``--date`` wins over the offset.
 
     One spelling per day: ``20260105`` and ``2026-01-05`` are one partition, and
     ISO forms Python also accepts (``2026-W48-5``) are refused.
     """
     if date is None:
-        return dt.datetime.now(dt.timezone.utc).date().isoformat()
+        today = dt.datetime.now(dt.timezone.utc).date()
+        return (today + dt.timedelta(days=offset_days)).isoformat()
     match = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})|(\d{4})(\d{2})(\d{2})", date.strip())
     if match:
         try:
@@ -291,23 +315,55 @@ def score(
     from xfer.retry import budget
 
     cfg.apply_storage_env()
-    with budget(cfg.score.store_outage_seconds):  # the actors get it through their env
+    with budget(cfg.storage.outage_seconds):  # the actors get it through their env
         return _score(cfg, model, input_uri, output, date)
 
 
 def _score(
     cfg: XferConfig, model: str, input_uri: str, output: str, date: str | None
 ) -> ScoreResult:
-    from xfer.scoreplan import night_root
+    from xfer.nightly import committed_without_report
+    from xfer.scoreplan import night_identity, night_root
 
     sc = cfg.score
-    day = partition_date(date)
+    day = partition_date(date, sc.date_offset_days)
     input_uri = input_for_date(input_uri, day)
     ref = resolve_model(model)
     final = storage.join(output, f"dt={day}")
     s3.ensure_bucket(final)
     with NightLock(night_root(final), sc.lock_stale_minutes * 60) as lock:
+        identity = night_identity(_identity(ref, sc), input_uri, sc.split, sc.block_size)
+        marker = committed_without_report(final, identity)
+        if marker is not None:
+            return _report_only(ref, final, marker, lock)
         return _score_night(cfg, ref, input_uri, final, lock)
+
+
+def _report_only(ref: ModelRef, final: str, marker: dict[str, Any], lock: NightLock) -> ScoreResult:
+    """This very night is committed, its report is not: write it, score nothing."""
+    from xfer.nightly import report_night
+    from xfer.scoreplan import finish_commit
+
+    start = time.monotonic()
+    print(
+        f"[xfer] {final} is committed (scored at {marker.get('scored_at')}) but has no "
+        "report: writing it, without scoring again",
+        flush=True,
+    )
+    lock.check()
+    finish_commit(final, marker)
+    report_night(final, ref.classes, ref.run_uri)
+    rows, blocks = int(marker["rows"]), int(marker["blocks"])
+    return ScoreResult(
+        final,
+        rows,
+        int(marker["errors"]),
+        time.monotonic() - start,
+        ref,
+        blocks=blocks,
+        resumed_blocks=blocks,
+        report_only=True,
+    )
 
 
 def _score_night(
@@ -329,10 +385,7 @@ def _score_night(
         wait_seconds=sc.resource_wait_seconds,
     )
     result = write_predictions(ref, input_uri, sc, final, lock=lock)
-    from xfer.nightly import REPORT, write_nightly_report
+    from xfer.nightly import report_night
 
-    summary = write_nightly_report(final, ref.classes, ref.run_uri)
-    drift = summary["drift"]
-    flag = " (drift flagged: look at tonight's images)" if drift and drift["flagged"] else ""
-    print(f"[xfer] nightly report: {storage.join(final, REPORT)}{flag}", flush=True)
+    report_night(final, ref.classes, ref.run_uri)  # committed: a failure here is a warning
     return result

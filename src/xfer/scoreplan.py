@@ -27,12 +27,13 @@ import datetime as dt
 import json
 import os
 import re
+import sys
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from xfer import commit, inputs, s3, storage
-from xfer.errors import DataError, NotFoundError, XferError
+from xfer.errors import DataError, NotFoundError, StorageError, XferError
 
 NIGHT_FILE = "_night.json"
 IMAGE_COLUMNS = ["key", "image", "label", "source_uri"]
@@ -58,50 +59,6 @@ def class_columns(classes: list[str]) -> list[str]:
             )
         seen[col] = name
     return list(seen)
-
-
-def predictions_table(
-    night: dict[str, Any], items: list[dict[str, Any]], probs: Any, errors: list[str | None]
-) -> Any:
-    """The Parquet rows of one block (the schema is fixed: every part has the same)."""
-    import numpy as np
-    import pyarrow as pa
-
-    classes = night["classes"]
-    n = len(items)
-    ok = np.array([e is None for e in errors], dtype=bool)
-    index = np.where(ok, np.nan_to_num(probs, nan=-1.0).argmax(axis=1) if n else 0, -1)
-    top = [
-        float(probs[r, i]) if o else None for r, (i, o) in enumerate(zip(index, ok, strict=True))
-    ]
-    cols: dict[str, Any] = {
-        "key": pa.array([str(it["key"]) for it in items], pa.string()),
-        "source_uri": pa.array([str(it["source_uri"]) for it in items], pa.string()),
-        "predicted_label": pa.array(
-            [classes[i] if o else None for i, o in zip(index, ok, strict=True)], pa.string()
-        ),
-        "predicted_index": pa.array(
-            [int(i) if o else None for i, o in zip(index, ok, strict=True)], pa.int32()
-        ),
-        "probability": pa.array(top, pa.float64()),
-    }
-    for c, col in enumerate(class_columns(classes)):
-        cols[col] = pa.array(
-            [float(p) if o else None for p, o in zip(probs[:, c], ok, strict=True)], pa.float64()
-        )
-    if night["has_labels"]:
-        # Labels index the dataset's classes; true_index is the model's index of that class.
-        names = [night["label_classes"][it["label"]] for it in items]
-        position = {c: i for i, c in enumerate(classes)}
-        cols["true_index"] = pa.array([position.get(c) for c in names], pa.int32())
-        cols["true_label"] = pa.array(names, pa.string())
-    cols["model_name"] = pa.array([night["model_name"]] * n, pa.string())
-    cols["run_id"] = pa.array([night["run_id"]] * n, pa.string())
-    scored_at = dt.datetime.fromisoformat(night["scored_at"])
-    cols["scored_at"] = pa.array([scored_at] * n, pa.timestamp("ms", tz="UTC"))
-    cols["error"] = pa.array(errors, pa.string())
-    metadata = {"xfer.classes": json.dumps(classes), "xfer.run_id": night["run_id"]}
-    return pa.table(cols).replace_schema_metadata(metadata)
 
 
 # ------------------------------------------------------------------ the plan
@@ -152,13 +109,7 @@ def plan_night(
     """
     root = night_root(final)
     night_uri = storage.join(root, NIGHT_FILE)
-    identity = {
-        **identity,
-        "input": input_uri,
-        "input_version": _input_version(input_uri),
-        "split": split,
-        "block_size": block_size,
-    }
+    identity = night_identity(identity, input_uri, split, block_size)
     old = storage.read_json(night_uri) if storage.exists(night_uri) else None
     if old and old.get("identity") == identity and old.get("planned"):
         if _plan_intact(old):
@@ -191,6 +142,20 @@ def plan_night(
     night["planned"] = True
     storage.write_json(night_uri, night)
     return night, False
+
+
+def night_identity(
+    identity: dict[str, Any], input_uri: str, split: str, block_size: int
+) -> dict[str, Any]:
+    """The model's and settings' ``identity`` with the input's: one night, one identity
+    (kept in ``_night.json`` and in the committed ``_SUCCESS``)."""
+    return {
+        **identity,
+        "input": input_uri,
+        "input_version": _input_version(input_uri),
+        "split": split,
+        "block_size": block_size,
+    }
 
 
 def _input_version(input_uri: str) -> str | None:
@@ -265,9 +230,18 @@ def _plan_input(
             count += 1
         for f in pending:
             f.result()
-    if rows == 0:
-        raise DataError(f"--input {uri}: no images found; nothing to score")
+    if rows == 0 and not inputs.is_list(uri) and _prefix_missing(uri):
+        warn(f"--input {uri}: no such folder (nothing under it): committing an empty night")
     return {"kind": "objects", "blocks": count, "rows": rows, "has_labels": False}
+
+
+def _prefix_missing(uri: str) -> bool:
+    """Nothing at all under ``uri`` (an empty folder still holds its marker or junk)."""
+    return next(iter(storage.iter_files(uri)), None) is None
+
+
+def warn(message: str) -> None:
+    print(f"[xfer] warning: {message}", file=sys.stderr, flush=True)
 
 
 def _chunks(rows: Any, size: int) -> Any:
@@ -346,6 +320,7 @@ def commit_night(
         "files": files,
         "blocks": night["blocks"],
         "attempts": night["attempt"],
+        "night": night["identity"],
     }
     body = json.dumps(marker, indent=2).encode()
     commit.commit_partition(
@@ -356,8 +331,26 @@ def commit_night(
         keep=files,
         before_delete=lambda _: write_table_manifest(night["final"], files),
     )
-    storage.delete_prefix(night_root(night["final"]))
+    try:  # committed: a staging left behind is expired by the lifecycle rule
+        storage.delete_prefix(night_root(night["final"]))
+    except StorageError as exc:
+        warn(f"the night is committed; its staging was not removed: {exc}")
     return marker
+
+
+def finish_commit(final: str, marker: dict[str, Any]) -> None:
+    """Steps 3 to 5 of a committed night again, from its ``_SUCCESS`` (a re-run after a
+    crash or a failed report): the table manifest, then what the marker does not list,
+    then the night's staging if it is this night's. All idempotent; nothing is scored."""
+    write_table_manifest(final, marker["files"])
+    keep = {storage.join(final, name) for name in [*marker["files"], commit.SUCCESS]}
+    storage.delete_prefix(final, keep=keep)
+    night_uri = storage.join(night_root(final), NIGHT_FILE)
+    if (
+        storage.exists(night_uri)
+        and storage.read_json(night_uri).get("identity") == marker["night"]
+    ):
+        storage.delete_prefix(night_root(final))
 
 
 TABLE_MANIFESTS = "_symlink_format_manifest"

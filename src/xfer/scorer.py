@@ -16,6 +16,8 @@ decodes it (:func:`xfer.preprocess.decode_and_resize`).
 from __future__ import annotations
 
 import collections
+import datetime as dt
+import json
 import os
 import socket
 import tempfile
@@ -216,7 +218,7 @@ class BlockScorer:
     # ----------------------------------------------------------------- a block
 
     def score_block(self, block: int) -> dict[str, Any]:
-        from xfer.scoreplan import block_items, part_name, predictions_table
+        from xfer.scoreplan import block_items, part_name
 
         night = self.night
         start = time.monotonic()
@@ -300,3 +302,49 @@ class BlockScorer:
                 for j, i in enumerate(good):
                     probs[begin + i] = out[j]
         return probs, errors
+
+
+def predictions_table(
+    night: dict[str, Any], items: list[dict[str, Any]], probs: Any, errors: list[str | None]
+) -> Any:
+    """The Parquet rows of one block (the schema is fixed: every part has the same)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from xfer.scoreplan import class_columns
+
+    classes = night["classes"]
+    n = len(items)
+    ok = np.array([e is None for e in errors], dtype=bool)
+    index = np.where(ok, np.nan_to_num(probs, nan=-1.0).argmax(axis=1) if n else 0, -1)
+    top = [
+        float(probs[r, i]) if o else None for r, (i, o) in enumerate(zip(index, ok, strict=True))
+    ]
+    cols: dict[str, Any] = {
+        "key": pa.array([str(it["key"]) for it in items], pa.string()),
+        "source_uri": pa.array([str(it["source_uri"]) for it in items], pa.string()),
+        "predicted_label": pa.array(
+            [classes[i] if o else None for i, o in zip(index, ok, strict=True)], pa.string()
+        ),
+        "predicted_index": pa.array(
+            [int(i) if o else None for i, o in zip(index, ok, strict=True)], pa.int32()
+        ),
+        "probability": pa.array(top, pa.float64()),
+    }
+    for c, col in enumerate(class_columns(classes)):
+        cols[col] = pa.array(
+            [float(p) if o else None for p, o in zip(probs[:, c], ok, strict=True)], pa.float64()
+        )
+    if night["has_labels"]:
+        # Labels index the dataset's classes; true_index is the model's index of that class.
+        names = [night["label_classes"][it["label"]] for it in items]
+        position = {c: i for i, c in enumerate(classes)}
+        cols["true_index"] = pa.array([position.get(c) for c in names], pa.int32())
+        cols["true_label"] = pa.array(names, pa.string())
+    cols["model_name"] = pa.array([night["model_name"]] * n, pa.string())
+    cols["run_id"] = pa.array([night["run_id"]] * n, pa.string())
+    scored_at = dt.datetime.fromisoformat(night["scored_at"])
+    cols["scored_at"] = pa.array([scored_at] * n, pa.timestamp("ms", tz="UTC"))
+    cols["error"] = pa.array(errors, pa.string())
+    metadata = {"xfer.classes": json.dumps(classes), "xfer.run_id": night["run_id"]}
+    return pa.table(cols).replace_schema_metadata(metadata)
