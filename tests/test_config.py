@@ -108,3 +108,40 @@ def test_resolved_config_has_no_secrets():
     assert "s3.example.com" in text
     # The resolved config is complete: every section, reloadable as it is.
     assert set(resolved_dict(cfg)) >= {"storage", "data", "model", "train", "cluster", "output"}
+
+
+def test_recovery_is_on_by_default_on_a_cluster_and_off_locally(monkeypatch):
+    """cluster.max_failures unset: 3 with a cluster address (the config's or RAY_ADDRESS,
+    as `ray job submit` sets it for the driver), 0 on this machine; a value set wins."""
+    from xfer.raycluster import max_failures
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert load_config().cluster.max_failures is None
+    assert max_failures(load_config().cluster) == 0
+    assert max_failures(load_config(None, ["cluster.address=ray://head:10001"]).cluster) == 3
+    assert max_failures(load_config(None, ["cluster.max_failures=1"]).cluster) == 1
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert max_failures(load_config().cluster) == 3
+    assert max_failures(load_config(None, ["cluster.max_failures=0"]).cluster) == 0
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert max_failures(load_config().cluster) == 0
+
+
+def test_a_dashboard_address_is_refused_with_the_job_api_command(monkeypatch):
+    """RAY_ADDRESS=http://<head>:8265 (the job API's, as for jobs/submit.sh) cannot reach
+    ray.init: one clear XferError naming where it came from and what to run instead;
+    ray:// and host:port addresses pass through as they are."""
+    from xfer.errors import XferError
+    from xfer.raycluster import ray_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")
+    with pytest.raises(XferError) as refused:
+        ray_address(None)
+    text = str(refused.value)
+    assert "\n" not in text and text.startswith("RAY_ADDRESS=http://10.0.0.5:8265 is the Ray")
+    assert "jobs/submit.sh train --config <config> output.run_id=<id>" in text
+    with pytest.raises(XferError, match=r"^cluster\.address=https://head"):
+        ray_address("https://head:8265")
+    assert ray_address("ray://head:10001") == "ray://head:10001"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert ray_address(None) == "10.0.0.5:6379"

@@ -4,8 +4,10 @@ with SIGTERM by the test afterwards)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import pytest
 from xfer import storage
 from xfer.config import load_config
 from xfer.errors import XferError
+from xfer.runstatus import iso
 from xfer.train.driver import train
 
 from .conftest import train_overrides
@@ -44,13 +47,17 @@ def train_model(root: str, weights: str, **settings: object):
 
 @pytest.fixture(scope="module")
 def runs(session_root, pretrained_weights, target_dataset):
-    """Run ids: good (published), weak (gate failed), failed, running (a live process)."""
+    """Run ids: good (published), weak (gate failed; run as a `ray job submit` driver is,
+    so its id is the submission's, with no time in it), failed, running (a live process)."""
     good = train_model(session_root, pretrained_weights, **{"output.gate.min_test_accuracy": 0.5})
     assert good.published, good.metrics["gate"]
-    weak = train_model(
-        session_root, pretrained_weights, **WEAK, **{"output.gate.min_test_accuracy": 1.0}
-    )
-    assert not weak.published
+    with pytest.MonkeyPatch.context() as env:  # Ray here is up already: only xfer reads it
+        job = {"metadata": {"job_submission_id": f"raysubmit_{secrets.token_hex(8)}"}}
+        env.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+        weak = train_model(
+            session_root, pretrained_weights, **WEAK, **{"output.gate.min_test_accuracy": 1.0}
+        )
+    assert weak.run_id.startswith("raysubmit_") and not weak.published
     failing = train_overrides(
         session_root,
         pretrained_weights,
@@ -59,8 +66,7 @@ def runs(session_root, pretrained_weights, target_dataset):
             "fault.rank": 1,
             "fault.point": "epoch",
             "fault.epoch": 1,
-            "fault.action": "exit",
-            "cluster.max_failures": 0,
+            "fault.action": "exit",  # cluster.max_failures unset: 0 locally, so the run fails
             "train.verbose": 1,  # its run id on the console
         },
     )
@@ -78,13 +84,13 @@ def runs(session_root, pretrained_weights, target_dataset):
         start_new_session=True,
     )
     try:
-        running_id = None
+        running_id, start_line = None, ""
         deadline = time.monotonic() + 300
         assert proc.stdout is not None
         for line in proc.stdout:
             m = re.search(r"\[xfer\] run (\S+): \d+ worker", line)
             if m:
-                running_id = m.group(1)
+                running_id, start_line = m.group(1), line
             if running_id and "fault injection" in line:
                 break  # rank 1 hangs in epoch 2 of the head phase
             assert time.monotonic() < deadline, "the run never reached its fault point"
@@ -93,6 +99,8 @@ def runs(session_root, pretrained_weights, target_dataset):
             "weak": weak.run_id,
             "failed": failed_id,
             "running": running_id,
+            "start_line": start_line,
+            "failing": failing,
             "proc": proc,
         }
     finally:
@@ -114,8 +122,12 @@ def test_list_shows_every_status_accuracy_and_what_is_published(runs, session_ro
     assert "complete" in rows[runs["weak"]] and " yes " not in rows[runs["weak"]]
     assert "failed (train head epoch 2" in rows[runs["failed"]]
     assert "running (train head epoch 2, last heard" in rows[runs["running"]]
-    # Newest first.
-    assert next(iter(rows)) == runs["running"]
+    # Newest first by when each run started, whatever its id (weak's is a submission id).
+    assert list(rows) == [runs[k] for k in ("running", "failed", "weak", "good")]
+    started = [re.findall(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row) for row in rows.values()]
+    assert all(len(s) == 1 for s in started), rows
+    # The recovery in effect, in the start line: unset, 0 on this machine.
+    assert "cluster.max_failures=0," in runs["start_line"]
 
 
 def test_show_and_compare(runs, session_root):
@@ -124,6 +136,8 @@ def test_show_and_compare(runs, session_root):
     assert f"run {runs['good']}: complete" in shown.stdout
     assert "test accuracy" in shown.stdout and "passed; published (latest)" in shown.stdout
     assert f"{session_root}/runs/{runs['good']}/logs/console.log" in shown.stdout
+    lineage = storage.read_json(f"{session_root}/runs/{runs['good']}/lineage.json")
+    assert f"dataset checksum {lineage['dataset']['manifest_checksum'][:12]}," in shown.stdout
     compared = xfer_runs(session_root, "compare", runs["good"], runs["weak"])
     assert compared.returncode == 0, compared.stderr
     differ = compared.stdout.split("settings that differ:")[1]
@@ -240,3 +254,66 @@ def test_the_report_shows_the_most_confident_mistakes_and_calibration(runs, sess
     cal = metrics["test"]["calibration"]
     assert sum(b["count"] for b in cal["bins"]) == len([p for p in preds if p["error"] is None])
     assert 0 <= cal["ece"] <= 1 and "reliability diagram" in report
+
+
+def _copy_run(src: str, dst: str, keep=lambda name: True) -> None:
+    for f in storage.list_files(src):
+        if keep(f.uri[len(src) + 1 :]):
+            storage.copy(f.uri, dst + f.uri[len(src) :])
+
+
+def test_a_resumed_run_is_running_again_and_old_runs_still_list(runs, session_root):
+    """A failed run whose resume has started (the driver's start record, before any
+    worker begins an attempt) shows its latest state; runs written before start records
+    existed still show a start (the first attempt's) and sort by it; one with neither
+    lists last."""
+    from xfer.runs import format_table, list_runs
+    from xfer.train.journal import record_start
+
+    root = f"{session_root}/runs-started"
+    resumed, old, bare = "resumed-run", f"raysubmit_{secrets.token_hex(4)}", "raysubmit_bare"
+    _copy_run(f"{session_root}/runs/{runs['failed']}", f"{root}/runs/{resumed}")
+    _copy_run(
+        f"{session_root}/runs/{runs['weak']}",
+        f"{root}/runs/{old}",
+        keep=lambda name: not name.startswith("_journal/start-"),
+    )
+    _copy_run(
+        f"{session_root}/runs/{runs['weak']}",
+        f"{root}/runs/{bare}",
+        keep=lambda name: name == "config.yaml",
+    )
+    assert [r.status for r in list_runs(root)][:2] == ["failed", "complete"]
+    record_start(f"{root}/runs/{resumed}", resumed=True, max_failures=3)  # as the driver does
+    listed = list_runs(root)
+    assert [r.run_id for r in listed] == [resumed, old, bare]
+    assert listed[0].status == "running" and listed[0].where.startswith("resuming, last heard")
+    first_attempt = storage.read_json(f"{root}/runs/{old}/_journal/attempt-00001.json")
+    assert listed[1].started == iso(first_attempt["started_at"]) and listed[2].started == ""
+    assert "running (resuming, last heard" in format_table(listed)
+
+
+def test_train_with_a_dashboard_address_says_to_submit_through_the_job_api(runs, session_root):
+    """`xfer train … output.run_id=<id>` with RAY_ADDRESS=http://<head>:8265 exported (as
+    for jobs/submit.sh): one line naming the job API command, exit 2, the run untouched."""
+    journal = f"{session_root}/runs/{runs['failed']}/_journal"
+    before = {f.uri for f in storage.list_files(journal)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xfer",
+            "train",
+            *runs["failing"],
+            f"output.run_id={runs['failed']}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [ln for ln in proc.stderr.splitlines() if "RAY_ADDRESS" in ln]
+    assert "jobs/submit.sh train --config <config> output.run_id=<id>" in line
+    assert {f.uri for f in storage.list_files(journal)} == before

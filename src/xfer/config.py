@@ -170,7 +170,12 @@ class ClusterConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     memory_per_worker_gb: float | None = Field(None, gt=0)
-    max_failures: int = Field(0, ge=-1, description="worker failures to recover from; -1 = any")
+    max_failures: int | None = Field(
+        None,
+        ge=-1,
+        description="worker failures a training run recovers from; -1 = any; default 3 with a "
+        "cluster address (cluster.address or RAY_ADDRESS), 0 locally",
+    )
     local_num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray instance")
 
 

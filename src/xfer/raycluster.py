@@ -1,7 +1,11 @@
 """Connecting to Ray: a cluster when one is given, otherwise a local instance.
 
 The address comes from the config (``cluster.address``) or ``RAY_ADDRESS``; with
-neither, Ray starts on this machine (the local single-node mode). Every worker and
+neither, Ray starts on this machine (the local single-node mode). A dashboard address
+(``http://<head>:8265``, the job API's, which `jobs/submit.sh` takes) is refused with
+one line saying to submit the command as a job: a driver cannot connect to it, and
+submitting belongs to `jobs/submit.sh` (working dir, runtime env, token) alone.
+``ray://`` and ``host:port`` addresses connect. Every worker and
 actor gets ``TF_USE_LEGACY_KERAS=1`` through the runtime env: Ray sets it on train
 workers itself, but too late to take effect (docs/design.md, decision 1).
 
@@ -15,9 +19,18 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xfer import console
+from xfer.errors import XferError
+
+# Worker failures a training run recovers from when cluster.max_failures is not set:
+# on a cluster (a node can go away under it), and on this machine.
+CLUSTER_MAX_FAILURES = 3
+LOCAL_MAX_FAILURES = 0
+
+if TYPE_CHECKING:
+    from xfer.config import ClusterConfig
 
 # Non-secret variables worth forwarding to every worker.
 FORWARDED_ENV = (
@@ -49,9 +62,32 @@ def runtime_env(extra: dict[str, str] | None = None, use_gpu: bool = True) -> di
     return {"env_vars": worker_env(extra, use_gpu)}
 
 
+def ray_address(address: str | None = None) -> str | None:
+    """The Ray address in effect: ``address`` (cluster.address), else RAY_ADDRESS,
+    else None (a local instance). A dashboard (http/https) address is an XferError."""
+    found = address or os.environ.get("RAY_ADDRESS") or None
+    if found and found.lower().startswith(("http://", "https://")):
+        where = "cluster.address" if address else "RAY_ADDRESS"
+        raise XferError(
+            f"{where}={found} is the Ray dashboard (job API), which a driver cannot connect to: "
+            "submit through it with `jobs/submit.sh <the same xfer arguments>` (to resume a run: "
+            "jobs/submit.sh train --config <config> output.run_id=<id>), or give a ray:// or "
+            "host:port address"
+        )
+    return found
+
+
+def max_failures(cluster: ClusterConfig) -> int:
+    """``cluster.max_failures``, or its default: 3 with a cluster address, 0 locally."""
+    if cluster.max_failures is not None:
+        return cluster.max_failures
+    local = ray_address(cluster.address) in (None, "local")
+    return LOCAL_MAX_FAILURES if local else CLUSTER_MAX_FAILURES
+
+
 def is_local(started: bool, address: str | None) -> bool:
     """A Ray instance this process started on this machine (not a cluster's)."""
-    return started and not (address or os.environ.get("RAY_ADDRESS"))
+    return started and not ray_address(address)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -75,7 +111,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 def _init(address: str | None, num_cpus: int | None) -> None:
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(address)
     kwargs: dict[str, Any] = {
         "runtime_env": runtime_env(),
         "log_to_driver": True,

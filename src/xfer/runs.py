@@ -8,9 +8,8 @@
 
 RUN is a run id (under ``<storage.root>/runs/``) or a run URI. The storage settings
 come from ``--config`` and ``key=value`` overrides, as for the other commands.
-A run is *complete* once its ``_SUCCESS`` exists, *failed* once the driver recorded
-a failure of the whole run, and *running* otherwise (with when it was last heard of:
-a driver killed outright records nothing).
+A run's status (complete, failed, running) and when it started come from
+:mod:`xfer.runstatus`; runs list newest first by that start, whatever their ids.
 
 Publishing is one atomic PUT of ``models/<name>/latest.json``; every pointer ever
 written is also kept under ``models/<name>/history/``. A rollback is a publication
@@ -19,13 +18,11 @@ like any other (``action: rollback``), so the history reads as what happened.
 
 from __future__ import annotations
 
-import datetime as dt
-from dataclasses import dataclass
 from typing import Any
 
 from xfer import layout, storage
 from xfer.commit import SUCCESS
-from xfer.errors import NotFoundError, XferError
+from xfer.errors import XferError
 from xfer.layout import (
     CONFIG,
     CONSOLE_LOG,
@@ -40,110 +37,11 @@ from xfer.layout import (
     PointerMoved,
     PointerRead,
     publish_pointer,
-    read_pointer,
     read_pointer_for_update,
 )
 from xfer.report import flatten
+from xfer.runstatus import RunSummary, published_runs, read, summarize
 from xfer.train.gate import lost_race_text
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    run_id: str
-    uri: str
-    status: str  # complete | failed | running
-    model_name: str
-    dataset: str
-    base: str
-    head_val: float | None
-    fine_tune_val: float | None
-    test_accuracy: float | None
-    gate_passed: bool | None
-    published: bool
-    started: str  # ISO time, UTC
-    wall_s: float | None
-    where: str  # running or failed: the last stage heard of
-
-
-def _iso(t: float | None) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds") if t else ""
-
-
-def _started_from_id(run_id: str) -> str:
-    try:
-        t = dt.datetime.strptime(run_id[:15], "%Y%m%d-%H%M%S").replace(tzinfo=dt.timezone.utc)
-        return t.isoformat(timespec="seconds")
-    except ValueError:
-        return ""
-
-
-def _read(uri: str, kind: str = "json") -> Any:
-    try:
-        return storage.read_yaml(uri) if kind == "yaml" else storage.read_json(uri)
-    except NotFoundError:
-        return None
-
-
-def _stage_text(stage: dict[str, Any] | None) -> str:
-    if not stage:
-        return "starting"
-    text = str(stage.get("name", ""))
-    if stage.get("phase"):
-        text += f" {stage['phase']}"
-    if stage.get("epoch"):
-        text += f" epoch {stage['epoch']}"
-    return text
-
-
-def published_runs(root: str) -> dict[str, str]:
-    """run id -> model name, for every model's current ``latest.json``."""
-    out = {}
-    for name in storage.list_dirs(layout.models_prefix(root)):
-        pointer = read_pointer(layout.model_uri(root, name))
-        if pointer:
-            out[pointer["run_id"]] = name
-    return out
-
-
-def summarize(root: str, run_id: str, published: dict[str, str] | None = None) -> RunSummary:
-    from xfer.train.journal import JOURNAL
-
-    uri = layout.run_uri(root, run_id)
-    config = _read(storage.join(uri, CONFIG), "yaml") or {}
-    if published is None:
-        published = published_runs(root)
-    metrics = _read(storage.join(uri, METRICS)) if layout.is_complete(uri) else None
-    attempts, driver_failed_at = [], 0.0  # when the driver last recorded a failed run
-    for info in storage.list_files(storage.join(uri, JOURNAL)) if not metrics else []:
-        name = storage.basename(info.uri)
-        if name.startswith("attempt-"):
-            attempts.append(_read(info.uri) or {})
-        elif name.startswith("error-") and name.endswith("-driver.json"):
-            driver_failed_at = max(driver_failed_at, int(name.split("-")[1]) / 1000)
-    attempts.sort(key=lambda a: a.get("attempt", 0))
-    phases = (metrics or {}).get("phases", {})
-    gate = (metrics or {}).get("gate", {})
-    last = attempts[-1] if attempts else {}
-    # A run resumed after a failure is running again: the latest attempt's state wins.
-    driver_failed = driver_failed_at > float(last.get("started_at") or 0)
-    return RunSummary(
-        run_id=run_id,
-        uri=uri,
-        status="complete" if metrics else ("failed" if driver_failed else "running"),
-        model_name=str((config.get("output") or {}).get("model_name", "")),
-        dataset=str((config.get("data") or {}).get("dataset", "")),
-        base=str((config.get("model") or {}).get("base", "")),
-        head_val=phases.get("head", {}).get("val_accuracy"),
-        fine_tune_val=phases.get("fine_tune", {}).get("val_accuracy"),
-        test_accuracy=(metrics or {}).get("test", {}).get("accuracy"),
-        gate_passed=gate.get("passed") if metrics else None,
-        published=run_id in published,
-        started=_iso(attempts[0].get("started_at")) if attempts else _started_from_id(run_id),
-        wall_s=(metrics or {}).get("wall_time_s"),
-        where=""
-        if metrics
-        else f"{_stage_text(last.get('stage'))}, last heard {_iso(last.get('updated_at'))}",
-    )
 
 
 def list_runs(root: str, model: str | None = None) -> list[RunSummary]:
@@ -233,10 +131,10 @@ def show(root: str, run: str) -> str:
                 f" {failure.get('phase') or ''} epoch {failure.get('epoch')}, rank {failure.get('rank')},"
                 f" {failure.get('epochs_redone')} epoch(s) redone"
             )
-        lin = _read(storage.join(uri, LINEAGE)) or {}
+        lin = read(storage.join(uri, LINEAGE)) or {}
         code = lin.get("code", {})
         lines.append(
-            f"  lineage: dataset checksum {str(lin.get('dataset', {}).get('checksum', ''))[:12]}, "
+            f"  lineage: dataset checksum {str(lin.get('dataset', {}).get('manifest_checksum', ''))[:12]}, "
             f"weights {str(lin.get('weights', {}).get('sha256', ''))[:12] or '-'}, code {str(code.get('sha256', ''))[:12]}"
         )
     lines.append("  where:")

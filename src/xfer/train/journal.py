@@ -5,6 +5,7 @@
     <run>/_journal/error-<ms>-driver.json      the driver: a run that failed as a whole
     <run>/_journal/code-r<rank>.json           each rank: the xfer code it runs (lineage)
     <run>/_journal/dataset.json                the driver: the dataset the run started on
+    <run>/_journal/start-<ms>-driver.json      the driver: each start, past its checks
 
 A checkpoint says where a run *is*, not what happened to it: a worker killed before
 the first checkpoint of an attempt restarts from zero and leaves nothing behind, and
@@ -145,6 +146,14 @@ def recorded_dataset(run_uri: str) -> dict[str, Any] | None:
         return storage.read_json(storage.join(run_uri, JOURNAL, DATASET))
     except NotFoundError:
         return None
+
+
+def record_start(run_uri: str, resumed: bool, max_failures: int) -> None:
+    """A driver starts the run or resumes it: the first is when the run started
+    (whatever its id), a later one a resume (xfer.runstatus)."""
+    now = _now()
+    uri = storage.join(run_uri, JOURNAL, f"start-{int(now * 1000):015d}-driver.json")
+    _write(uri, {"at": now, "resumed": resumed, "max_failures": max_failures})
 
 
 def record_error(run_uri: str, rank: int | None, message: str) -> None:
