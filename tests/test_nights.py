@@ -24,7 +24,7 @@ from PIL import Image
 
 from xfer import inputs, storage
 from xfer.config import load_config
-from xfer.errors import DataError, XferError
+from xfer.errors import DataError, JobFailed, XferError
 from xfer.score import partition_date, score
 from xfer.scorelock import LOCK_FILE, NightBusy, NightLock
 from xfer.scoreplan import NIGHT_FILE, night_root
@@ -263,7 +263,7 @@ def test_a_night_that_keeps_killing_its_actors_fails_with_a_clear_error(night):
     killer.start()
     try:
         with pytest.raises(
-            XferError,
+            JobFailed,  # the job failed (exit 1), not the input
             match=r"scoring actors kept dying \(restarted up to "
             r"score.max_actor_restarts=1 times",
         ):

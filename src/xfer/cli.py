@@ -9,12 +9,13 @@
     xfer demo [--workdir D] [--keep] [--weights source|imagenet]
     xfer --version
 
-Each subcommand parses its flags and calls one library function. Exit status:
-0 success; 2 a problem the user can fix (XferError: config, input, credentials),
-printed as one line; 75 (EX_TEMPFAIL: try again later) a store that stayed
-unreachable past its retry budget, or a night of `xfer score` held by another run;
-1 a job failure; 130 Ctrl-C and 143 SIGTERM, after every process the command
-started (S3 server, local Ray) has been stopped.
+Each subcommand parses its flags and calls one library function. Exit status, the
+same for every command (`jobs/*.py` run `main` too): 0 success; 2 a problem the user
+can fix (XferError: config, input, credentials); 75 (EX_TEMPFAIL: try again later) a
+store that stayed unreachable past its retry budget, or a night of `xfer score` held
+by another run; 1 the job failed (JobFailed: a worker error; or a bug, with Python's
+traceback); 130 Ctrl-C and 143 SIGTERM, after every process the command started (S3
+server, local Ray) has been stopped. An error is one line on stderr: `xfer: error: ...`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ import sys
 from collections.abc import Callable
 
 from xfer import console
-from xfer.errors import EXIT_STORE_UNAVAILABLE, EXIT_USER_ERROR, StoreUnavailable, XferError
+from xfer.errors import (
+    EXIT_JOB_FAILED,
+    EXIT_STORE_UNAVAILABLE,
+    EXIT_USER_ERROR,
+    JobFailed,
+    StoreUnavailable,
+    XferError,
+    one_line,
+)
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -118,8 +127,7 @@ def _score(args: argparse.Namespace) -> int:
             cfg, model=args.model, input_uri=args.input, output=args.output, date=args.date
         )
     except NightBusy as exc:  # another run holds the night: try again later
-        print(f"xfer: error: {exc}", file=sys.stderr)
-        return EXIT_STORE_UNAVAILABLE
+        return _error(exc, EXIT_STORE_UNAVAILABLE)
     print(result.describe())
     return 0
 
@@ -303,6 +311,13 @@ def _stop_ray() -> None:
             ray.shutdown()
 
 
+def _error(exc: XferError, status: int) -> int:
+    """The error as one line on stderr, the last thing the command prints."""
+    _stop_ray()
+    print(f"xfer: error: {one_line(str(exc))}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may also follow a flag (`promote RUN --force storage.root=...`),
@@ -322,15 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return func(args)
-    except StoreUnavailable as exc:
-        # Transient by nature: a scheduler may run the job again later.
-        _stop_ray()
-        print(f"xfer: error: {exc}", file=sys.stderr)
-        return EXIT_STORE_UNAVAILABLE
+    except StoreUnavailable as exc:  # transient: a scheduler may run the job again later
+        return _error(exc, EXIT_STORE_UNAVAILABLE)
+    except JobFailed as exc:
+        return _error(exc, EXIT_JOB_FAILED)
     except XferError as exc:
-        _stop_ray()
-        print(f"xfer: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _error(exc, EXIT_USER_ERROR)
     except KeyboardInterrupt as exc:
         _stop_ray()
         if isinstance(exc, Terminated) or signal.SIGTERM in _signals:

@@ -3,7 +3,7 @@
 - :class:`Strict`: the base of every section: unknown keys are errors, values frozen.
 - :func:`parse_overrides` and :func:`merge`: ``section.key=value`` strings (values
   parse as YAML) into nested dicts, laid over the file's.
-- :func:`format_errors`: pydantic's errors as one line each, naming the key, where it
+- :func:`format_errors`: pydantic's errors in one line, each naming the key, where it
   came from (the file or an override), and the closest known key for a misspelling.
 - :func:`redact`: secret-looking keys and credentials in URLs masked, for anything
   written out.
@@ -91,7 +91,7 @@ def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | 
 def format_errors(
     exc: ValidationError, source: str, override_keys: set[str], root: type[BaseModel]
 ) -> str:
-    """One line per problem, naming the key, where it came from, and a likely fix."""
+    """One line: each problem naming the key, where it came from, and a likely fix."""
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -116,7 +116,7 @@ def format_errors(
             got = err.get("input")
             shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
             lines.append(f"{key}: {msg}{shown} in {where}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return "invalid config: " + "; ".join(lines)
 
 
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|private_key|access_key)", re.I)

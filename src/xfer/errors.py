@@ -1,13 +1,26 @@
 """Errors that reach the user as one clear line, not a traceback.
 
-Anything raised as an ``XferError`` is printed by the CLI as ``xfer: error: ...``
-and exits with status 2. Messages say what went wrong and where (a URI, a config
-key, a file), and never contain secrets.
+Anything raised as an ``XferError`` is printed by the CLI as one line,
+``xfer: error: ...``, and exits with status 2 (:data:`EXIT_USER_ERROR`), except
+two kinds that are no fault of the input: :class:`StoreUnavailable` (75, run it again
+later) and :class:`JobFailed` (1, the job itself failed). Messages say what went
+wrong and where (a URI, a config key, a file), and never contain secrets.
 """
+
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 class XferError(Exception):
-    """A problem the user can fix: bad input, bad config, unreachable storage."""
+    """An error explained in one line; unless a subclass says otherwise, a problem the
+    user can fix: bad input, bad config, credentials, a missing dataset or model."""
+
+
+class JobFailed(XferError):
+    """The job itself failed, not its input: a worker that died or raised, actors that
+    kept dying, a bug. The CLI exits with :data:`EXIT_JOB_FAILED`; the log file and the
+    run's journal say more."""
 
 
 class ConfigError(XferError):
@@ -43,5 +56,27 @@ class StoreUnavailable(StorageError):
         return (type(self), (str(self), self.endpoint, self.reason))
 
 
+EXIT_JOB_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_STORE_UNAVAILABLE = 75  # EX_TEMPFAIL (sysexits.h): try again later
+
+
+def one_line(message: str) -> str:
+    """A message as the single line the CLI prints (its lines joined by "; ")."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def behind(exc: BaseException, kind: type[E]) -> E | None:
+    """The first ``kind`` in ``exc`` and the errors behind it (``__cause__``,
+    ``__context__``, and the ``cause`` Ray wraps a task's or a worker's error in)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None

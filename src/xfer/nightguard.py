@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from xfer.configsections import ScoreConfig
-from xfer.errors import DataError, StoreUnavailable, XferError
+from xfer.errors import DataError, JobFailed, StoreUnavailable
 
 
 def store_unavailable(exc: BaseException) -> StoreUnavailable | None:
@@ -34,8 +34,9 @@ def store_unavailable(exc: BaseException) -> StoreUnavailable | None:
     return StoreUnavailable(match.group(1).strip()) if match else None
 
 
-def actor_died(exc: BaseException, restarts: int) -> XferError | None:
-    """A clear error for a night whose actors kept dying (killed: memory, an input)."""
+def actor_died(exc: BaseException, restarts: int) -> JobFailed | None:
+    """A clear error for a night whose actors kept dying (killed: memory, an input):
+    the job failed (exit 1), as a training run whose workers do."""
     from ray.exceptions import RayActorError
 
     seen: list[BaseException] = []
@@ -48,7 +49,7 @@ def actor_died(exc: BaseException, restarts: int) -> XferError | None:
     else:
         if "ActorDiedError" not in str(exc) and "actor died" not in str(exc).lower():
             return None
-    return XferError(
+    return JobFailed(
         f"scoring actors kept dying (restarted up to score.max_actor_restarts={restarts} "
         "times, each block retried as often): killed from outside, or out of memory (see "
         "score.batch_size, score.max_object_mb); nothing committed, the previous "

@@ -214,12 +214,12 @@ def shard_dataset(src: str, dest: str, settings: ShardConfig | None = None) -> S
         reasons = Counter(_generic_reason(r["reason"]) for r in rejects)
         fraction = len(rejects) / max(total_inputs, 1)
         if fraction > settings.max_rejected_fraction:
-            examples = "\n".join(f"    {r['source_uri']}: {r['reason']}" for r in rejects[:10])
-            summary = "\n".join(f"    {n:6d}  {reason}" for reason, n in reasons.most_common())
+            examples = ", ".join(f"{r['source_uri']} ({r['reason']})" for r in rejects[:3])
+            summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
             raise DataError(
                 f"{len(rejects)} of {total_inputs} inputs rejected ({fraction:.1%}), above "
                 f"--max-rejected-fraction {settings.max_rejected_fraction:.1%}; nothing was written "
-                f"to {dest}.\n  by reason:\n{summary}\n  first rejects:\n{examples}"
+                f"to {dest}; by reason: {summary}; first: {examples}"
             )
         if not kept:
             raise DataError(f"every input under {src} was rejected")

@@ -29,9 +29,10 @@ from xfer import console, s3, storage
 from xfer.commit import SUCCESS
 from xfer.config import XferConfig, build_config, resolved_dict
 from xfer.configbase import merge
-from xfer.errors import ConfigError, DataError, NotFoundError, StoreUnavailable, XferError
+from xfer.errors import ConfigError, DataError, JobFailed, NotFoundError, XferError
 from xfer.layout import CONFIG, CONSOLE_LOG, is_complete, runs_prefix
 from xfer.manifest import Manifest, load_manifest
+from xfer.train.failure import failed_run
 from xfer.train.outputs import TrainResult, completed_run, finish_run
 
 
@@ -226,21 +227,18 @@ def _train(cfg: XferConfig) -> TrainResult:
     from ray.train.tensorflow import TensorflowTrainer
 
     from xfer.provenance import code_identity, describe
-    from xfer.raycluster import ensure_ray, is_local, max_failures, worker_env
+    from xfer.raycluster import ensure_ray, is_local, worker_env
     from xfer.train.journal import (
         FailureRecorder,
         describe_exception,
         enter_outputs,
         record_dataset,
         record_error,
-        record_start,
     )
     from xfer.train.worker import train_loop_per_worker
     from xfer.weights import fetch_weights
 
     started = time.monotonic()
-    # Worker failures to recover from; a dashboard (http) address is refused here.
-    recover = max_failures(cfg.cluster)
     resume_notes: list[str] = []
     submitted = None if cfg.output.run_id else submission_run_id()
     run_id = cfg.output.run_id or submitted or new_run_id()
@@ -289,7 +287,6 @@ def _train(cfg: XferConfig) -> TrainResult:
     check_resources(cfg, is_local(started_ray, cfg.cluster.address))
     if not resuming:  # past every check: a config refused up to here leaves no run
         record_dataset(run_uri, manifest.uri, manifest.checksum)
-    record_start(run_uri, resuming, recover)  # when it started (or resumed), for xfer runs
     c = cfg.cluster
     resources: dict[str, float] = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
@@ -318,15 +315,12 @@ def _train(cfg: XferConfig) -> TrainResult:
             name=run_id,
             storage_path=runs_path,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=recover),
+            failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[FailureRecorder(run_uri)],  # type: ignore[list-item]
         ),
     )
-    say(
-        f"[xfer] run {run_id}: {c.num_workers} worker(s), cluster.max_failures={recover}, "
-        f"outputs in {run_uri}"
-    )
+    say(f"[xfer] run {run_id}: {c.num_workers} worker(s), outputs in {run_uri}")
     log_start = console.log_size()
     log_uri = storage.join(run_uri, CONSOLE_LOG)
     log_kept = False
@@ -344,10 +338,10 @@ def _train(cfg: XferConfig) -> TrainResult:
             raise
         except Exception as exc:
             record_error(run_uri, None, describe_exception(exc))
-            raise _failed(exc, run_id, run_uri) from None
+            raise failed_run(exc, run_id, run_uri) from None
         final = result.metrics or {}
         if not final.get("final"):
-            raise XferError(
+            raise JobFailed(
                 f"training run {run_id} ended without its final report; "
                 f"see the workers' output in {console.log_path()}"
             )
@@ -369,29 +363,3 @@ def _train(cfg: XferConfig) -> TrainResult:
     finally:
         if not log_kept:  # a run that did not commit keeps its log too
             keep_log()
-
-
-def _failed(exc: BaseException, run_id: str, run_uri: str) -> XferError:
-    """The error a failed ``trainer.fit`` ends the command with: a store that stayed
-    away past its budget behind it is a StoreUnavailable (exit 75, run again later)."""
-    from xfer.nightguard import store_unavailable
-
-    resume = f"xfer train --config <same config> output.run_id={run_id}"
-    unavailable = store_unavailable(exc)
-    if unavailable is not None:
-        return StoreUnavailable(
-            f"training run {run_id} stopped: {unavailable}; resume with: {resume}",
-            endpoint=unavailable.endpoint,
-            reason=unavailable.reason,
-        )
-    return XferError(
-        f"training run {run_id} failed: {_root_cause(exc)}\n  checkpoints are in "
-        f"{run_uri}; the workers' output is in {console.log_path()}\n  resume with: {resume}"
-    )
-
-
-def _root_cause(exc: BaseException) -> str:
-    text = str(exc)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ("Error" in ln or "error" in ln) and not ln.startswith("File ")]
-    return (errors[-1] if errors else (lines[-1] if lines else type(exc).__name__))[:500]

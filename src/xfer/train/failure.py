@@ -1,0 +1,37 @@
+"""What a failed ``trainer.fit`` ends `xfer train` with: one line, and the exit status
+that says whose move it is (:mod:`xfer.errors`).
+
+- the store stayed away past ``storage.outage_seconds``, on the driver or a worker:
+  :class:`~xfer.errors.StoreUnavailable` (75: run it again later, it resumes);
+- a worker's own :class:`~xfer.errors.XferError` (the dataset, the weights or the
+  code changed under the run): that error (2: the user can fix it);
+- anything else (a worker that died or raised, past ``cluster.max_failures``):
+  :class:`~xfer.errors.JobFailed` (1: the job failed).
+"""
+
+from __future__ import annotations
+
+from xfer import console
+from xfer.errors import JobFailed, StoreUnavailable, XferError, behind, one_line
+
+
+def failed_run(exc: BaseException, run_id: str, run_uri: str) -> XferError:
+    """The error to raise for ``exc``, naming the run and how to resume it."""
+    from xfer.nightguard import store_unavailable
+    from xfer.train.journal import describe_exception
+
+    resume = f"resume with: xfer train --config <same config> output.run_id={run_id}"
+    unavailable = store_unavailable(exc)
+    if unavailable is not None:
+        return StoreUnavailable(
+            f"training run {run_id} stopped: {unavailable}; {resume}",
+            endpoint=unavailable.endpoint,
+            reason=unavailable.reason,
+        )
+    fixable = behind(exc, XferError)
+    if fixable is not None and not isinstance(fixable, JobFailed):
+        return XferError(f"training run {run_id} failed: {one_line(str(fixable))}; {resume}")
+    return JobFailed(
+        f"training run {run_id} failed: {describe_exception(exc)}; checkpoints are in "
+        f"{run_uri}; the workers' output is in {console.log_path()}; {resume}"
+    )
