@@ -65,6 +65,7 @@ def client(exports: dict[str, str], **overrides: str):
 
 
 def test_cli_server_exports_work_keys_enforced_and_ctrl_c_stops_everything(tmp_path):
+    """Ctrl-C ends it with 130 and SIGTERM with 143, as every command (on main: 0)."""
     data_dir = str(tmp_path / "s3data")
     proc, exports = start_cli(data_dir)
     try:
@@ -94,7 +95,7 @@ def test_cli_server_exports_work_keys_enforced_and_ctrl_c_stops_everything(tmp_p
     finally:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 130, out  # like every command stopped by Ctrl-C
     assert "stopping" in out
     assert weed_pids(data_dir) == [], "a weed process survived Ctrl-C"
 
@@ -106,7 +107,7 @@ def test_cli_server_exports_work_keys_enforced_and_ctrl_c_stops_everything(tmp_p
     finally:
         proc2.terminate()
         proc2.communicate(timeout=60)
-    assert proc2.returncode == 0
+    assert proc2.returncode == 143  # SIGTERM, like every command
     assert weed_pids(data_dir) == []
 
 

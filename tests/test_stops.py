@@ -143,14 +143,15 @@ def test_sigterm_stops_the_s3_server_and_the_port_is_free_again_at_once(tmp_path
         first.wait_for("Ctrl-C stops the server", timeout=60)
         started = descendants(first.proc.pid)
         assert any("weed" in command(p) for p in started)
-        rc, _ = first.terminate_and_wait()
-        assert rc == 0
+        rc, output = first.terminate_and_wait()
+        assert rc == 143, output  # as every command stopped by SIGTERM
+        assert output.rstrip().splitlines()[-1] == "xfer: stopped (SIGTERM)", output
         assert_all_stopped(started)
         # At once on the same port: the new server waits for the old one to let go.
         second = Command("s3-server", "--data-dir", data, "--port", str(port))
         try:
             second.wait_for("Ctrl-C stops the server", timeout=60)
-            assert second.terminate_and_wait()[0] == 0
+            assert second.terminate_and_wait()[0] == 143
         finally:
             second.kill()
     finally:

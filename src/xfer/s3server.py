@@ -322,15 +322,13 @@ class EmbeddedS3:
 
 
 def serve(data_dir: str, port: int | None, buckets: tuple[str, ...]) -> int:
-    """`xfer s3-server`: run until Ctrl-C or SIGTERM, then stop every process."""
+    """`xfer s3-server`: run until Ctrl-C or SIGTERM, then stop every process.
+
+    The stop unwinds as a KeyboardInterrupt (the CLI turns SIGTERM into one), so the
+    command exits 130 or 143 like every other once the server is down."""
     server = EmbeddedS3(data_dir, port=port, buckets=buckets)
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
-    server.start()
     try:
+        server.start()  # inside: a stop while it starts stops what it started
         print(f"S3 endpoint: {server.endpoint}  (data in {Path(data_dir).resolve()})")
         if buckets:
             print(f"buckets: {', '.join(buckets)}")
@@ -344,6 +342,6 @@ def serve(data_dir: str, port: int | None, buckets: tuple[str, ...]) -> int:
         return 1
     except KeyboardInterrupt:
         print("\nstopping the S3 server", flush=True)
-        return 0
+        raise
     finally:
         server.stop()
