@@ -5,7 +5,7 @@
         --model s3://xfer-prod/models/pets --input s3://xfer-prod/incoming/pets/{date}/ \\
         --output s3://xfer-prod/predictions/pets
 
-Same as `xfer score`: the arguments are passed through unchanged.
+Same as `xfer score`, exit statuses included: the arguments are passed through unchanged.
 """
 
 import os
@@ -21,4 +21,6 @@ if os.path.isdir(os.path.join(_SRC, "xfer")):
 from xfer.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main(["score", *sys.argv[1:]]))
+    # Exactly `xfer score ...`: its console (native output to the log file) and exit statuses.
+    sys.argv.insert(1, "score")
+    raise SystemExit(main())

@@ -4,7 +4,7 @@
         python jobs/shard.py s3://xfer-prod/raw/pets s3://xfer-prod/datasets/pets \
         --config jobs/configs/gpu_production.yaml          # its shard: section
 
-Same as `xfer shard`: the arguments are passed through unchanged.
+Same as `xfer shard`, exit statuses included: the arguments are passed through unchanged.
 """
 
 import os
@@ -20,4 +20,6 @@ if os.path.isdir(os.path.join(_SRC, "xfer")):
 from xfer.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main(["shard", *sys.argv[1:]]))
+    # Exactly `xfer shard ...`: its console (native output to the log file) and exit statuses.
+    sys.argv.insert(1, "shard")
+    raise SystemExit(main())

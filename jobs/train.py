@@ -3,7 +3,7 @@
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \\
         python jobs/train.py --config jobs/configs/gpu_production.yaml [key=value ...]
 
-Same as `xfer train`: the arguments are passed through unchanged.
+Same as `xfer train`, exit statuses included: the arguments are passed through unchanged.
 """
 
 import os
@@ -19,4 +19,6 @@ if os.path.isdir(os.path.join(_SRC, "xfer")):
 from xfer.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main(["train", *sys.argv[1:]]))
+    # Exactly `xfer train ...`: its console (native output to the log file) and exit statuses.
+    sys.argv.insert(1, "train")
+    raise SystemExit(main())
