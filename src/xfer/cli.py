@@ -311,6 +311,14 @@ def _stop_ray() -> None:
             ray.shutdown()
 
 
+def exit_status(exc: XferError) -> int:
+    """75 for a store away past its budget (transient: a scheduler may run the job again
+    later), 1 for a job that failed, else 2: a problem the user can fix."""
+    if isinstance(exc, StoreUnavailable):
+        return EXIT_STORE_UNAVAILABLE
+    return EXIT_JOB_FAILED if isinstance(exc, JobFailed) else EXIT_USER_ERROR
+
+
 def _error(exc: XferError, status: int) -> int:
     """The error as one line on stderr, the last thing the command prints."""
     _stop_ray()
@@ -337,12 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return func(args)
-    except StoreUnavailable as exc:  # transient: a scheduler may run the job again later
-        return _error(exc, EXIT_STORE_UNAVAILABLE)
-    except JobFailed as exc:
-        return _error(exc, EXIT_JOB_FAILED)
     except XferError as exc:
-        return _error(exc, EXIT_USER_ERROR)
+        return _error(exc, exit_status(exc))
     except KeyboardInterrupt as exc:
         _stop_ray()
         if isinstance(exc, Terminated) or signal.SIGTERM in _signals:

@@ -31,7 +31,8 @@ def failed_run(exc: BaseException, run_id: str, run_uri: str) -> XferError:
     fixable = behind(exc, XferError)
     if fixable is not None and not isinstance(fixable, JobFailed):
         return XferError(f"training run {run_id} failed: {one_line(str(fixable))}; {resume}")
+    cause = describe_exception(exc).split(". ")[0]  # Ray's advice follows: the log has it
     return JobFailed(
-        f"training run {run_id} failed: {describe_exception(exc)}; checkpoints are in "
+        f"training run {run_id} failed: {cause}; checkpoints are in "
         f"{run_uri}; the workers' output is in {console.log_path()}; {resume}"
     )
