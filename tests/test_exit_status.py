@@ -210,30 +210,45 @@ def test_a_failed_worker_fails_the_job_with_exit_1_and_one_line(
     assert any(native.search(ln) for ln in log.read_text().splitlines())
 
 
-def _raise(exc: BaseException) -> None:
-    raise exc
+def _arrow_upload_error(bucket: str, fault_proxy: FaultProxy) -> OSError:
+    """What Ray Train's own checkpoint upload (pyarrow) raises when S3 keeps saying
+    SlowDown past the client's retries: a real pyarrow error, through the proxy."""
+    from xfer.s3 import arrow_filesystem
+
+    fault_proxy.add("*", "/checkpoint", "slowdown", seconds=600)
+    fs, path = arrow_filesystem(f"{bucket}/runs/r1/checkpoint_000001/state")
+    try:
+        with fs.open_output_stream(path) as out:
+            out.write(b"weights")
+    except OSError as exc:
+        return exc
+    raise AssertionError("the upload went through the SlowDown rule")
 
 
 @pytest.mark.parametrize(
     ("raised", "status"),
     [
         (StoreUnavailable("S3 answered 503", "http://store"), EXIT_STORE_UNAVAILABLE),
+        ("arrow upload", EXIT_STORE_UNAVAILABLE),
         (DataError("shard s3://b/d/part-0.parquet is not Parquet"), EXIT_USER_ERROR),
         (RuntimeError("CUDA error: an illegal memory access"), EXIT_JOB_FAILED),
     ],
 )
 def test_a_failed_run_ends_with_the_status_of_what_failed_on_the_worker(
-    raised: BaseException, status: int, ray_local: None
+    raised: BaseException | str, status: int, bucket: str, fault_proxy: FaultProxy
 ) -> None:
-    """What a worker raised, as Ray hands it to the driver (wrapped), decides: the store
-    (75), a problem the user can fix (2), or the job itself failed (1)."""
-    import ray
+    """A worker's error, as Ray Train hands it to the driver (its WorkerGroupError keeps
+    each worker's own), decides: the store (75, the checkpoint upload Ray Train makes
+    itself included), a problem the user can fix (2), or the job itself failed (1)."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
 
     from xfer.cli import exit_status
     from xfer.train.failure import failed_run
 
-    with pytest.raises(ray.exceptions.RayTaskError) as wrapped:
-        ray.get(ray.remote(_raise).remote(raised))
-    error = failed_run(wrapped.value, "r1", "s3://b/runs/r1")
+    if raised == "arrow upload":
+        raised = _arrow_upload_error(bucket, fault_proxy)
+    assert isinstance(raised, BaseException)
+    fit_error = WorkerGroupError(f"[Rank 0]\n{raised!r}", {0: raised})
+    error = failed_run(fit_error, "r1", f"{bucket}/runs/r1")
     assert exit_status(error) == status, repr(error)
     assert "\n" not in str(error) and "output.run_id=r1" in str(error), str(error)

@@ -67,8 +67,9 @@ def one_line(message: str) -> str:
 
 
 def behind(exc: BaseException, kind: type[E]) -> E | None:
-    """The first ``kind`` in ``exc`` and the errors behind it (``__cause__``,
-    ``__context__``, and the ``cause`` Ray wraps a task's or a worker's error in)."""
+    """The first ``kind`` in ``exc`` and the errors behind it: ``__cause__``,
+    ``__context__``, the ``cause`` Ray wraps a task's error in, and Ray Train's
+    ``worker_failures`` (each worker's own error) and ``controller_failure``."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -78,5 +79,6 @@ def behind(exc: BaseException, kind: type[E]) -> E | None:
         seen.add(id(e))
         if isinstance(e, kind):
             return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        stack += [getattr(e, "cause", None), getattr(e, "controller_failure", None)]
+        stack += [e.__cause__, e.__context__, *(getattr(e, "worker_failures", None) or {}).values()]
     return None

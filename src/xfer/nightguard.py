@@ -15,21 +15,14 @@ import re
 from typing import Any
 
 from xfer.configsections import ScoreConfig
-from xfer.errors import DataError, JobFailed, StoreUnavailable
+from xfer.errors import DataError, JobFailed, StoreUnavailable, behind
 
 
 def store_unavailable(exc: BaseException) -> StoreUnavailable | None:
-    """The StoreUnavailable behind an error raised through Ray (actor or task), if any."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, StoreUnavailable):
-            return StoreUnavailable(str(e).splitlines()[0], e.endpoint, e.reason)
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    """The StoreUnavailable behind an error raised through Ray (actor, task, worker)."""
+    found = behind(exc, StoreUnavailable)
+    if found is not None:
+        return StoreUnavailable(str(found).splitlines()[0], found.endpoint, found.reason)
     match = re.search(r"StoreUnavailable: (.+)", str(exc))
     return StoreUnavailable(match.group(1).strip()) if match else None
 
