@@ -9,6 +9,11 @@
 #
 # XFER_RUNTIME_ENV overrides the runtime env file (default jobs/runtime_env.yaml);
 # XFER_SUBMIT_ARGS adds options to `ray job submit` (e.g. --no-wait).
+# RAY_JOB_SUBMISSION_ID names the job (default: <UTC time>-<6 hex>, the form of xfer's
+# run ids; a training run submitted here takes its submission id as its run id).
+#
+# Exit status: the job's, as far as it is followed: 0 it SUCCEEDED; 1 it FAILED or
+# was STOPPED (`ray job stop`); 2 wrong usage; with --no-wait, 0 once it is submitted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job="${1:?usage: jobs/submit.sh train|score|shard [args...]}"
@@ -21,7 +26,14 @@ if [[ -z "${RAY_AUTH_TOKEN:-}" && ! -s "$token_file" ]]; then
   echo "no Ray auth token: set RAY_AUTH_TOKEN or put it in $token_file (ray get-auth-token)" >&2
   exit 2
 fi
+id=${RAY_JOB_SUBMISSION_ID:-$(date -u +%Y%m%d-%H%M%S)-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')}
 # shellcheck disable=SC2086  # XFER_SUBMIT_ARGS is a list of options on purpose
-exec ray job submit --address "$RAY_ADDRESS" --working-dir . \
+ray job submit --address "$RAY_ADDRESS" --submission-id "$id" --working-dir . \
   --runtime-env "${XFER_RUNTIME_ENV:-jobs/runtime_env.yaml}" ${XFER_SUBMIT_ARGS:-} \
-  -- python "jobs/$job.py" "$@"
+  -- python "jobs/$job.py" "$@" && status=0 || status=$?
+# `ray job submit` exits 1 for a FAILED job but 0 for a STOPPED one: ask which.
+if ((status == 0)) && ray job status --address "$RAY_ADDRESS" "$id" 2>&1 | grep -q "was stopped"; then
+  echo "job $id was stopped" >&2
+  status=1
+fi
+exit "$status"

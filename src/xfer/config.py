@@ -45,8 +45,8 @@ class StorageConfig(Strict):
     outage_seconds: float = Field(
         180,
         ge=0,
-        description="how long a command rides out a store that is away (xfer score: "
-        "score.store_outage_seconds)",
+        description="how long every command (train, shard, score) rides out a store that "
+        "is away before exit 75",
     )
 
     @field_validator("root")

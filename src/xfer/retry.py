@@ -10,8 +10,8 @@ step such as copying an object): a *transient* failure
 spent; anything else (missing object, bad credentials, access denied) fails at once.
 
 The budget is ``XFER_STORE_RETRY_SECONDS`` (seconds, default 0: only the SDK's own
-retries). ``xfer score`` sets it from ``score.store_outage_seconds`` and forwards it
-to every worker, so the driver and each actor ride out the same outage. Past the
+retries). ``xfer train``, ``xfer shard`` and ``xfer score`` set it from ``storage.outage_seconds`` and
+forward it to every worker, so the driver and each actor ride out the same outage. Past the
 budget the error says which endpoint, what was being done and for how long.
 """
 
