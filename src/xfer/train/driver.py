@@ -227,18 +227,21 @@ def _train(cfg: XferConfig) -> TrainResult:
     from ray.train.tensorflow import TensorflowTrainer
 
     from xfer.provenance import code_identity, describe
-    from xfer.raycluster import ensure_ray, is_local, worker_env
+    from xfer.raycluster import ensure_ray, is_local, max_failures, worker_env
     from xfer.train.journal import (
         FailureRecorder,
         describe_exception,
         enter_outputs,
         record_dataset,
         record_error,
+        record_start,
     )
     from xfer.train.worker import train_loop_per_worker
     from xfer.weights import fetch_weights
 
     started = time.monotonic()
+    # Worker failures to recover from; a dashboard (http) address is refused here.
+    recover = max_failures(cfg.cluster)
     resume_notes: list[str] = []
     submitted = None if cfg.output.run_id else submission_run_id()
     run_id = cfg.output.run_id or submitted or new_run_id()
@@ -287,6 +290,7 @@ def _train(cfg: XferConfig) -> TrainResult:
     check_resources(cfg, is_local(started_ray, cfg.cluster.address))
     if not resuming:  # past every check: a config refused up to here leaves no run
         record_dataset(run_uri, manifest.uri, manifest.checksum)
+    record_start(run_uri, resuming, recover)  # when it started (or resumed), for xfer runs
     c = cfg.cluster
     resources: dict[str, float] = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
@@ -315,12 +319,15 @@ def _train(cfg: XferConfig) -> TrainResult:
             name=run_id,
             storage_path=runs_path,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=c.max_failures),
+            failure_config=FailureConfig(max_failures=recover),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[FailureRecorder(run_uri)],  # type: ignore[list-item]
         ),
     )
-    say(f"[xfer] run {run_id}: {c.num_workers} worker(s), outputs in {run_uri}")
+    say(
+        f"[xfer] run {run_id}: {c.num_workers} worker(s), cluster.max_failures={recover}, "
+        f"outputs in {run_uri}"
+    )
     log_start = console.log_size()
     log_uri = storage.join(run_uri, CONSOLE_LOG)
     log_kept = False
