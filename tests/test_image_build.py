@@ -97,11 +97,14 @@ def test_the_image_builds_and_passes_its_smoke_test_leaving_the_host_as_it_was()
         "[smoke] runs as xfer (uid 1000)",
         "[smoke] the code tree /opt/xfer is read-only to it",
         "[smoke] pip check: no broken requirements",
-        "[smoke] Keras 2 guard: TF_USE_LEGACY_KERAS=1, tf.keras is tf_keras 2.",
         "[smoke] jobs/kuberay_submit.sh --help: usage printed",
         "[smoke] all checks passed",
     ):
         assert line in out, f"missing {line!r}:\n{out[-4000:]}"
+    # tf.keras is tf_keras (its module path), version 2.x, without importing xfer first.
+    assert re.search(
+        r"\[smoke\] Keras 2 guard: TF_USE_LEGACY_KERAS=1, tf\.keras is tf_keras\S* 2\.", out
+    )
     # The image says which commit it was built from (XFER_GIT_COMMIT, a build argument).
     head = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
