@@ -431,7 +431,8 @@ def test_each_night_gets_a_report_with_errors_and_a_drift_signal(trained_run, se
     # A night of one kind of image only: the predicted mix moves away from the test split's.
     # 200 of them: the test split it is compared with has only 14 images, so a smaller
     # night leaves the p-value near the bar when the tiny model mistakes a few rings.
-    synthesize(f"{bucket}/odd", ["ring"], per_class=200, size=60, seed=7)
+    synthesize(f"{bucket}/odd", ["ring", "star"], per_class=200, size=60, seed=7)
+    storage.delete_prefix(f"{bucket}/odd/star")
     score(cfg, f"{session_root}/models/shapes", f"{bucket}/odd", f"{bucket}/n", "2026-05-02")
     odd = storage.read_json(f"{bucket}/n/dt=2026-05-02/{SUMMARY}")
     assert odd["errors"] == 0
