@@ -345,6 +345,7 @@ def test_warmup_cosine_and_label_smoothing_on_two_workers(
     extra = {
         "train.head.schedule": "cosine",
         "train.head.epochs": 6,  # the first at a rate of 0: 4 left too few to learn reliably
+        "train.head.learning_rate": 0.01,  # a cosine's mean rate is half its peak
         "train.fine_tune.epochs": 0,
         "train.head.warmup_epochs": 1,
         "train.label_smoothing": 0.1,
@@ -355,9 +356,9 @@ def test_warmup_cosine_and_label_smoothing_on_two_workers(
     m = result.metrics
     rates = [row["learning_rate"] for row in m["history"]["head"]]
     steps = m["steps_per_epoch"]
-    curve = phase_learning_rate(0.005, "cosine", 6, 1.0, steps)
+    curve = phase_learning_rate(0.01, "cosine", 6, 1.0, steps)
     assert rates == pytest.approx([float(curve(e * steps)) for e in range(6)], rel=1e-4)
-    assert rates[0] == 0.0 and rates[1] == pytest.approx(0.005)
+    assert rates[0] == 0.0 and rates[1] == pytest.approx(0.01)
     assert rates[5] < rates[4] < rates[3] < rates[2] < rates[1]
     # It learns (a warm-up epoch and smoothing in 6 short epochs: not the fixture's bar).
     assert m["test"]["accuracy"] >= 0.65, m["test"]
