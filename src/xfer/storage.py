@@ -1,4 +1,4 @@
-"""Every read, write and listing goes through here, by URI.
+"""Every read, write and listing goes through here, by URI (listing lives in :mod:`xfer.listing`).
 
 A URI is ``s3://bucket/key`` or a local path (optionally ``file://``). The S3
 connection and error translation are :mod:`xfer.s3`; committing sets of objects is
@@ -17,13 +17,16 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from collections.abc import Collection
 from typing import Any
 
 import yaml
 
 from xfer.errors import DataError, NotFoundError
+from xfer.listing import FileInfo as FileInfo
+from xfer.listing import iter_files as iter_files
+from xfer.listing import list_dirs as list_dirs
+from xfer.listing import list_files as list_files
 from xfer.retry import ride_through
 from xfer.s3 import (
     MISSING_CODES,
@@ -120,14 +123,7 @@ def write_yaml(uri: str, obj: Any) -> None:
     write_bytes(uri, yaml.safe_dump(obj, sort_keys=False).encode("utf-8"), "application/yaml")
 
 
-# ------------------------------------------------------------ listing & objects
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    uri: str
-    size: int
-    version: str | None = None  # changes whenever the content may have: ETag, or mtime locally
+# ------------------------------------------------- objects (listing: xfer.listing)
 
 
 @ride_through("looking for")
@@ -162,72 +158,6 @@ def stat(uri: str) -> FileInfo:
             raise FileNotFoundError(path)
         st = os.stat(path)
         return FileInfo(uri, st.st_size, f"mtime:{st.st_mtime_ns}")
-
-
-def list_files(prefix: str) -> list[FileInfo]:
-    """All objects under ``prefix`` (recursive), sorted by URI."""
-    if is_s3(prefix):  # page by page, each page retried through an outage
-        return sorted(iter_files(prefix), key=lambda f: f.uri)
-    with translate_errors(prefix):
-        root = local_path(prefix)
-        scheme = prefix[: len(prefix) - len(root)]  # "file://" stays on what it lists
-        if os.path.isfile(root):
-            return [FileInfo(prefix, os.path.getsize(root))]
-        out = []
-        for dirpath, _, names in os.walk(root):
-            for name in names:
-                path = os.path.join(dirpath, name)
-                out.append(FileInfo(scheme + path, os.path.getsize(path)))
-        return sorted(out, key=lambda f: f.uri)
-
-
-def iter_files(prefix: str) -> Iterator[FileInfo]:
-    """Objects under ``prefix`` in key order, a page (1,000 on S3, retried) at a time."""
-    if not is_s3(prefix):
-        yield from list_files(prefix)
-        return
-    token: str | None = None
-    while True:
-        infos, token = _list_page(prefix, token)
-        yield from infos
-        if not token:
-            return
-
-
-@ride_through("listing")
-def _list_page(prefix: str, token: str | None) -> tuple[list[FileInfo], str | None]:
-    with translate_errors(prefix):
-        bucket, key = split_s3(prefix)
-        key = key.rstrip("/") + "/" if key else ""
-        extra = {"ContinuationToken": token} if token else {}
-        page = s3_client().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1000, **extra)
-        infos = [
-            FileInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]))
-            for obj in page.get("Contents", [])
-            if not obj["Key"].endswith("/")
-        ]
-        return infos, page.get("NextContinuationToken") if page.get("IsTruncated") else None
-
-
-@ride_through("listing")
-def list_dirs(prefix: str) -> list[str]:
-    """The names of the "folders" directly under ``prefix`` (S3: common prefixes)."""
-    with translate_errors(prefix):
-        if not is_s3(prefix):
-            root = local_path(prefix)
-            if not os.path.isdir(root):
-                return []
-            return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
-        bucket, key = split_s3(prefix)
-        key = key.rstrip("/") + "/" if key else ""
-        names: list[str] = []
-        for page in (
-            s3_client()
-            .get_paginator("list_objects_v2")
-            .paginate(Bucket=bucket, Prefix=key, Delimiter="/")
-        ):
-            names += [p["Prefix"][len(key) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
-        return sorted(names)
 
 
 @ride_through("deleting")
