@@ -276,10 +276,14 @@ def night_requests(
     kpages = math.ceil(blocks / PAGE)
     beats = math.ceil(deadline_s / heartbeat_s)  # lock heartbeat: one GET + one PUT each
     return {
+        # the input's pages; per 1,000 blocks: the parts done, the commit's two listings of
+        # the staging and one of the partition, the deletes' two, the night's root
         "LIST": (0 if inventory else math.ceil(n / PAGE)) + 7 * kpages,
         "PUT": 2 * blocks + beats + 6,  # plan block + part per block; markers, report
         "COPY": blocks,  # each part into dt=<date>/
-        "GET": n + 3 * blocks + beats + 3 * actors + (math.ceil(n / 1e6) + 1 if inventory else 0),
+        # each image; per block its plan (an actor) and its part (the report); the lock;
+        # the model per actor; an Inventory's manifest and data files (~1M rows each)
+        "GET": n + 2 * blocks + beats + 3 * actors + (math.ceil(n / 1e6) + 1 if inventory else 0),
         "DELETE": 3 * kpages,  # DeleteObjects, 1,000 keys each: old parts, staging
     }
 
