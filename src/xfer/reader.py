@@ -25,6 +25,8 @@ threads; decode, resize and augmentation run in parallel ``tf.data`` maps.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 import threading
 from collections.abc import Iterator
@@ -136,10 +138,11 @@ def pipeline_segments(
 
 
 class _ShardCache:
-    """Open ParquetFiles per shard, shared by the reader threads of one pipeline.
+    """Open ParquetFiles per shard and reader thread, for the reads of one pipeline.
 
     A ParquetFile is not safe for concurrent reads (pyarrow's read-range cache), so
-    each shard has its own lock: reads of different shards still run in parallel.
+    each reader thread opens its own: row groups of one shard are then fetched in
+    parallel too (a split is often a single shard), not one GET after another.
     A store that stayed away past its budget (:mod:`xfer.retry`) fails every later
     read at once: tf.data's read-ahead would otherwise start epoch after epoch after
     the error, each waiting out the whole budget again before the run can stop.
@@ -148,8 +151,7 @@ class _ShardCache:
     def __init__(self, uris: list[str], column: str):
         self._uris = uris
         self._column = column
-        self._files: dict[int, tuple[Any, threading.Lock]] = {}
-        self._lock = threading.Lock()
+        self._local = threading.local()
         self._gone: StoreUnavailable | None = None
 
     def read(self, shard: int, row_group: int) -> Any:
@@ -162,58 +164,57 @@ class _ShardCache:
             raise
 
     def _read(self, shard: int, row_group: int) -> Any:
-        with self._lock:
-            entry = self._files.get(shard)
-            if entry is None:
-                entry = (storage.open_parquet(self._uris[shard]), threading.Lock())
-                self._files[shard] = entry
-        return _read_row_group(self._uris[shard], entry, row_group, self._column)
+        files: dict[int, Any] = self._local.__dict__.setdefault("files", {})
+        return _read_row_group(self._uris[shard], files, shard, row_group, self._column)
 
 
 @ride_through("reading")
 def _read_row_group(
-    uri: str, entry: tuple[Any, threading.Lock], row_group: int, column: str
+    uri: str, files: dict[int, Any], shard: int, row_group: int, column: str
 ) -> Any:
-    parquet_file, lock = entry
-    with lock, s3.translate_errors(uri):
+    with s3.translate_errors(uri):
+        parquet_file = files.get(shard)
+        if parquet_file is None:
+            parquet_file = files[shard] = storage.open_parquet(uri)
         return parquet_file.read_row_group(row_group, columns=["key", column, "label"])
 
 
-def iter_rows(
-    spec: ReaderSpec, segments: list[Segment], cache: _ShardCache
-) -> Iterator[tuple[str, bytes, int, float]]:
-    """Stream (key, encoded image, label, weight) for ``segments``, reading ahead."""
-    if not segments:
-        return
-    keys = list(dict.fromkeys((s.shard, s.row_group) for s in segments))
-    window = max(1, spec.parallel_reads)
+def _row_groups_ahead(
+    segments: Iterator[tuple[int, Segment]], cache: _ShardCache, window: int
+) -> Iterator[tuple[int, list[Segment], Any]]:
+    """(epoch, consecutive segments of one row group, its table), ``window`` reads ahead.
+
+    The read-ahead runs on across epochs: the next epoch's first row groups are
+    already fetched when this one's last rows are decoded.
+    """
+    runs = itertools.groupby(segments, key=lambda es: (es[0], es[1].shard, es[1].row_group))
     with ThreadPoolExecutor(max_workers=window, thread_name_prefix="xfer-read") as pool:
-        futures: dict[tuple[int, int], Any] = {}
-        next_key = 0
+        ahead: collections.deque[tuple[int, list[Segment], Any]] = collections.deque()
+        for (epoch, shard, row_group), run in runs:
+            ahead.append((epoch, [s for _, s in run], pool.submit(cache.read, shard, row_group)))
+            if len(ahead) > window:
+                epoch_, segs, future = ahead.popleft()
+                yield epoch_, segs, future.result()
+        while ahead:
+            epoch_, segs, future = ahead.popleft()
+            yield epoch_, segs, future.result()
 
-        def fill() -> None:
-            nonlocal next_key
-            while next_key < len(keys) and len(futures) < window:
-                k = keys[next_key]
-                futures[k] = pool.submit(cache.read, *k)
-                next_key += 1
 
-        fill()
-        current: tuple[tuple[int, int], Any] | None = None
-        for seg in segments:
-            key = (seg.shard, seg.row_group)
-            if current is None or current[0] != key:
-                # A unit visited again (padding) is simply read again.
-                table = futures.pop(key).result() if key in futures else cache.read(*key)
-                current = (key, table)
-                fill()
-            table = current[1]
+def iter_rows(
+    spec: ReaderSpec, segments: Iterator[tuple[int, Segment]], cache: _ShardCache
+) -> Iterator[tuple[int, str, bytes, int, float]]:
+    """Stream (epoch, key, encoded image, label, weight) for ``(epoch, segment)`` pairs.
+
+    A unit visited again (padding) is simply read again.
+    """
+    for epoch, segs, table in _row_groups_ahead(segments, cache, max(1, spec.parallel_reads)):
+        for seg in segs:
             part = table.slice(seg.start, seg.stop - seg.start)
             keys_ = part.column("key").to_pylist()
             images = part.column(spec.column).to_pylist()
             labels = part.column("label").to_pylist()
             for k, img, label in zip(keys_, images, labels, strict=True):
-                yield k, img, int(label), seg.weight
+                yield epoch, k, img, int(label), seg.weight
 
 
 CHUNK_ROWS = 64
@@ -231,6 +232,20 @@ def _columns(rows: list[tuple[str, bytes, int, float]], epoch: int, first: int) 
         list(labels),
         list(weights),
     )
+
+
+def _epoch_chunks(rows: Iterator[tuple[str, bytes, int, float]], epoch: int) -> Iterator[Any]:
+    """One epoch's rows as column chunks of ``CHUNK_ROWS``, indexed within the epoch."""
+    chunk: list[tuple[str, bytes, int, float]] = []
+    first = 0
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == CHUNK_ROWS:
+            yield _columns(chunk, epoch, first)
+            first += len(chunk)
+            chunk = []
+    if chunk:
+        yield _columns(chunk, epoch, first)
 
 
 def buffer_shuffle(rows: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -266,26 +281,33 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
     units = spec.units()
     cache = _ShardCache(spec.manifest.shard_uris(spec.split), spec.column)
 
-    def epoch_chunks(epoch: Any) -> Iterator[tuple[Any, ...]]:
-        order = epoch_order(units, spec.seed, int(epoch), shuffle=spec.training)
-        segs = pipeline_segments(order, total_slots, pipeline, num_pipelines)
-        rows = iter_rows(spec, segs, cache)
-        if spec.training and spec.shuffle_buffer > 1:
-            # Within the epoch only, so that each Keras epoch is one exact pass.
-            rng = np.random.default_rng([spec.seed, int(epoch), pipeline, 0xB0F])
-            rows = buffer_shuffle(rows, spec.shuffle_buffer, rng)
-        # Rows cross into TensorFlow in chunks: one Python call per row would cap the
-        # reader at about a thousand rows a second.
-        chunk: list[tuple[str, bytes, int, float]] = []
-        first = 0
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) == CHUNK_ROWS:
-                yield _columns(chunk, int(epoch), first)
-                first += len(chunk)
-                chunk = []
-        if chunk:
-            yield _columns(chunk, int(epoch), first)
+    if spec.training:
+        first_epoch, last_epoch = spec.start_epoch, spec.start_epoch + epochs if epochs else None
+    else:
+        first_epoch, last_epoch = 0, epochs or 1
+
+    def segments() -> Iterator[tuple[int, Segment]]:
+        if not spec.num_rows:
+            return
+        for epoch in (
+            itertools.count(first_epoch) if last_epoch is None else range(first_epoch, last_epoch)
+        ):
+            order = epoch_order(units, spec.seed, epoch, shuffle=spec.training)
+            for seg in pipeline_segments(order, total_slots, pipeline, num_pipelines):
+                yield epoch, seg
+
+    def chunks() -> Iterator[tuple[Any, ...]]:
+        # One generator for every epoch, so that reading ahead runs on across them.
+        rows = iter_rows(spec, segments(), cache)
+        for epoch, epoch_rows in itertools.groupby(rows, key=lambda row: row[0]):
+            stream: Iterator[Any] = (row[1:] for row in epoch_rows)
+            if spec.training and spec.shuffle_buffer > 1:
+                # Within the epoch only, so that each Keras epoch is one exact pass.
+                rng = np.random.default_rng([spec.seed, epoch, pipeline, 0xB0F])
+                stream = buffer_shuffle(stream, spec.shuffle_buffer, rng)
+            # Rows cross into TensorFlow in chunks: one Python call per row would cap
+            # the reader at about a thousand rows a second.
+            yield from _epoch_chunks(stream, epoch)
 
     signature = (
         tf.TensorSpec((None,), tf.int64),
@@ -295,18 +317,9 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
         tf.TensorSpec((None,), tf.int32),
         tf.TensorSpec((None,), tf.float32),
     )
-
-    def epoch_dataset(epoch: Any) -> Any:
-        ds = tf.data.Dataset.from_generator(epoch_chunks, output_signature=signature, args=(epoch,))
-        # A few chunks of read-ahead, so that decoding never waits on the generator.
-        return ds.prefetch(4).unbatch()
-
-    if spec.training:
-        first = spec.start_epoch
-        epoch_ids = tf.data.Dataset.range(first, first + epochs if epochs else 2**62)
-    else:
-        epoch_ids = tf.data.Dataset.range(0, epochs or 1)
-    ds = epoch_ids.flat_map(epoch_dataset)
+    ds = tf.data.Dataset.from_generator(chunks, output_signature=signature)
+    # A few chunks of read-ahead, so that decoding never waits on the generator.
+    ds = ds.prefetch(4).unbatch()
 
     if spec.decode and spec.feature_dim:
         dim = spec.feature_dim
@@ -325,7 +338,16 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
         seed = spec.seed
 
         def prepare(epoch: Any, index: Any, key: Any, encoded: Any, label: Any, weight: Any) -> Any:
-            image = decode_and_resize(encoded, size)
+            if spec.training:
+                image = decode_and_resize(encoded, size)
+            else:
+                # A padding row (weight 0) changes nothing and, in inference mode,
+                # touches no statistics: it is not decoded.
+                image = tf.cond(
+                    weight > 0,
+                    lambda: decode_and_resize(encoded, size),
+                    lambda: tf.zeros([size, size, 3], tf.float32),
+                )
             if aug.active:
                 base = tf.cast(seed * 1_000_003 + pipeline, tf.int64) + epoch * 65_537
                 image = augment(image, tf.stack([base, index]), aug)
