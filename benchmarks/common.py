@@ -87,8 +87,11 @@ def machine() -> dict[str, Any]:
     }
 
 
-def record(name: str, figures: dict[str, Any], notes: str = "") -> None:
-    """Merge one benchmark's figures into the committed results."""
+def record(name: str, figures: dict[str, Any], notes: str = "", markdown: str = "") -> None:
+    """Merge one benchmark's figures into the committed results.
+
+    ``markdown``: the section's body in README.md instead of the figure table (figures
+    that are tables of their own)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "results.json"
     data = json.loads(path.read_text()) if path.exists() else {}
@@ -98,9 +101,14 @@ def record(name: str, figures: dict[str, Any], notes: str = "") -> None:
         "figures": figures,
         "notes": notes,
     }
+    if markdown:
+        data[name]["markdown"] = markdown
     path.write_text(json.dumps(data, indent=2) + "\n")  # figures keep their order
     render_markdown(data)
     print(f"\n[{name}]")
+    if markdown:
+        print(markdown)
+        return
     for key, value in figures.items():
         print(f"  {key}: {value}")
 
@@ -127,10 +135,12 @@ def render_markdown(data: dict[str, Any]) -> None:
             "",
             f"{entry['measured_at']} · {m['cpus']} CPUs, no GPU · TensorFlow {m['tensorflow']}, Ray {m['ray']}",
             "",
-            "| figure | value |",
-            "|---|---|",
         ]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in entry["figures"].items()]
+        if entry.get("markdown"):
+            lines.append(entry["markdown"])
+        else:
+            lines += ["| figure | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in entry["figures"].items()]
         if entry.get("notes"):
             lines += ["", entry["notes"]]
         lines.append("")

@@ -4,7 +4,8 @@
         --weights ../shared/weights/mobilenet_v2_1.0_224_imagenet_no_top.h5 [--only input,shard]
 
 Figures go to benchmarks/results/results.json and benchmarks/results/README.md
-(plots next to them). Takes about half an hour on 2 CPUs, plus about an hour for
+(plots next to them). Takes about half an hour on 2 CPUs (plus the scale benchmark's
+~20 minutes: `--only scale`), plus about an hour for
 the cross-validation of fine-tuning choices (`--only cv`; `bench_cv.py --resume`
 continues an interrupted one). The real photos and
 weights are not part of the repository: without --images/--weights only the
@@ -22,11 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_cv
 import bench_input
 import bench_quality
+import bench_scale
 import bench_score
 import bench_shard
 from common import environment
 
-ALL = ("input", "shard", "quality", "score", "cv")
+ALL = ("input", "shard", "scale", "quality", "score", "cv")
 
 
 def main() -> int:
@@ -51,6 +53,8 @@ def main() -> int:
         bench_input.run(args.images if args.images and os.path.isdir(args.images) else None)
     if "shard" in chosen:
         bench_shard.run()
+    if "scale" in chosen:  # generated images: no --images/--weights needed
+        bench_scale.run(list(bench_scale.SIZES), list(bench_scale.RUNS), list(bench_scale.ORDER))
     if have_photos and ("quality" in chosen or "score" in chosen):
         with environment():
             if "quality" in chosen:
