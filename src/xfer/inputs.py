@@ -5,6 +5,8 @@ inputs from here, so that the same source means the same images to both:
 
 - a prefix (local folder or ``s3://``): every object under it, keyed by its path
   under the prefix; for sharding, the first folder is the class;
+- an S3 Inventory report's ``manifest.json`` (:mod:`xfer.inventory`, scoring only): every
+  object it lists, keyed by its key in its bucket;
 - a ``.csv`` or ``.parquet`` list with a ``uri`` column (and ``label`` for
   sharding): a relative URI is relative to the list's own folder, and the key is
   the URI as the list gives it. Labels are read as text (``01`` stays ``01``, ``NA``
@@ -25,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from xfer import s3, storage
+from xfer import inventory, s3, storage
 from xfer.errors import DataError, NotFoundError
 
 LIST_SUFFIXES = (".csv", ".parquet")
@@ -80,6 +82,21 @@ def under_prefix(uri: str) -> Iterator[Input]:
             rel = f.uri[len(base) :] if f.uri.startswith(base) else f.uri
             if not _skipped(rel, also=("_",)):
                 yield Input(rel, f.uri, size=f.size)
+    except NotFoundError as exc:
+        raise DataError(f"--input {uri}: {exc}") from None
+
+
+def is_inventory(uri: str) -> bool:
+    return inventory.is_inventory(uri)
+
+
+def from_inventory(uri: str) -> Iterator[Input]:
+    """The objects an S3 Inventory report lists, a data file at a time; "folder" keys
+    (ending in ``/``) and names skipped under a prefix (hidden, ``_``) are skipped too."""
+    try:
+        for obj in inventory.objects(uri):
+            if obj.key and not obj.key.endswith("/") and not _skipped(obj.key, also=("_",)):
+                yield Input(obj.key, f"s3://{obj.bucket}/{obj.key}", size=obj.size)
     except NotFoundError as exc:
         raise DataError(f"--input {uri}: {exc}") from None
 

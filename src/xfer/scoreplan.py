@@ -164,6 +164,8 @@ def _input_version(input_uri: str) -> str | None:
     from xfer.manifest import MANIFEST, load_manifest
 
     uri = input_uri.rstrip("/")
+    if inputs.is_inventory(uri):
+        return f"inventory:{storage.stat(uri).version}"
     if uri.endswith(MANIFEST) or storage.exists(storage.join(uri, MANIFEST)):
         return f"dataset:{load_manifest(uri).checksum}"
     if inputs.is_list(uri):
@@ -188,7 +190,8 @@ def _plan_input(
     from xfer.manifest import MANIFEST, load_manifest
 
     uri = input_uri.rstrip("/")
-    if uri.endswith(MANIFEST) or storage.exists(storage.join(uri, MANIFEST)):
+    inventory = inputs.is_inventory(uri)  # an S3 Inventory's manifest.json is a list
+    if not inventory and (uri.endswith(MANIFEST) or storage.exists(storage.join(uri, MANIFEST))):
         manifest = load_manifest(uri)
         splits = list(manifest.splits) if split == "all" else [split]
         shards: list[str] = []
@@ -230,7 +233,7 @@ def _plan_input(
             count += 1
         for f in pending:
             f.result()
-    if rows == 0 and not inputs.is_list(uri) and _prefix_missing(uri):
+    if rows == 0 and not inputs.is_list(uri) and not inventory and _prefix_missing(uri):
         warn(f"--input {uri}: no such folder (nothing under it): committing an empty night")
     return {"kind": "objects", "blocks": count, "rows": rows, "has_labels": False}
 
@@ -269,12 +272,15 @@ def _write_plan_block(plan_uri: str, block: int, rows: list[dict[str, Any]]) -> 
 
 
 def _list_objects(uri: str, allow_outside: bool = False) -> Any:
-    """key/source_uri/size of each image under a prefix or in a CSV/Parquet list (streamed)."""
+    """key/source_uri/size of each image under a prefix, in a CSV/Parquet list or an S3
+    Inventory report (streamed)."""
     if inputs.is_list(uri):
         try:
             found: Any = inputs.read_list(uri, labelled=False, allow_outside=allow_outside)
         except DataError as exc:
             raise DataError(f"--input: {exc}") from None
+    elif inputs.is_inventory(uri):
+        found = inputs.from_inventory(uri)
     else:
         found = inputs.under_prefix(uri)
     for item in found:
