@@ -56,8 +56,9 @@ KERAS_A100 = {"mobilenet_v2": 32 / 3.8e-3, "resnet50": 32 / 4.6e-3}
 KERAS_CPU_STEP_MS = {"mobilenet_v2": 25.9, "resnet50": 58.2}
 MLPERF_RESNET50 = {"t4": 6035.57, "a10": 13805.2, "l4": 12881.7, "a100": 39152.4}
 TRAIN_A100_RESNET50 = 2600.0  # [timm]
-# Store latencies: measured here against the embedded SeaweedFS (local, loopback,
-# 2026-11-29, median of 20 pages / 200 GETs / 100 copies, load ~2.6) or typical S3.
+# Store latencies (ms): measured here against the embedded SeaweedFS (loopback,
+# 2026-11-29, medians of 20 pages / 200 GETs / 100 copies at load ~2.6; again with
+# --measure-store: 194-240 ms a page at load 30-45) or typical S3 (assumed).
 STORES = {
     "local": {"list_ms": 75.0, "get_ms": 2.1, "copy_ms": 7.2},
     "s3": {"list_ms": 50.0, "get_ms": 30.0, "copy_ms": 30.0},
@@ -188,7 +189,10 @@ def measured_inputs(results: dict[str, Any], args: argparse.Namespace) -> Inputs
     from xfer.configsections import ScoreConfig, ShardConfig
 
     score, shard = ScoreConfig(), ShardConfig()
-    cpus = float(results["scoring"]["machine"]["cpus"])
+    try:
+        cpus = float(results["scoring"]["machine"]["cpus"])
+    except (KeyError, TypeError, ValueError):
+        raise PlanError("results.json: scoring -> machine -> cpus is missing") from None
     sec = "scoring"
     predict = figure(results, sec, "limit: model.predict batch 64, one process, 2 cores (img/s)")
     if args.train_epoch:  # the training reader: tf.data decode + resize, in memory
@@ -205,8 +209,9 @@ def measured_inputs(results: dict[str, Any], args: argparse.Namespace) -> Inputs
         eff, eff_src = 1.0, "assumed: not measured for training"
     mb = figure(results, "input_pipeline", "original: shard MB")
     n_img = figure(results, "input_pipeline", "images")
-    store = STORES[args.store]
-    src = "measured once: local SeaweedFS" if args.store == "local" else "assumed: typical S3"
+    store = measure_store() if args.measure_store else STORES[args.store]
+    src = {"local": "measured once: local SeaweedFS", "s3": "assumed: typical S3"}[args.store]
+    src = "measured now: local SeaweedFS" if args.measure_store else src
     return Inputs(
         decode_core=Fig(dec, f"measured: {'input_pipeline' if args.train_epoch else sec}"),
         predict_core=predict_per_core(predict / cpus, args.model),
@@ -253,6 +258,67 @@ def gpu_rate(args: argparse.Namespace) -> Fig:
     if args.gpu == "a100":
         return Fig(KERAS_A100[args.model], "published [keras]")
     return Fig(KERAS_A100[args.model] * by_gpu, "derived: [keras] A100 x [mlperf] ratio")
+
+
+def measure_store(keys: int = 5000, reads: int = 200) -> dict[str, float]:
+    """Median latency (ms) of a ListObjectsV2 page of 1,000 keys (the whole prefix listed
+    page by page, 4 times), a ranged GET of a 45 KB object and a CopyObject, against a
+    fresh embedded SeaweedFS: how STORES["local"] was measured. Load-sensitive: the
+    server shares the machine's cores."""
+    import os
+    import statistics
+    import tempfile
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xfer.s3server import EmbeddedS3
+
+    def ms(call: Callable[[], Any]) -> tuple[float, Any]:
+        start = time.perf_counter()
+        out = call()
+        return (time.perf_counter() - start) * 1e3, out
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedS3(tmp, buckets=("lat",)) as server:
+        os.environ.update(server.env())
+        from xfer.s3 import s3_client
+
+        c, body = s3_client(), os.urandom(45_000)
+
+        def put(i: int) -> None:
+            c.put_object(Bucket="lat", Key=f"p/{i:07d}", Body=body if i < reads else b"")
+
+        def get(i: int) -> bytes:
+            return bytes(
+                c.get_object(Bucket="lat", Key=f"p/{i:07d}", Range="bytes=0-")["Body"].read()
+            )
+
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, range(keys)))
+        pages: list[float] = []
+        for _ in range(4):
+            token: dict[str, str] = {}
+            while True:
+                took, page = ms(
+                    lambda t=token: c.list_objects_v2(Bucket="lat", Prefix="p/", MaxKeys=PAGE, **t)
+                )
+                pages.append(took)
+                if not page.get("IsTruncated"):
+                    break
+                token = {"ContinuationToken": page["NextContinuationToken"]}
+        gets = [ms(lambda i=i: get(i))[0] for i in range(reads)]
+        source = {"Bucket": "lat", "Key": "p/0000000"}
+        copies = [
+            ms(lambda i=i: c.copy_object(Bucket="lat", Key=f"c/{i}", CopySource=source))[0]
+            for i in range(reads // 2)
+        ]
+    found = {"list_ms": pages, "get_ms": gets, "copy_ms": copies}
+    medians = {key: statistics.median(values) for key, values in found.items()}
+    line = ", ".join(f"{key} {value:.1f}" for key, value in medians.items())
+    print(
+        f"measured against a local SeaweedFS (load {os.getloadavg()[0]:.1f}): {line}",
+        file=sys.stderr,
+    )
+    return medians
 
 
 # -------------------------------------------------------------- the formulas
@@ -580,6 +646,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-kb", type=float, help="bytes per image in KB (default: measured)")
     p.add_argument("--preresized", action="store_true", help="training: shards from --max-side")
     p.add_argument("--store", choices=sorted(STORES), default="local", help="request latencies")
+    p.add_argument("--measure-store", action="store_true", help="measure local latencies now")
     p.add_argument("--list-ms", type=float, help="ListObjectsV2 page latency (ms)")
     p.add_argument("--get-ms", type=float, help="GET latency of one image (ms)")
     p.add_argument("--list-parallel", type=int, default=16, help="sub-prefixes listed at once")
