@@ -7,6 +7,7 @@
 #   make test-all   both (what CI runs); the image test is `make image-test`
 #   make lint       ruff check + ruff format --check + mypy + terraform fmt -check
 #   make bench      the benchmarks; figures go to benchmarks/results/
+#   make capacity   what 1M, 10M and 100M images a night take (docs/capacity.md)
 #   make image      the job image (infra/Dockerfile) with docker or podman, tagged with
 #                   the commit: xfer-job:<12 hex>[-dirty]
 #   make image-test that image built on a base made offline, then a smoke test inside
@@ -19,6 +20,7 @@ STAMP := $(VENV)/.installed-stamp
 BENCH_IMAGES ?= ../shared/data/cats_vs_dogs
 BENCH_WEIGHTS ?= ../shared/weights/mobilenet_v2_1.0_224_imagenet_no_top.h5
 BENCH_ARGS ?=
+CAPACITY_ARGS ?= --images 1M,10M,100M --deadline 6h
 PYTEST_ARGS ?=
 
 IMAGE ?= xfer-job
@@ -29,7 +31,7 @@ CONTAINER_ENGINE ?= $(shell if docker info >/dev/null 2>&1; then echo docker; \
 	elif command -v podman >/dev/null 2>&1; then echo podman; fi)
 IMAGE_BUILD_ARGS ?=
 
-.PHONY: install demo test test-slow test-all lint format bench image image-test clean
+.PHONY: install demo test test-slow test-all lint format bench capacity image image-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +70,9 @@ test-all: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --images $(BENCH_IMAGES) --weights $(BENCH_WEIGHTS) $(BENCH_ARGS)
+
+capacity: $(STAMP)
+	$(PY) benchmarks/capacity.py $(CAPACITY_ARGS)
 
 image:
 	@test -n "$(CONTAINER_ENGINE)" || { echo "make image: no docker engine and no podman here" >&2; exit 2; }
