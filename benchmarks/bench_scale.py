@@ -3,8 +3,9 @@
     python benchmarks/bench_scale.py [--sizes 10000,30000,100000] [--runs 100,300,1000]
 
 Tiny generated images (16x16 PNGs, each one different, so that sharding keeps them
-all) are uploaded once per size under ``raw/n{N}/{class}/`` on the embedded S3
-server, and every stage is measured at every size, each measurement in a fresh
+all) are uploaded once, in nested folders (``raw/s`` holds all of them, ``raw/s/m``
+the first 30k, ``raw/s/m/m`` the first 10k: see :func:`raw_prefixes`) on the embedded
+S3 server, and every stage is measured at every size, each measurement in a fresh
 driver process of its own (attached to the benchmark's local Ray):
 
 - ``shard``: `xfer shard` (``xfer.shard.shard_dataset``) of the N images;
@@ -53,7 +54,7 @@ CLASSES = ["circle", "square"]
 IMAGE_PX = 16
 MODEL_PX = 32
 SHARD_MB = 0.1  # ~120 tiny images a shard: shards grow in number with the input
-BLOCK_SIZE = 32  # score.block_size: 3,125 parts at 100k
+BLOCK_SIZE = 64  # score.block_size: 1,563 parts at 100k
 SIZES = (10_000, 30_000, 100_000)
 RUNS = (100, 300, 1_000)
 EXPONENT_GOAL = 1.1
@@ -103,23 +104,31 @@ def tiny_pngs(count: int) -> list[bytes]:
     return out
 
 
-def raw_prefix(n: int) -> str:
-    return f"{ROOT}/raw/n{n}"
+def raw_prefixes(sizes: list[int]) -> dict[int, str]:
+    """Nested folders, one per size, the smaller inside the larger: ``raw/s`` holds the
+    largest size, ``raw/s/m`` the next, ... (each image is uploaded once). The smallest
+    holds class folders; a larger one holds the smaller one's folder ``m`` and its own
+    extra images in ``x``: for sharding these are its two classes."""
+    ordered = sorted(sizes)
+    return {n: f"{ROOT}/raw/s" + "/m" * (len(ordered) - 1 - k) for k, n in enumerate(ordered)}
 
 
-def upload(images: list[bytes], n: int, threads: int = 32) -> None:
-    """The first ``n`` images under ``raw/n{n}/{class}/{i}.png`` (classes alternate)."""
+def upload(images: list[bytes], sizes: list[int], threads: int = 32) -> None:
+    """Each image once, under the smallest size's folder that holds it."""
     from xfer import s3
 
     client = s3.s3_client()
-    bucket, key = s3.split_s3(raw_prefix(n))
+    prefixes = raw_prefixes(sizes)
+    ordered = sorted(sizes)
 
     def put(i: int) -> None:
-        name = f"{key}/{CLASSES[i % len(CLASSES)]}/{i:07d}.png"
-        client.put_object(Bucket=bucket, Key=name, Body=images[i], ContentType="image/png")
+        k = next(k for k, n in enumerate(ordered) if i < n)
+        where = f"{CLASSES[i % len(CLASSES)]}" if k == 0 else "x"
+        bucket, key = s3.split_s3(f"{prefixes[ordered[k]]}/{where}/{i:07d}.png")
+        client.put_object(Bucket=bucket, Key=key, Body=images[i], ContentType="image/png")
 
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(put, range(n)))
+        list(pool.map(put, range(max(sizes))))
 
 
 def train_model() -> str:
@@ -200,9 +209,7 @@ def stage_shard(a: dict[str, Any]) -> dict[str, Any]:
     from xfer.shard import shard_dataset
 
     with contextlib.redirect_stdout(io.StringIO()):
-        s = shard_dataset(
-            raw_prefix(a["n"]), dataset_uri(a["n"]), ShardConfig(target_shard_mb=SHARD_MB)
-        )
+        s = shard_dataset(a["src"], dataset_uri(a["n"]), ShardConfig(target_shard_mb=SHARD_MB))
     return {"items": s.inputs, "rows": sum(s.rows.values()), "shards": sum(s.shards.values())}
 
 
@@ -269,7 +276,7 @@ def stage_night_plan(a: dict[str, Any]) -> dict[str, Any]:
     from xfer.scoreplan import plan_night
 
     final = f"{ROOT}/plans/n{a['n']}/dt={DATE}"
-    night, _ = plan_night({"bench": "scale"}, raw_prefix(a["n"]), "all", final, BLOCK_SIZE)
+    night, _ = plan_night({"bench": "scale"}, a["src"], "all", final, BLOCK_SIZE)
     return {"items": night["rows"], "blocks": night["blocks"]}
 
 
@@ -279,7 +286,7 @@ def stage_score(a: dict[str, Any]) -> dict[str, Any]:
 
     cfg = load_config(None, [f"storage.root={ROOT}", f"score.block_size={BLOCK_SIZE}"])
     with contextlib.redirect_stdout(io.StringIO()):
-        r = score(cfg, a["model"], raw_prefix(a["n"]), f"{ROOT}/predictions/n{a['n']}", DATE)
+        r = score(cfg, a["model"], a["src"], f"{ROOT}/predictions/n{a['n']}", DATE)
     return {"items": int(r.rows), "errors": int(r.errors), "output": str(r.output)}
 
 
@@ -544,6 +551,7 @@ def measure(
     sizes: list[int], runs: list[int], stages: list[str], work: str, env: dict[str, str]
 ) -> dict[str, list[dict[str, Any]]]:
     model = ""
+    prefixes = raw_prefixes(sizes)
     if "score" in stages or "nightly_report" in stages or "runs_list" in stages:
         t0 = time.perf_counter()
         model = train_model()
@@ -556,7 +564,8 @@ def measure(
     points: dict[str, list[dict[str, Any]]] = {s: [] for s in ORDER if s in stages}
     for stage in [s for s in ORDER if s in stages]:
         for n in runs if stage == "runs_list" else sizes:
-            r = run_child(stage, {"n": n, "model": model}, work, env)
+            args = {"n": n, "model": model, "src": prefixes.get(n, "")}
+            r = run_child(stage, args, work, env)
             r["n"] = n
             points[stage].append(r)
             step(
@@ -573,10 +582,8 @@ def run(sizes: list[int], runs: list[int], stages: list[str]) -> dict[str, Any]:
         env = child_env()
         if {"shard", "night_plan", "score"} & set(stages) or "reader_plan" in stages:
             t0 = time.perf_counter()
-            images = tiny_pngs(max(sizes))
-            for n in sizes:
-                upload(images, n)
-            step(f"uploaded {sum(sizes):,} tiny PNGs ({time.perf_counter() - t0:.0f}s)")
+            upload(tiny_pngs(max(sizes)), sizes)
+            step(f"uploaded {max(sizes):,} tiny PNGs ({time.perf_counter() - t0:.0f}s)")
         points = measure(sizes, runs, stages, work, env)
     summary = {s: summarize(s, p) for s, p in points.items() if p}
     RESULTS.mkdir(parents=True, exist_ok=True)
