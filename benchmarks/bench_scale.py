@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import io
 import json
 import math
 import os
+import pstats
+import re
 import subprocess
 import sys
 import time
@@ -168,7 +171,8 @@ def runs_root(count: int) -> str:
 
 def make_runs(run_uri: str, count: int, threads: int = 32) -> None:
     """``count`` copies of the run's folder (and its model pointer) under a root of their
-    own, ids ``YYYYmmdd-HHMMSS-NNNNN`` a minute apart; one in ten without ``_SUCCESS``."""
+    own, ids ``YYYYmmdd-HHMMSS-NNNNN`` and driver start records a minute apart, one in ten
+    without ``_SUCCESS`` (running); each indexed as its driver would (:func:`index_runs`)."""
     from xfer import s3, storage
 
     client = s3.s3_client()
@@ -179,13 +183,16 @@ def make_runs(run_uri: str, count: int, threads: int = 32) -> None:
     pointers = [s3.split_s3(f.uri)[1] for f in storage.list_files(f"{ROOT}/models")]
     dest_bucket, dest_root = s3.split_s3(runs_root(count))
     jobs = [(p, f"{dest_root}/models{p[len(models) :]}") for p in pointers]
+    runs: list[tuple[str, bool]] = []
     for i in range(count):
-        t = time.gmtime(1_767_225_600 + 60 * i)  # 2026-01-01, a minute apart
-        new_id = f"{time.strftime('%Y%m%d-%H%M%S', t)}-{i:05d}"
+        start = 1_767_225_600 + 60 * i  # 2026-01-01, a minute apart
+        new_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(start))}-{i:05d}"
+        complete = i % 10 != 9
+        runs.append((new_id, complete))
         for f in files:
-            if f.endswith("/_SUCCESS") and i % 10 == 9:
+            if f.endswith("/_SUCCESS") and not complete:
                 continue
-            rel = f[len(src_key) + 1 :]
+            rel = re.sub(r"start-\d+-driver", f"start-{start * 1000}-driver", f[len(src_key) + 1 :])
             jobs.append((f, f"{dest_root}/runs/{new_id}/{rel}".replace(run_id, new_id)))
 
     def copy(job: tuple[str, str]) -> None:
@@ -195,6 +202,31 @@ def make_runs(run_uri: str, count: int, threads: int = 32) -> None:
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(copy, jobs))
+    index_runs(runs_root(count), run_uri, runs, threads)
+
+
+def index_runs(root: str, run_uri: str, runs: list[tuple[str, bool]], threads: int) -> None:
+    """The run index's entries (``xfer.runindex.IndexWriter``, where it exists): started,
+    then committed for a complete run, as the training driver writes them."""
+    try:
+        from xfer.runindex import IndexWriter
+    except ImportError:  # no index in this version: runs list reads the run folders
+        return
+    from xfer import storage
+    from xfer.config import load_config
+    from xfer.layout import CONFIG, METRICS
+
+    cfg = load_config(storage.join(run_uri, CONFIG), [f"storage.root={root}"])
+    metrics = storage.read_json(storage.join(run_uri, METRICS))
+
+    def write(run: tuple[str, bool]) -> None:
+        writer = IndexWriter(cfg, run[0], f"{root}/runs/{run[0]}")
+        writer.started()
+        if run[1]:
+            writer.committed({**metrics, "run_id": run[0]})
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(write, runs))
 
 
 # ------------------------------------------------------------ child: the stages
@@ -386,15 +418,30 @@ def count_requests() -> Counter[str]:
     return counts
 
 
+def profile_lines(profiler: cProfile.Profile, top: int = 12) -> list[str]:
+    """The functions with the most time of their own, then the most time below them."""
+    lines = []
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(top)
+        body = text.getvalue().split("filename:lineno(function)", 1)[-1]
+        for line in body.splitlines():
+            if line.strip():
+                line = re.sub(r"\S*/(site-packages|src)/", "", " ".join(line.split()))
+                lines.append(f"[{key}] {line}")
+    return lines
+
+
 def child(stage: str, a: dict[str, Any]) -> None:
     import importlib
 
     for module in ["pyarrow", "pyarrow.parquet", "xfer.storage", *IMPORTS[stage]]:
         importlib.import_module(module)
     counts = count_requests()
+    profiler = cProfile.Profile() if a.get("profile") else None
     baseline = reset_peak()
     t0 = time.perf_counter()
-    out = STAGES[stage](a)
+    out = profiler.runcall(STAGES[stage], a) if profiler else STAGES[stage](a)
     seconds = time.perf_counter() - t0
     peak = _status_mb("VmHWM")
     out.update(
@@ -404,6 +451,8 @@ def child(stage: str, a: dict[str, Any]) -> None:
         peak_above_baseline_mb=peak - baseline,
         requests=dict(counts),
     )
+    if profiler:
+        out["profile"] = profile_lines(profiler)
     print(TAG + json.dumps(out), flush=True)
 
 
@@ -458,7 +507,7 @@ def summarize(stage: str, points: list[dict[str, Any]]) -> dict[str, Any]:
     sizes = [p["n"] for p in points]
     seconds = [p["seconds"] for p in points]
     peaks = [p["peak_rss_mb"] for p in points]
-    growth = exponent(sizes, seconds) if len(points) > 1 else float("nan")
+    growth = exponent(sizes, seconds) if len(points) > 1 else None
     ratio = peaks[-1] / peaks[0]
     return {
         "sizes": sizes,
@@ -469,14 +518,14 @@ def summarize(stage: str, points: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_above_baseline_mb": [round(p["peak_above_baseline_mb"], 1) for p in points],
         "requests_per_item": [per_item(p["requests"], p["items"]) for p in points],
         "requests": [p["requests"] for p in points],
-        "exponent": round(growth, 3),
+        "exponent": None if growth is None else round(growth, 3),
         "memory_ratio": round(ratio, 3),
         "memory_above_baseline_ratio": round(
             max(points[-1]["peak_above_baseline_mb"], 1.0)
             / max(points[0]["peak_above_baseline_mb"], 1.0),
             3,
         ),
-        "meets_exponent": bool(growth <= EXPONENT_GOAL),
+        "meets_exponent": growth is None or growth <= EXPONENT_GOAL,
         "meets_memory": bool(ratio <= MEMORY_GOAL),
         "driver_only": stage in RAY_STAGES,
         "detail": [{k: v for k, v in p.items() if k not in _POINT_KEYS} for p in points],
@@ -502,7 +551,7 @@ def plot(stages: dict[str, dict[str, Any]], path: str) -> None:
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5))
     for name, s in stages.items():
-        ax_t.plot(s["sizes"], s["seconds"], "o-", label=f"{name} (k={s['exponent']:.2f})")
+        ax_t.plot(s["sizes"], s["seconds"], "o-", label=f"{name} (k={s['exponent']})")
         above = [max(m, 0.1) for m in s["peak_above_baseline_mb"]]
         ax_m.plot(s["sizes"], above, "o-", label=f"{name} (x{s['memory_ratio']:.2f})")
     for ax, title, unit in (
@@ -538,7 +587,7 @@ def markdown(stages: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"| {name}{' (driver only)' if s['driver_only'] else ''} "
             f"| {', '.join(f'{n:,}' for n in s['sizes'])} "
-            f"| {', '.join(f'{t:.2f}' for t in s['seconds'])} | {s['exponent']:.2f} "
+            f"| {', '.join(f'{t:.2f}' for t in s['seconds'])} | {s['exponent']} "
             f"| {', '.join(f'{m:.0f}' for m in s['peak_rss_mb'])} "
             f"| {', '.join(f'{m:.0f}' for m in s['peak_above_baseline_mb'])} "
             f"| {s['memory_ratio']:.2f} "
@@ -548,7 +597,12 @@ def markdown(stages: dict[str, dict[str, Any]]) -> str:
 
 
 def measure(
-    sizes: list[int], runs: list[int], stages: list[str], work: str, env: dict[str, str]
+    sizes: list[int],
+    runs: list[int],
+    stages: list[str],
+    work: str,
+    env: dict[str, str],
+    profile: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     model = ""
     prefixes = raw_prefixes(sizes)
@@ -564,7 +618,7 @@ def measure(
     points: dict[str, list[dict[str, Any]]] = {s: [] for s in ORDER if s in stages}
     for stage in [s for s in ORDER if s in stages]:
         for n in runs if stage == "runs_list" else sizes:
-            args = {"n": n, "model": model, "src": prefixes.get(n, "")}
+            args = {"n": n, "model": model, "src": prefixes.get(n, ""), "profile": profile}
             r = run_child(stage, args, work, env)
             r["n"] = n
             points[stage].append(r)
@@ -576,7 +630,9 @@ def measure(
     return points
 
 
-def run(sizes: list[int], runs: list[int], stages: list[str]) -> dict[str, Any]:
+def run(
+    sizes: list[int], runs: list[int], stages: list[str], profile: bool = False
+) -> dict[str, Any]:
     t_all = time.perf_counter()
     with environment() as work:
         env = child_env()
@@ -584,7 +640,7 @@ def run(sizes: list[int], runs: list[int], stages: list[str]) -> dict[str, Any]:
             t0 = time.perf_counter()
             upload(tiny_pngs(max(sizes)), sizes)
             step(f"uploaded {max(sizes):,} tiny PNGs ({time.perf_counter() - t0:.0f}s)")
-        points = measure(sizes, runs, stages, work, env)
+        points = measure(sizes, runs, stages, work, env, profile)
     summary = {s: summarize(s, p) for s, p in points.items() if p}
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(summary, str(RESULTS / "scale.png"))
@@ -620,6 +676,11 @@ def main() -> int:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="items per size")
     parser.add_argument("--runs", default=",".join(map(str, RUNS)), help="runs for runs_list")
     parser.add_argument("--only", default=",".join(ORDER), help="comma-separated stages")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run each stage under cProfile (slower): its top lines go into the results",
+    )
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     runs = sorted(int(s) for s in args.runs.split(","))
@@ -630,7 +691,7 @@ def main() -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(ORDER)}")
-    run(sizes, runs, stages)
+    run(sizes, runs, stages, args.profile)
     return 0
 
 
