@@ -132,6 +132,12 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of runs >= 1")
+    return int(text)
+
+
 def _runs(args: argparse.Namespace) -> int:
     from xfer import runs
     from xfer.config import load_config
@@ -140,8 +146,10 @@ def _runs(args: argparse.Namespace) -> int:
     cfg.apply_storage_env()
     root = cfg.storage.root
     if args.verb == "list":
-        found = runs.list_runs(root, args.model)
-        print(runs.format_table(found) if found else f"no runs under {root}/runs")
+        found = runs.find_runs(root, args.model, None if args.all else args.limit)
+        print(runs.format_table(found.runs) if found.runs else f"no runs under {root}/runs")
+        if runs.not_shown(found):  # on stderr: stdout stays one line per run
+            print(runs.not_shown(found), file=sys.stderr)
     elif args.verb == "show":
         print(runs.show(root, args.run))
     elif args.verb == "compare":
@@ -279,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
             v.add_argument(name, help="run id or run URI" if name != "model_name" else "model name")
         if verb == "list":
             v.add_argument("--model", help="only the runs of this model name")
+            v.add_argument(
+                "--limit", type=_positive, default=50, help="the newest N runs (default 50)"
+            )
+            v.add_argument("--all", action="store_true", help="every run (instead of --limit)")
         if verb in ("promote", "rollback"):
             v.add_argument("--force", action="store_true", help="publish even past a failed gate")
         v.add_argument(

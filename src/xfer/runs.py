@@ -1,6 +1,6 @@
 """`xfer runs`: the runs and published models in the object store, as an operator sees them.
 
-    xfer runs list [--model NAME]       one line per run, newest first
+    xfer runs list [--model NAME] [--limit N | --all]   the newest runs (50), newest first
     xfer runs show RUN                  metrics, lineage, failures, where everything is
     xfer runs compare RUN RUN           the settings that differ, the metrics side by side
     xfer runs promote RUN [--force]     publish a complete run (its gate must have passed)
@@ -10,6 +10,8 @@ RUN is a run id (under ``<storage.root>/runs/``) or a run URI. The storage setti
 come from ``--config`` and ``key=value`` overrides, as for the other commands.
 A run's status (complete, failed, running) and when it started come from
 :mod:`xfer.runstatus`; runs list newest first by that start, whatever their ids.
+Listing reads the run index (:mod:`xfer.runindex`), not every run: its cost grows
+with the runs shown, not with the runs kept.
 
 Publishing is one atomic PUT of ``models/<name>/latest.json``; every pointer ever
 written is also kept under ``models/<name>/history/``. A rollback is a publication
@@ -40,16 +42,30 @@ from xfer.layout import (
     read_pointer_for_update,
 )
 from xfer.report import flatten
+from xfer.runindex import RunList, is_run_name, newest
 from xfer.runstatus import RunSummary, published_runs, read, summarize
 from xfer.train.gate import lost_race_text
 
 
-def list_runs(root: str, model: str | None = None) -> list[RunSummary]:
-    published = published_runs(root)
-    runs = [summarize(root, r, published) for r in storage.list_dirs(layout.runs_prefix(root))]
-    if model:
-        runs = [r for r in runs if r.model_name == model]
-    return sorted(runs, key=lambda r: (r.started, r.run_id), reverse=True)
+def find_runs(root: str, model: str | None = None, limit: int | None = None) -> RunList:
+    """The newest ``limit`` runs (None: all), through the run index (xfer.runindex):
+    a listing of ``runs/`` and one of the index, then only the runs shown are read."""
+    names = [n for n in storage.list_dirs(layout.runs_prefix(root)) if is_run_name(n)]
+    return newest(root, names, model, limit, published_runs(root))
+
+
+def list_runs(root: str, model: str | None = None, limit: int | None = None) -> list[RunSummary]:
+    return find_runs(root, model, limit).runs
+
+
+def not_shown(found: RunList) -> str:
+    """The line under a table that left runs out ('' when it shows them all)."""
+    if found.total <= len(found.runs):
+        return ""
+    return (
+        f"showing the newest {len(found.runs)} of {found.total:,} runs; "
+        "--all lists them all, --limit N the newest N"
+    )
 
 
 def _pct(v: float | None) -> str:

@@ -140,7 +140,27 @@ def _state(j: _Journal) -> tuple[str, str]:
     return status, f"{_stage_text(last.get('stage'))}, last heard {iso(last.get('updated_at'))}"
 
 
+def first_start(uri: str) -> float | None:
+    """When the run's first driver started it (its first start record), or None."""
+    starts = _journal(uri, read_attempts=False).starts
+    return starts[0] if starts else None
+
+
+def figures(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """What the runs table shows of a committed run's ``metrics.json`` (None: not committed)."""
+    m = metrics or {}
+    phases = m.get("phases", {})
+    return {
+        "head_val": phases.get("head", {}).get("val_accuracy"),
+        "fine_tune_val": phases.get("fine_tune", {}).get("val_accuracy"),
+        "test_accuracy": m.get("test", {}).get("accuracy"),
+        "gate_passed": m.get("gate", {}).get("passed") if metrics else None,
+        "wall_s": m.get("wall_time_s"),
+    }
+
+
 def summarize(root: str, run_id: str, published: dict[str, str] | None = None) -> RunSummary:
+    """The run as its own files say (config, ``_SUCCESS``, metrics, journal): 3-4 requests."""
     uri = layout.run_uri(root, run_id)
     config = read(storage.join(uri, CONFIG), "yaml") or {}
     if published is None:
@@ -148,7 +168,6 @@ def summarize(root: str, run_id: str, published: dict[str, str] | None = None) -
     metrics = read(storage.join(uri, METRICS)) if layout.is_complete(uri) else None
     journal = _journal(uri, read_attempts=not metrics)
     status, where = ("complete", "") if metrics else _state(journal)
-    phases = (metrics or {}).get("phases", {})
     return RunSummary(
         run_id=run_id,
         uri=uri,
@@ -156,12 +175,8 @@ def summarize(root: str, run_id: str, published: dict[str, str] | None = None) -
         model_name=str((config.get("output") or {}).get("model_name", "")),
         dataset=str((config.get("data") or {}).get("dataset", "")),
         base=str((config.get("model") or {}).get("base", "")),
-        head_val=phases.get("head", {}).get("val_accuracy"),
-        fine_tune_val=phases.get("fine_tune", {}).get("val_accuracy"),
-        test_accuracy=(metrics or {}).get("test", {}).get("accuracy"),
-        gate_passed=(metrics or {}).get("gate", {}).get("passed") if metrics else None,
         published=run_id in published,
         started=_started(uri, run_id, journal),
-        wall_s=(metrics or {}).get("wall_time_s"),
         where=where,
+        **figures(metrics),
     )

@@ -32,6 +32,7 @@ from xfer.configbase import merge
 from xfer.errors import ConfigError, DataError, JobFailed, NotFoundError, XferError
 from xfer.layout import CONFIG, CONSOLE_LOG, is_complete, runs_prefix
 from xfer.manifest import Manifest, load_manifest
+from xfer.runindex import IndexWriter
 from xfer.train.failure import failed_run
 from xfer.train.outputs import TrainResult, completed_run, finish_run
 
@@ -56,7 +57,8 @@ def submission_run_id() -> str | None:
         return None
     if not submission:
         return None
-    return re.sub(r"[^A-Za-z0-9._-]", "-", str(submission))[:120]
+    # Names under runs/ that start with "_" or "." are not runs (the run index is one).
+    return re.sub(r"[^A-Za-z0-9._-]", "-", str(submission))[:120].lstrip("_.") or None
 
 
 # --------------------------------------------------------------- preflight
@@ -291,6 +293,8 @@ def _train(cfg: XferConfig) -> TrainResult:
     if not resuming:  # past every check: a config refused up to here leaves no run
         record_dataset(run_uri, manifest.uri, manifest.checksum)
     record_start(run_uri, resuming, recover)  # when it started (or resumed), for xfer runs
+    index = IndexWriter(cfg, run_id, run_uri)  # xfer runs list's cache of the run's state
+    index.started()
     c = cfg.cluster
     resources: dict[str, float] = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
@@ -342,9 +346,11 @@ def _train(cfg: XferConfig) -> TrainResult:
             result = trainer.fit()
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run stops, and says so
             record_error(run_uri, None, "stopped by the user (Ctrl-C or SIGTERM)")
+            index.failed()
             raise
         except Exception as exc:
             record_error(run_uri, None, describe_exception(exc))
+            index.failed()
             raise failed_run(exc, run_id, run_uri) from None
         final = result.metrics or {}
         if not final.get("final"):
@@ -354,7 +360,7 @@ def _train(cfg: XferConfig) -> TrainResult:
             )
         enter_outputs(run_uri)
         try:
-            return finish_run(
+            done = finish_run(
                 cfg,
                 manifest,
                 run_id,
@@ -366,7 +372,10 @@ def _train(cfg: XferConfig) -> TrainResult:
             )
         except Exception as exc:
             record_error(run_uri, None, describe_exception(exc))
+            index.failed()
             raise
+        index.committed(done.metrics)
+        return done
     finally:
         if not log_kept:  # a run that did not commit keeps its log too
             keep_log()
