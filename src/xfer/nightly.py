@@ -6,7 +6,9 @@
 Per night: images scored, error rows (grouped by reason, with examples), counts and
 shares per predicted class, the confidence histogram; and the same figures for the
 model's own test split (``<run>/predictions/test.parquet``, scored by the same code
-when the model was trained), with two simple drift signals:
+when the model was trained), with two simple drift signals. The night and the test
+split are read part by part (:mod:`xfer.nightstats`): the driver keeps counts, never
+their rows. The drift signals:
 
 - ``class_shift``: total variation distance between the predicted-class shares of the
   night and of the test split (0: the same mix, 1: no class in common);
@@ -30,7 +32,6 @@ from __future__ import annotations
 import html
 import json
 import sys
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -38,106 +39,65 @@ import numpy as np
 from xfer import storage
 from xfer.commit import SUCCESS
 from xfer.layout import PREDICTIONS
+from xfer.nightstats import BINS, figures, read_stats
 
 CLASS_SHIFT_LIMIT = 0.15
 CONFIDENCE_DROP_LIMIT = 0.10
 SIGNIFICANCE = 0.01
-BINS = 10
 SUMMARY = "_summary.json"
 REPORT = "_report.html"
 
 
-def _figures(
-    predicted: list[str | None], probability: list[float | None], classes: list[str]
-) -> dict[str, Any]:
-    ok = [(p, c) for p, c in zip(predicted, probability, strict=True) if p is not None]
-    counts = Counter(p for p, _ in ok)
-    n = len(ok)
-    conf = np.array([c for _, c in ok], dtype=float)
-    hist, _ = np.histogram(conf, bins=BINS, range=(0.0, 1.0))
-    return {
-        "scored": n,
-        "per_class": {c: counts.get(c, 0) for c in classes},
-        "shares": {c: counts.get(c, 0) / n if n else 0.0 for c in classes},
-        "confidence_histogram": hist.tolist(),
-        "mean_confidence": float(conf.mean()) if n else None,
-        "low_confidence_share": float((conf < 0.6).mean()) if n else None,
-    }
-
-
-def _read(uris: list[str]) -> Any:
-    import pyarrow as pa
-
-    tables = [
-        storage.read_parquet(u, columns=["key", "predicted_label", "probability", "error"])
-        for u in uris
-    ]
-    if tables:
-        return pa.concat_tables(tables)
-    text, real = pa.array([], pa.string()), pa.array([], pa.float64())  # a night of 0 images
-    return pa.table({"key": text, "predicted_label": text, "probability": real, "error": text})
-
-
 def summarize_night(partition: str, classes: list[str], run_uri: str) -> dict[str, Any]:
+    """The night's figures, streamed part by part (:mod:`xfer.nightstats`), beside the
+    model's test split's."""
     marker = storage.read_json(storage.join(partition, SUCCESS))
-    table = _read([storage.join(partition, f) for f in marker["files"]])
-    errors = [
-        (k, e)
-        for k, e in zip(
-            table.column("key").to_pylist(), table.column("error").to_pylist(), strict=True
-        )
-        if e
-    ]
-    night = _figures(
-        table.column("predicted_label").to_pylist(),
-        table.column("probability").to_pylist(),
-        classes,
-    )
+    stats = read_stats([storage.join(partition, f) for f in marker["files"]])
+    night = figures(stats.scored, classes)
     summary: dict[str, Any] = {
         "partition": partition,
         "run_id": marker.get("run_id"),
         "model_name": marker.get("model_name"),
         "scored_at": marker.get("scored_at"),
         "input": marker.get("input"),
-        "rows": table.num_rows,
-        "errors": len(errors),
-        "error_reasons": dict(
-            Counter(e.split(":")[0].split(" (")[0] for _, e in errors).most_common(10)
-        ),
-        "error_examples": [{"key": k, "error": e} for k, e in errors[:20]],
+        "rows": stats.rows,
+        "errors": stats.errors,
+        "error_reasons": dict(stats.reasons.most_common(10)),
+        "error_examples": stats.examples,
         "night": night,
         "test_split": None,
         "drift": None,
     }
     test_uri = storage.join(run_uri, PREDICTIONS, "test.parquet")
     if storage.exists(test_uri):
-        test = _read([test_uri])
-        ref = _figures(
-            test.column("predicted_label").to_pylist(),
-            test.column("probability").to_pylist(),
-            classes,
-        )
+        ref = figures(read_stats([test_uri]).scored, classes)
         summary["test_split"] = ref
-        if night["scored"] and ref["scored"]:
-            shift = 0.5 * sum(abs(night["shares"][c] - ref["shares"][c]) for c in classes)
-            drop = (ref["mean_confidence"] or 0) - (night["mean_confidence"] or 0)
-            p = chi_square_p(
-                [night["per_class"][c] for c in classes], [ref["per_class"][c] for c in classes]
-            )
-            moved = shift > CLASS_SHIFT_LIMIT and p < SIGNIFICANCE
-            summary["drift"] = {
-                "class_shift": shift,
-                "class_shift_p_value": p,
-                "confidence_drop": drop,
-                "flagged": bool(moved or drop > CONFIDENCE_DROP_LIMIT),
-                "limits": {
-                    "class_shift": CLASS_SHIFT_LIMIT,
-                    "p_value": SIGNIFICANCE,
-                    "confidence_drop": CONFIDENCE_DROP_LIMIT,
-                },
-            }
+        summary["drift"] = drift(night, ref, classes)
     summary["look_at"] = _look_at(summary)
     return summary
+
+
+def drift(night: dict[str, Any], ref: dict[str, Any], classes: list[str]) -> dict[str, Any] | None:
+    """The two drift signals of a night against the test split (None: one scored nothing)."""
+    if not (night["scored"] and ref["scored"]):
+        return None
+    shift = 0.5 * sum(abs(night["shares"][c] - ref["shares"][c]) for c in classes)
+    drop = (ref["mean_confidence"] or 0) - (night["mean_confidence"] or 0)
+    p = chi_square_p(
+        [night["per_class"][c] for c in classes], [ref["per_class"][c] for c in classes]
+    )
+    moved = shift > CLASS_SHIFT_LIMIT and p < SIGNIFICANCE
+    return {
+        "class_shift": shift,
+        "class_shift_p_value": p,
+        "confidence_drop": drop,
+        "flagged": bool(moved or drop > CONFIDENCE_DROP_LIMIT),
+        "limits": {
+            "class_shift": CLASS_SHIFT_LIMIT,
+            "p_value": SIGNIFICANCE,
+            "confidence_drop": CONFIDENCE_DROP_LIMIT,
+        },
+    }
 
 
 def _look_at(summary: dict[str, Any]) -> list[str]:
@@ -222,9 +182,9 @@ def _plots(summary: dict[str, Any], classes: list[str]) -> tuple[str, str]:
     shares = png(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     centres = (np.arange(BINS) + 0.5) / BINS
-    for figures, label in ((night, "tonight"), (ref, "model's test split")):
-        if figures and figures["scored"]:
-            hist = np.array(figures["confidence_histogram"], dtype=float)
+    for shown, label in ((night, "tonight"), (ref, "model's test split")):
+        if shown and shown["scored"]:
+            hist = np.array(shown["confidence_histogram"], dtype=float)
             ax.plot(centres, hist / hist.sum(), "-o", label=label, markersize=4)
     ax.set_xlabel("confidence (probability of the predicted class)")
     ax.set_ylabel("share of images")
