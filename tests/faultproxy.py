@@ -20,10 +20,12 @@ Actions: ``slowdown`` (503 SlowDown), ``unavailable`` (503 ServiceUnavailable),
 ``internal`` (500 InternalError), ``denied`` (403 AccessDenied), ``reset`` (the
 connection is closed with a TCP reset, nothing forwarded), ``refuse_keys`` (a
 multi-object delete answered 200 with an AccessDenied error for every key, and
-nothing deleted), and ``kill``: the
+nothing deleted), ``delay`` (forwarded after ``pause`` seconds), and ``kill``: the
 request is forwarded, so the write lands, then ``pid`` is sent SIGKILL before any
 answer reaches it. A rule fires ``times`` times (after skipping the first ``skip``
 matches), or for ``seconds`` from when it was added; :attr:`Rule.hits` counts.
+:attr:`FaultProxy.max_in_flight` is the most requests of each operation it held at
+once (concurrency as the store sees it).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ ERRORS = {
     "internal": (500, "InternalError", "We encountered an internal error."),
     "denied": (403, "AccessDenied", "Access Denied"),
 }
-ACTIONS = {*ERRORS, "reset", "kill", "refuse_keys"}
+ACTIONS = {*ERRORS, "reset", "kill", "refuse_keys", "delay"}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
@@ -61,6 +63,7 @@ class Rule:
     seconds: float | None = None
     skip: int = 0
     pid: int | None = None
+    pause: float = 0.0  # seconds, for "delay"
     hits: int = 0
     seen: int = 0
     added: float = field(default_factory=time.monotonic)
@@ -106,6 +109,8 @@ class FaultProxy:
         self.upstream_port = parsed.port or 80
         self.rules: list[Rule] = []
         self.log: list[Request] = []
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -150,6 +155,7 @@ class FaultProxy:
         with self._lock:
             self.rules.clear()
             self.log.clear()
+            self.max_in_flight.clear()
 
     def requests(self, op: str = "*", pattern: str = "") -> list[Request]:
         with self._lock:
@@ -161,6 +167,17 @@ class FaultProxy:
                 if rule.matches(op, path):
                     return rule
         return None
+
+    @contextlib.contextmanager
+    def _holding(self, op: str) -> Any:
+        with self._lock:
+            self.in_flight[op] = self.in_flight.get(op, 0) + 1
+            self.max_in_flight[op] = max(self.max_in_flight.get(op, 0), self.in_flight[op])
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight[op] -= 1
 
     def _record(self, op: str, path: str, status: int, action: str | None) -> None:
         with self._lock:
@@ -249,6 +266,10 @@ class FaultProxy:
             def _handle(self) -> None:
                 body, chunked = self._body()
                 op = operation(self.command, self.path, self.headers)
+                with proxy._holding(op):
+                    self._answer(op, body, chunked)
+
+            def _answer(self, op: str, body: bytes, chunked: bool) -> None:
                 rule = proxy._rule_for(op, self.path)
                 if rule is not None and rule.action in ERRORS:
                     proxy._record(op, self.path, ERRORS[rule.action][0], rule.action)
@@ -262,6 +283,8 @@ class FaultProxy:
                     proxy._record(op, self.path, 0, "reset")
                     self._reset()
                     return
+                if rule is not None and rule.action == "delay":
+                    time.sleep(rule.pause)
                 status, headers, data = self._forward(body, chunked)
                 if rule is not None and rule.action == "kill":
                     proxy._record(op, self.path, status, "kill")

@@ -19,6 +19,7 @@ import re
 import tempfile
 import uuid
 from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from xfer.errors import StorageError
 from xfer.s3 import is_s3, local_path, split_s3, translate_errors
@@ -26,6 +27,9 @@ from xfer.storage import copy, delete_prefix, join, list_files, write_bytes
 
 SUCCESS = "_SUCCESS"  # the marker of a committed run or partition, written last
 TMP_PREFIX = "_tmp"
+# Objects copied at once by a commit (server-side copies: mostly waiting on the store).
+# boto3's client is shared by the threads; its connection pool (xfer.s3) has room for them.
+COPY_WORKERS = 16
 
 
 def staging_prefix(final: str) -> str:
@@ -71,7 +75,8 @@ def commit_prefix(
     """Move a staged set of objects to ``final``, write ``marker``, then drop the rest.
 
     The order is the commit rule (docs/design.md, "The write contract"): every staged
-    object is copied in (server-side on S3, a rename locally), then the marker is
+    object is copied in (server-side on S3, a rename locally; :data:`COPY_WORKERS` at
+    a time, every one finished before the next step), then the marker is
     written in one PUT, and only then is whatever the new set does not hold deleted,
     staging last. Nothing is deleted before the marker that replaces it is written,
     so a crash or an error at any step leaves the old marker and every object it
@@ -86,8 +91,7 @@ def commit_prefix(
     """
     base = staging.rstrip("/") + "/"
     names = [info.uri[len(base) :] for info in list_files(staging)]
-    for name in names:
-        move(join(staging, name), join(final, into, name))
+    move_all([(join(staging, name), join(final, into, name)) for name in names])
     kept = [join(final, into, name) for name in names]
     if marker:
         write_bytes(join(final, marker), marker_body, "application/json")
@@ -126,6 +130,28 @@ def commit_partition(
 
 def storage_rel(uri: str, prefix: str) -> str:
     return uri[len(prefix.rstrip("/")) + 1 :]
+
+
+def move_all(pairs: list[tuple[str, str]]) -> None:
+    """Every ``(src, dst)`` moved, :data:`COPY_WORKERS` at a time; returns only when all
+    are done. One failure cancels the moves not yet started and is raised once the
+    running ones end (the first in order, as :func:`move` raised it: a
+    :class:`StorageError` naming the object), so no copy outlives the commit's
+    failure and the marker is never written after a failed copy."""
+    if len(pairs) < 2:
+        for src, dst in pairs:
+            move(src, dst)
+        return
+    with ThreadPoolExecutor(max_workers=min(COPY_WORKERS, len(pairs))) as pool:
+        futures = [pool.submit(move, src, dst) for src, dst in pairs]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() for f in done):
+            for f in futures:
+                f.cancel()
+        wait(futures)
+    failed = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+    if failed and failed[0] is not None:
+        raise failed[0]
 
 
 def move(src: str, dst: str) -> None:

@@ -84,6 +84,12 @@ class S3Settings:
         return self.endpoint_url or f"AWS S3 ({self.region})"
 
 
+# Connections the shared client keeps open: room for the threads that share it (a
+# commit's xfer.commit.COPY_WORKERS copies at once); botocore's default is 10, and past it
+# each extra request opens and drops a connection.
+MAX_POOL_CONNECTIONS = 32
+
+
 @functools.lru_cache(maxsize=8)
 def _boto_client(settings: S3Settings) -> Any:
     import boto3
@@ -94,6 +100,7 @@ def _boto_client(settings: S3Settings) -> Any:
         retries={"max_attempts": settings.max_attempts, "mode": "standard"},
         connect_timeout=5,
         read_timeout=120,
+        max_pool_connections=MAX_POOL_CONNECTIONS,
         # S3-compatible servers on an IP address or localhost need path-style URLs.
         s3={"addressing_style": "path" if settings.endpoint_url else "auto"},
     )
