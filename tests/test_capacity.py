@@ -52,14 +52,16 @@ def test_doubling_the_images_doubles_requests_and_their_cost(cap: ModuleType) ->
 
 
 def test_requests_follow_the_code_per_image_block_and_page(cap: ModuleType) -> None:
-    """One GET per image, two PUTs (plan block, part) and one COPY per block, one LIST per
-    1,000 keys; an Inventory manifest replaces the listing with one GET per data file."""
+    """One GET per image; per block two PUTs (plan block, part), one COPY and three GETs
+    (the plan, the report's read of the part, the HEAD before the copy); one LIST per 1,000
+    keys; an Inventory manifest replaces the listing with one GET per data file. (bench_scale
+    measured the driver's share at 10k objects: PUT, COPY exact, GET within 7%.)"""
     n, block = 10_000_000, 2048
     req = cap.night_requests(n, block, 6 * HOURS, 150.0, 2, False)
     blocks = math.ceil(n / block)
     assert req["COPY"] == blocks
     assert req["PUT"] >= 2 * blocks
-    assert n <= req["GET"] <= n + 4 * blocks + 200
+    assert n + 3 * blocks <= req["GET"] <= n + 3 * blocks + 200
     assert req["LIST"] >= n // 1000
     inventory = cap.night_requests(n, block, 6 * HOURS, 150.0, 2, True)
     assert inventory["LIST"] < 100
@@ -132,13 +134,14 @@ def test_bench_scale_figures_are_shown_beside_the_model(tmp_path: Path) -> None:
     """results.json -> scale (bench_scale.py): the night's driver requests per item by
     price class and the driver's peak RSS at each size, next to the derived counts."""
     results = json.loads((SCRIPT.parent / "results" / "results.json").read_text())
-    per_op = {"ListObjectsV2": 0.002, "GetObject": 0.06, "HeadObject": 0.01, "CopyObject": 0.03}
+    per_op = {"ListObjectsV2": 0.002, "GetObject": 0.03, "HeadObject": 0.04, "CopyObject": 0.03}
     score = {
         "sizes": [10_000, 100_000],
         "peak_rss_mb": [300.0, 330.0],
         "requests_per_item": [{}, per_op],
     }
-    results["scale"] = {"figures": {"stages": {"score": score}}}
+    notes = "... shards of 0.1 MB, score.block_size 32, a tiny_cnn model ..."
+    results["scale"] = {"figures": {"stages": {"score": score}}, "notes": notes}
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
     done = run("--images", "1M", "--results", str(path))
