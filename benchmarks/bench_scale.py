@@ -65,15 +65,15 @@ MEMORY_GOAL = 1.3
 TAG = "XFER_BENCH_RESULT "
 CHILD_TIMEOUT_S = 1800
 START = time.perf_counter()
-ORDER = (
+ORDER = (  # the costly score last: a run cut short has recorded the others
     "shard",
     "reader_plan",
     "reader_epoch",
     "cache_plan",
     "night_plan",
+    "runs_list",
     "score",
     "nightly_report",
-    "runs_list",
 )
 RAY_STAGES = ("shard", "score")
 NEEDS = {
@@ -603,6 +603,7 @@ def measure(
     work: str,
     env: dict[str, str],
     profile: bool = False,
+    done: Callable[[dict[str, list[dict[str, Any]]]], None] = lambda points: None,
 ) -> dict[str, list[dict[str, Any]]]:
     model = ""
     prefixes = raw_prefixes(sizes)
@@ -627,6 +628,7 @@ def measure(
                 f"({r['peak_above_baseline_mb']:.0f} above baseline), "
                 f"{sum(r['requests'].values())} requests"
             )
+        done(points)
     return points
 
 
@@ -634,22 +636,38 @@ def run(
     sizes: list[int], runs: list[int], stages: list[str], profile: bool = False
 ) -> dict[str, Any]:
     t_all = time.perf_counter()
+
+    def save(points: dict[str, list[dict[str, Any]]]) -> None:  # after each stage
+        save_results(points, sizes, runs, time.perf_counter() - t_all)
+
     with environment() as work:
         env = child_env()
         if {"shard", "night_plan", "score"} & set(stages) or "reader_plan" in stages:
             t0 = time.perf_counter()
             upload(tiny_pngs(max(sizes)), sizes)
             step(f"uploaded {max(sizes):,} tiny PNGs ({time.perf_counter() - t0:.0f}s)")
-        points = measure(sizes, runs, stages, work, env, profile)
+        points = measure(sizes, runs, stages, work, env, profile, save)
+    return save_results(points, sizes, runs, time.perf_counter() - t_all)
+
+
+def save_results(
+    points: dict[str, list[dict[str, Any]]], sizes: list[int], runs: list[int], total: float
+) -> dict[str, Any]:
     summary = {s: summarize(s, p) for s, p in points.items() if p}
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(summary, str(RESULTS / "scale.png"))
-    total = time.perf_counter() - t_all
     missed = [s for s, v in summary.items() if not (v["meets_exponent"] and v["meets_memory"])]
+    left = [s for s, p in points.items() if not p]
     record(
         "scale",
-        {"stages": summary, "total_seconds": round(total, 1), "missed_goals": missed},
-        notes=notes(sizes, runs, total),
+        {
+            "stages": summary,
+            "total_seconds": round(total, 1),
+            "missed_goals": missed,
+            "not_measured": left,
+        },
+        notes=notes(sizes, runs, total)
+        + (f" Not measured (run cut short): {left}." if left else ""),
         markdown=markdown(summary) + "\n\n![scale](scale.png)",
     )
     return summary
