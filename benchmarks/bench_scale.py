@@ -573,7 +573,7 @@ def plot(stages: dict[str, dict[str, Any]], path: str) -> None:
 def markdown(stages: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| stage | sizes | seconds | exponent | driver peak RSS (MB) | above baseline (MB) "
-        "| memory ratio | requests / item at the largest | goals |",
+        "| memory ratio (above baseline) | requests / item at the largest | goals |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in stages.items():
@@ -590,7 +590,7 @@ def markdown(stages: dict[str, dict[str, Any]]) -> str:
             f"| {', '.join(f'{t:.2f}' for t in s['seconds'])} | {s['exponent']} "
             f"| {', '.join(f'{m:.0f}' for m in s['peak_rss_mb'])} "
             f"| {', '.join(f'{m:.0f}' for m in s['peak_above_baseline_mb'])} "
-            f"| {s['memory_ratio']:.2f} "
+            f"| {s['memory_ratio']:.2f} ({s['memory_above_baseline_ratio']:.2f}) "
             f"| {', '.join(f'{op} {v:.3g}' for op, v in top) or '-'} | {goals} |"
         )
     return "\n".join(lines)
@@ -695,11 +695,25 @@ def main() -> int:
     parser.add_argument("--runs", default=",".join(map(str, RUNS)), help="runs for runs_list")
     parser.add_argument("--only", default=",".join(ORDER), help="comma-separated stages")
     parser.add_argument(
+        "--record-from",
+        metavar="RESULTS_JSON",
+        help="record the scale section of another results.json here (a run made in a copy "
+        "of the tree), re-rendered, with NOTE added to its notes",
+    )
+    parser.add_argument("--note", default="", help="with --record-from: a line for the notes")
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="run each stage under cProfile (slower): its top lines go into the results",
     )
     args = parser.parse_args()
+    if args.record_from:
+        with open(args.record_from) as f:
+            entry = json.load(f)["scale"]
+        notes_text = " ".join(t for t in (entry["notes"], args.note) if t)
+        body = markdown(entry["figures"]["stages"]) + "\n\n![scale](scale.png)"
+        record("scale", entry["figures"], notes_text, body, entry["measured_at"])
+        return 0
     sizes = sorted(int(s) for s in args.sizes.split(","))
     runs = sorted(int(s) for s in args.runs.split(","))
     stages = [s.strip() for s in args.only.split(",") if s.strip()]

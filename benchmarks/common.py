@@ -87,16 +87,24 @@ def machine() -> dict[str, Any]:
     }
 
 
-def record(name: str, figures: dict[str, Any], notes: str = "", markdown: str = "") -> None:
+def record(
+    name: str,
+    figures: dict[str, Any],
+    notes: str = "",
+    markdown: str = "",
+    measured_at: str | None = None,
+) -> None:
     """Merge one benchmark's figures into the committed results.
 
     ``markdown``: the section's body in README.md instead of the figure table (figures
-    that are tables of their own)."""
+    that are tables of their own); ``measured_at``: when, if not now (figures measured
+    in a copy of the tree, recorded here)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "results.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data[name] = {
-        "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "measured_at": measured_at
+        or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "figures": figures,
         "notes": notes,
