@@ -261,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help=".../runs/<run_id> or .../models/<name>")
     p.add_argument(
-        "--input", required=True, help="dataset prefix, image prefix, or CSV/Parquet list"
+        "--input",
+        required=True,
+        help="dataset prefix, image prefix, CSV/Parquet list, or an S3 Inventory manifest.json",
     )
     p.add_argument("--output", required=True, help="predictions prefix (dt=<date>/ is added)")
     p.add_argument(
