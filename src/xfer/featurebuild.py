@@ -150,10 +150,13 @@ def build_part(
         lambda x: extractor(x, training=False),
         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
     )
+    # Reading and decoding start with the iterator, in tf.data's threads; the forward
+    # pass is traced meanwhile, not after the first batch has waited for it.
+    batches = iter(images)
+    forward.get_concrete_function()
     schema = pa.schema([("key", pa.string()), ("features", pa.binary()), ("label", pa.int32())])
     written: dict[str, list[dict[str, Any]]] = {}
     total, dim = 0, 0
-    batches = iter(images)
     ready = np.zeros((0, 0), np.float16)  # features computed, not yet written
     group = 0  # row groups written, over all pieces (the key into ``meta``)
     with tempfile.TemporaryDirectory(prefix="xfer-feat-") as tmp:
