@@ -44,7 +44,9 @@ import pstats
 import re
 import subprocess
 import sys
+import threading
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -432,6 +434,41 @@ def profile_lines(profiler: cProfile.Profile, top: int = 12) -> list[str]:
     return lines
 
 
+class PeakSnapshots:
+    """tracemalloc, and a thread that snapshots the traced heap each time it grows by a
+    fifth: the largest snapshot's top allocation sites say what the driver held at its
+    peak (not what it still holds at the end, which is usually nothing)."""
+
+    def __init__(self, every_s: float = 0.2):
+        self.every_s, self.best, self.size = every_s, None, 0
+        self.stop = threading.Event()
+        tracemalloc.start(4)
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.every_s):
+            current, _ = tracemalloc.get_traced_memory()
+            if current > 1.2 * max(self.size, 1 << 20):
+                self.best, self.size = tracemalloc.take_snapshot(), current
+
+    def top(self, n: int = 10) -> list[str]:
+        self.stop.set()
+        self.thread.join()
+        tracemalloc.stop()
+        if self.best is None:
+            return []
+        stats = self.best.statistics("traceback")[:n]
+        out = [f"traced heap at its largest snapshot: {self.size / 2**20:.1f} MB"]
+        for stat in stats:
+            where = " <- ".join(
+                re.sub(r"\S*/(site-packages|src|benchmarks)/", "", f"{f.filename}:{f.lineno}")
+                for f in stat.traceback
+            )
+            out.append(f"{stat.size / 2**20:.1f} MB in {stat.count} blocks: {where}")
+        return out
+
+
 def child(stage: str, a: dict[str, Any]) -> None:
     import importlib
 
@@ -439,6 +476,7 @@ def child(stage: str, a: dict[str, Any]) -> None:
         importlib.import_module(module)
     counts = count_requests()
     profiler = cProfile.Profile() if a.get("profile") else None
+    heap = PeakSnapshots() if a.get("trace_memory") else None
     baseline = reset_peak()
     t0 = time.perf_counter()
     out = profiler.runcall(STAGES[stage], a) if profiler else STAGES[stage](a)
@@ -453,6 +491,8 @@ def child(stage: str, a: dict[str, Any]) -> None:
     )
     if profiler:
         out["profile"] = profile_lines(profiler)
+    if heap:
+        out["memory_top"] = heap.top()
     print(TAG + json.dumps(out), flush=True)
 
 
@@ -603,6 +643,7 @@ def measure(
     work: str,
     env: dict[str, str],
     profile: bool = False,
+    trace_memory: bool = False,
     done: Callable[[dict[str, list[dict[str, Any]]]], None] = lambda points: None,
 ) -> dict[str, list[dict[str, Any]]]:
     model = ""
@@ -619,7 +660,13 @@ def measure(
     points: dict[str, list[dict[str, Any]]] = {s: [] for s in ORDER if s in stages}
     for stage in [s for s in ORDER if s in stages]:
         for n in runs if stage == "runs_list" else sizes:
-            args = {"n": n, "model": model, "src": prefixes.get(n, ""), "profile": profile}
+            args = {
+                "n": n,
+                "model": model,
+                "src": prefixes.get(n, ""),
+                "profile": profile,
+                "trace_memory": trace_memory,
+            }
             r = run_child(stage, args, work, env)
             r["n"] = n
             points[stage].append(r)
@@ -633,7 +680,11 @@ def measure(
 
 
 def run(
-    sizes: list[int], runs: list[int], stages: list[str], profile: bool = False
+    sizes: list[int],
+    runs: list[int],
+    stages: list[str],
+    profile: bool = False,
+    trace_memory: bool = False,
 ) -> dict[str, Any]:
     t_all = time.perf_counter()
 
@@ -646,7 +697,7 @@ def run(
             t0 = time.perf_counter()
             upload(tiny_pngs(max(sizes)), sizes)
             step(f"uploaded {max(sizes):,} tiny PNGs ({time.perf_counter() - t0:.0f}s)")
-        points = measure(sizes, runs, stages, work, env, profile, save)
+        points = measure(sizes, runs, stages, work, env, profile, trace_memory, save)
     return save_results(points, sizes, runs, time.perf_counter() - t_all)
 
 
@@ -706,6 +757,12 @@ def main() -> int:
         action="store_true",
         help="run each stage under cProfile (slower): its top lines go into the results",
     )
+    parser.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="trace the driver's allocations (slower): the top sites at its peak go into "
+        "the results",
+    )
     args = parser.parse_args()
     if args.record_from:
         with open(args.record_from) as f:
@@ -723,7 +780,7 @@ def main() -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(ORDER)}")
-    run(sizes, runs, stages, args.profile)
+    run(sizes, runs, stages, args.profile, args.trace_memory)
     return 0
 
 
