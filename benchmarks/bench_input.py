@@ -123,6 +123,10 @@ def run(images: str | None, max_side: int = 192) -> dict:
             figures[f"{name}: S3 server's share of the machine's CPU during the S3 pass"] = max(
                 server_share
             )
+            # The in-memory limit over the cores the server left (on a cluster it is elsewhere).
+            figures[f"{name}: reader from S3 / in-memory on the cores the S3 server left"] = best[
+                "s3"
+            ] / (best["memory"] * (1 - max(server_share)))
         figures["reader_vs_decode_limit"] = figures["original: reader from S3 / in-memory"]
         figures["reader_vs_decode_limit, local files"] = figures[
             "original: reader from local files / in-memory"

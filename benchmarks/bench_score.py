@@ -438,6 +438,10 @@ def run_in(images: str, model_uri: str) -> dict:
         f"limit with scoring's own preparation x {cores} (img/s)": limit_exact,
         "score_vs_limit with scoring's own preparation": steady(s10) / limit_exact,
         "S3 server's share of the cores during the 10k run": s10["store_cpu_share"],
+        # The limits read nothing; xfer score reads every photo from a server on these
+        # cores (on a cluster it is elsewhere): the limit over the cores it left.
+        "score_vs_limit on the cores the S3 server left": steady(s10)
+        / (limit * (1 - s10["store_cpu_share"])),
         "raw vs shard: images compared": agree["compared"],
         "raw vs shard: max |dp|": agree["max"],
         "raw vs shard: mean |dp|": agree["mean"],
