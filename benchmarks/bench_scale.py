@@ -540,7 +540,7 @@ def exponent(sizes: list[float], seconds: list[float]) -> float:
 
 
 def per_item(requests: dict[str, int], items: int) -> dict[str, float]:
-    return {op: round(n / max(items, 1), 4) for op, n in sorted(requests.items())}
+    return {op: float(f"{n / max(items, 1):.3g}") for op, n in sorted(requests.items())}
 
 
 def summarize(stage: str, points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -767,6 +767,9 @@ def main() -> int:
     if args.record_from:
         with open(args.record_from) as f:
             entry = json.load(f)["scale"]
+        for stage in entry["figures"]["stages"].values():  # from the raw counts
+            counts = zip(stage["requests"], stage["items"], strict=True)
+            stage["requests_per_item"] = [per_item(r, n) for r, n in counts]
         notes_text = " ".join(t for t in (entry["notes"], args.note) if t)
         body = markdown(entry["figures"]["stages"]) + "\n\n![scale](scale.png)"
         record("scale", entry["figures"], notes_text, body, entry["measured_at"])
