@@ -151,9 +151,10 @@ def build_part(
         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
     )
     # Reading and decoding start with the iterator, in tf.data's threads; the forward
-    # pass is traced meanwhile, not after the first batch has waited for it.
+    # pass is traced and its graph built (its first call, on one image of zeros)
+    # meanwhile, not after the first batch has waited for them.
     batches = iter(images)
-    forward.get_concrete_function()
+    forward(tf.zeros([1, size, size, 3]))
     schema = pa.schema([("key", pa.string()), ("features", pa.binary()), ("label", pa.int32())])
     written: dict[str, list[dict[str, Any]]] = {}
     total, dim = 0, 0
