@@ -5,7 +5,7 @@
 
 Figures go to benchmarks/results/results.json and benchmarks/results/README.md
 (plots next to them). Takes about half an hour on 2 CPUs (plus the scale benchmark's
-~20 minutes: `--only scale`), plus about an hour for
+~25 minutes on a busy 2-CPU machine: `--only scale`), plus about an hour for
 the cross-validation of fine-tuning choices (`--only cv`; `bench_cv.py --resume`
 continues an interrupted one). The real photos and
 weights are not part of the repository: without --images/--weights only the
