@@ -446,3 +446,26 @@ def test_each_night_gets_a_report_with_errors_and_a_drift_signal(trained_run, se
     # The report files do not disturb a table over the partition (names start with _).
     marker = storage.read_json(f"{bucket}/n/dt=2026-05-01/_SUCCESS")
     assert all(not f.startswith("_") for f in marker["files"])
+
+
+def test_reads_run_ahead_of_the_decode_threads(trained_run, session_root, bucket, fault_proxy):
+    """Every GET of an image waits 0.3 s at the store (S3's latency, exaggerated). With
+    one decode thread, reads still go out several at a time (score.read_threads): on
+    main each decode thread did its own GET first, so one thread meant one read in flight
+    and a GPU actor on S3 waited on the network (docs/capacity.md)."""
+    synthesize(f"{bucket}/slow", ["ring", "star"], per_class=8, size=IMAGE_SIZE, seed=5)
+    fault_proxy.add("GET", r"/slow/.+\.(png|jpg)", "delay", pause=0.3, times=10**6)
+    cfg = load_config(
+        None,
+        [
+            f"storage.root={session_root}",
+            "score.num_actors=1",
+            "score.decode_threads=1",
+            "score.read_threads=8",
+            "score.batch_size=8",
+        ],
+    )
+    result = score(cfg, trained_run.run_uri, f"{bucket}/slow", f"{bucket}/preds-slow")
+    assert result.rows == 16 and result.errors == 0
+    assert len(fault_proxy.requests("GET", r"/slow/")) >= 16, "the reads missed the proxy"
+    assert fault_proxy.max_in_flight["GET"] >= 4

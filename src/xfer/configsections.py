@@ -12,6 +12,13 @@ from pydantic import Field, field_validator, model_validator
 
 from xfer.configbase import Strict
 
+# Reads in flight per scoring actor by default. At S3's ~30 ms a GET, n reads feed
+# ~n / 0.03 images/s: 96 keep an L4 at its MobileNetV2 rate (~2,800 img/s,
+# docs/capacity.md), 32 keep a few CPU cores decoding. Within the client's connection
+# pool (xfer.s3.MAX_POOL_CONNECTIONS).
+AUTO_READ_THREADS_GPU = 96
+AUTO_READ_THREADS_CPU = 32
+
 if TYPE_CHECKING:
     from xfer.images import ImageSettings
 
@@ -27,7 +34,13 @@ class ScoreConfig(Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(1.0, ge=0)
     decode_threads: int | Literal["auto"] = Field(
-        "auto", description="threads preparing images in each actor; auto: its CPUs"
+        "auto", description="threads decoding images in each actor; auto: its CPUs"
+    )
+    read_threads: int | Literal["auto"] = Field(
+        "auto",
+        description="image reads in flight in each actor, ahead of its decode threads; auto: "
+        f"{AUTO_READ_THREADS_GPU} with a GPU, {AUTO_READ_THREADS_CPU} on CPUs (a GET takes "
+        "~30 ms on S3: a GPU needs that many in flight to stay fed)",
     )
     block_size: int = Field(
         2048, ge=1, description="images per block: the unit of work, of resuming and of a part file"
@@ -76,7 +89,7 @@ class ScoreConfig(Strict):
             )
         return data
 
-    @field_validator("batch_size", "num_actors", "decode_threads")
+    @field_validator("batch_size", "num_actors", "decode_threads", "read_threads")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 1:
@@ -100,6 +113,11 @@ class ScoreConfig(Strict):
         if self.decode_threads != "auto":
             return int(self.decode_threads)
         return max(1, math.ceil(self.cpus_per_actor))
+
+    def reads(self) -> int:
+        if self.read_threads != "auto":
+            return int(self.read_threads)
+        return AUTO_READ_THREADS_GPU if self.use_gpu else AUTO_READ_THREADS_CPU
 
 
 class ShardConfig(Strict):

@@ -85,9 +85,10 @@ class S3Settings:
 
 
 # Connections the shared client keeps open: room for the threads that share it (a
-# commit's xfer.commit.COPY_WORKERS copies at once); botocore's default is 10, and past it
-# each extra request opens and drops a connection.
-MAX_POOL_CONNECTIONS = 32
+# commit's xfer.commit.COPY_WORKERS copies at once, a scoring actor's reads in flight,
+# 96 by default with a GPU); botocore's default is 10, and past it each extra request
+# opens and drops a connection. Connections open only when used.
+MAX_POOL_CONNECTIONS = 128
 
 
 @functools.lru_cache(maxsize=8)

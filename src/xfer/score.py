@@ -150,6 +150,7 @@ def write_predictions(
         "max_pixels": MAX_PIXELS,
         "batch_size": sc.batch(),
         "threads": sc.threads(),
+        "read_threads": sc.reads(),
         "tta": sc.tta,
         "scored_at": scored_at,
         "max_object_mb": sc.max_object_mb,

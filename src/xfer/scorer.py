@@ -190,6 +190,10 @@ class BlockScorer:
         else:
             self.forward = tf.function(lambda x: model(x, training=False))
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="xfer-decode")
+        # Reads wait on the store, decodes on the CPU: separate pools, so a GET's latency
+        # is hidden by the reads in flight instead of idling a decode thread.
+        reads = max(1, int(night.get("read_threads", self.threads)))
+        self.reads = ThreadPoolExecutor(reads, thread_name_prefix="xfer-read")
 
     @staticmethod
     def _load_model(model_uri: str, threads: int) -> Any:
@@ -246,15 +250,23 @@ class BlockScorer:
             "refused": "",
         }
 
-    def _prepare(self, item: dict[str, Any]) -> Any:
-        night = self.night
+    def _fetch(self, item: dict[str, Any]) -> Future[Any]:
+        """On a read thread: the item's bytes, then their decode queued on the decode pool.
+
+        The future gives the pixels, or the row's error text."""
         data = item.get("image")
         if data is None:
-            data = _read_input(item, float(night["max_object_mb"]))
+            data = _read_input(item, float(self.night["max_object_mb"]))
             if isinstance(data, str):
-                return data
+                failed: Future[Any] = Future()
+                failed.set_result(data)
+                return failed
+        return self.pool.submit(self._decode, bytes(data))
+
+    def _decode(self, data: bytes) -> Any:
+        night = self.night
         return image_pixels(
-            bytes(data),
+            data,
             night["image_size"],
             night["max_side"],
             night["max_pixels"],
@@ -264,7 +276,8 @@ class BlockScorer:
     def _predict(self, items: list[dict[str, Any]]) -> tuple[Any, list[str | None]]:
         """Probabilities [n, classes] (NaN for errors) and the error of each row.
 
-        Images are prepared by the thread pool up to two batches ahead of the model.
+        Images are read (``read_threads`` at a time) and decoded (``decode_threads``) up
+        to two batches ahead of the model.
         """
         import numpy as np
 
@@ -279,13 +292,13 @@ class BlockScorer:
             begin = next(starts, None)
             if begin is not None:
                 chunk = items[begin : begin + size]
-                pending.append((begin, [self.pool.submit(self._prepare, it) for it in chunk]))
+                pending.append((begin, [self.reads.submit(self._fetch, it) for it in chunk]))
 
         for _ in range(3):
             submit()
         while pending:
             begin, futures = pending.popleft()
-            results = [f.result() for f in futures]
+            results = [f.result().result() for f in futures]
             submit()
             good = [i for i, r in enumerate(results) if not isinstance(r, str)]
             for i, r in enumerate(results):
