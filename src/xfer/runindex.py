@@ -189,12 +189,8 @@ def _summary(root: str, run: Entry | RunSummary, published: dict[str, str]) -> R
         model_name=run.model_name,
         dataset=str(body.get("dataset", "")),
         base=str(body.get("base", "")),
-        head_val=body.get("head_val"),
-        fine_tune_val=body.get("fine_tune_val"),
-        test_accuracy=body.get("test_accuracy"),
-        gate_passed=body.get("gate_passed"),
         published=run.run_id in published,
         started=run.started,
-        wall_s=body.get("wall_s"),
         where="",
+        **{name: body.get(name) for name in figures(None)},  # what the entry recorded
     )

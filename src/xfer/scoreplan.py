@@ -221,7 +221,7 @@ def _plan_input(
             "has_labels": True,
             "label_classes": list(manifest.classes),
         }
-    listing = _list_objects(uri, allow_outside)
+    listing = _list_objects(uri, allow_outside, inventory)
     rows = count = 0
     with ThreadPoolExecutor(8) as pool:
         pending: list[Future[None]] = []
@@ -271,15 +271,15 @@ def _write_plan_block(plan_uri: str, block: int, rows: list[dict[str, Any]]) -> 
     storage.write_parquet(table, storage.join(plan_uri, f"block-{block:05d}.parquet"))
 
 
-def _list_objects(uri: str, allow_outside: bool = False) -> Any:
+def _list_objects(uri: str, allow_outside: bool = False, inventory: bool | None = None) -> Any:
     """key/source_uri/size of each image under a prefix, in a CSV/Parquet list or an S3
-    Inventory report (streamed)."""
+    Inventory report (streamed); ``inventory``: whether the caller already knows it is one."""
     if inputs.is_list(uri):
         try:
             found: Any = inputs.read_list(uri, labelled=False, allow_outside=allow_outside)
         except DataError as exc:
             raise DataError(f"--input: {exc}") from None
-    elif inputs.is_inventory(uri):
+    elif inventory or (inventory is None and inputs.is_inventory(uri)):
         found = inputs.from_inventory(uri)
     else:
         found = inputs.under_prefix(uri)
