@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_cv
+import bench_decisions
 import bench_input
 import bench_quality
 import bench_scale
@@ -28,7 +29,7 @@ import bench_score
 import bench_shard
 from common import environment
 
-ALL = ("input", "shard", "scale", "quality", "score", "cv")
+ALL = ("input", "shard", "scale", "quality", "score", "decisions", "cv")
 
 
 def main() -> int:
@@ -62,6 +63,9 @@ def main() -> int:
             if "score" in chosen:
                 # Always the quick model (one head epoch), whose figures the scoring notes describe.
                 bench_score.run_in(args.images, bench_score.quick_model(args.images, args.weights))
+    if have_photos and "decisions" in chosen:
+        with environment():  # its own store: a 60/20/20 split of the photos
+            bench_decisions.run_in(args.images, args.weights)
     if have_photos and "cv" in chosen:
         with environment():  # its own store: the folds are datasets of their own
             bench_cv.run_in(args.images, args.weights, list(bench_cv.DEFAULT_CONFIGS))

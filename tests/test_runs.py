@@ -206,9 +206,15 @@ def test_a_challenger_must_beat_the_published_model_on_the_same_images(
     assert vs["challenger_accuracy"] < vs["accuracy"] and not vs["beaten"]
     assert not challenger.published and not challenger.metrics["gate"]["passed"]
     assert storage.read_json(f"{session_root}/models/{MODEL}/latest.json")["run_id"] == champion
-    assert "vs the published run" in challenger.describe() and "not beaten" in challenger.describe()
+    # Paired on the same images: the discordant counts, the p-value and the interval.
+    assert vs["pairs"] == expected["examples"] and vs["verdict"] in ("worse", "no evidence")
+    assert vs["champion_only"] > vs["challenger_only"]
+    described = challenger.describe()
+    assert f"vs the published run {champion} (better): " in described
+    assert f"p = {vs['p_value']:.3g}" in described and "not published" in described
     report = storage.read_text(f"{challenger.run_uri}/report.html")
-    assert f"vs the published run <code>{champion}</code>" in report and "not beaten" in report
+    assert f"vs the published run <code>{champion}</code>" in report and "not published" in report
+    assert "McNemar exact p" in report
 
 
 def test_the_report_shows_the_most_confident_mistakes_and_calibration(runs, session_root):

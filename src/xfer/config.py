@@ -14,7 +14,7 @@ looks like a secret before the config is written next to a run's outputs.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -180,13 +180,26 @@ class ClusterConfig(Strict):
 
 
 class GateConfig(Strict):
+    RETIRED: ClassVar[dict[str, str]] = {
+        "margin": "retired: a margin on accuracy let noise decide; the comparison is now a "
+        "paired test, set output.gate.mode (better | not_worse) and output.gate.alpha",
+    }
     min_test_accuracy: float = Field(0.0, ge=0.0, le=1.0)
+    min_class_recall: float = Field(
+        0.0, ge=0.0, le=1.0, description="every class's test recall must reach this (0: no floor)"
+    )
     vs_published: bool = Field(
         False,
-        description="also beat the published model on this run's test split (both scored here)",
+        description="also compare with the published model on this run's test split, image by "
+        "image (both scored here): McNemar's exact test and a bootstrap interval",
     )
-    margin: float = Field(
-        0.0, ge=-1.0, le=1.0, description="vs_published: by at least this much test accuracy"
+    mode: Literal["better", "not_worse"] = Field(
+        "better",
+        description="vs_published: better = publish only if better beyond noise; not_worse = "
+        "publish unless worse beyond noise (a retrain on fresh data)",
+    )
+    alpha: float = Field(
+        0.05, gt=0.0, lt=0.5, description="vs_published: the significance level of the paired test"
     )
 
 
@@ -196,6 +209,11 @@ class OutputConfig(Strict):
     gate: GateConfig = GateConfig()
     publish: bool = Field(True, description="move models/<name>/latest.json when the gate passes")
     predictions: bool = Field(True, description="score the test split into predictions/")
+    calibrate: bool = Field(
+        True,
+        description="fit temperature scaling on the validation split after training; scoring "
+        "and the SavedModel export apply it",
+    )
     report: bool = True
 
 

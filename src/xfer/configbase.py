@@ -104,7 +104,10 @@ def format_errors(
         if err["type"] == "extra_forbidden":
             parent = _model_at(root, loc[:-1])
             hint = ""
-            if parent is not None:
+            retired = getattr(parent, "RETIRED", {}) if parent is not None else {}
+            if str(loc[-1]) in retired:
+                hint = f" ({retired[str(loc[-1])]})"
+            elif parent is not None:
                 close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), n=1)
                 if close:
                     hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)"

@@ -48,6 +48,11 @@ class ScoreConfig(Strict):
     tta: bool = Field(
         False, description="test-time augmentation: average the image's and its mirror's outputs"
     )
+    calibrated: bool = Field(
+        True,
+        description="apply the model's temperature scaling (fitted on its validation split) to "
+        "the probabilities; false: the network's own. Each file's metadata says which",
+    )
     date_offset_days: int = Field(
         0,
         description="the night {date} names without --date: the UTC date the job starts "

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xfer import storage
+from xfer.calibration import temperature_of
 from xfer.commit import SUCCESS, commit_prefix, staging_prefix
 from xfer.errors import NotFoundError, StorageError, XferError
 from xfer.retry import ride_through
@@ -43,6 +44,7 @@ REPORT = "report.html"
 PREDICTIONS = "predictions"
 # Its own partition: committing it must not replace the run's own predictions.
 GATE_PREDICTIONS = "gate"
+CALIBRATION = "calibration"  # the validation split, scored to fit the temperature
 CONSOLE_LOG = "logs/console.log"
 TENSORBOARD = "tensorboard"
 LATEST = "latest.json"
@@ -92,6 +94,9 @@ class ModelRef:
     image_size: int
     max_side: int | None = None  # the pre-resize of the images it was trained on
     jpeg_quality: int | None = None  # how its shards re-encoded converted images
+    # Temperature scaling fitted on the run's validation split (xfer.calibration);
+    # None: uncalibrated, the network's own probabilities.
+    temperature: float | None = None
 
     @property
     def model_file(self) -> str:
@@ -142,6 +147,7 @@ def resolve_model(uri: str, require_committed: bool = True) -> ModelRef:
         image_size=int(info["image_size"]),
         max_side=preparation.get("max_side"),
         jpeg_quality=preparation.get("jpeg_quality"),
+        temperature=temperature_of(info),
     )
 
 

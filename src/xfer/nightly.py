@@ -48,6 +48,13 @@ SUMMARY = "_summary.json"
 REPORT = "_report.html"
 
 
+def _probabilities(summary: dict[str, Any]) -> str:
+    t = summary.get("temperature")
+    if summary.get("probabilities") == "calibrated" and t is not None:
+        return f"calibrated (temperature {float(t):.3f})"
+    return "uncalibrated (the network's own)"
+
+
 def summarize_night(partition: str, classes: list[str], run_uri: str) -> dict[str, Any]:
     """The night's figures, streamed part by part (:mod:`xfer.nightstats`), beside the
     model's test split's."""
@@ -60,6 +67,8 @@ def summarize_night(partition: str, classes: list[str], run_uri: str) -> dict[st
         "model_name": marker.get("model_name"),
         "scored_at": marker.get("scored_at"),
         "input": marker.get("input"),
+        "probabilities": marker.get("probabilities", "uncalibrated"),
+        "temperature": marker.get("temperature"),
         "rows": stats.rows,
         "errors": stats.errors,
         "error_reasons": dict(stats.reasons.most_common(10)),
@@ -221,7 +230,8 @@ def render_nightly(summary: dict[str, Any], classes: list[str]) -> str:
         f"<h1>Night <code>{esc(summary['partition'].rsplit('/', 1)[-1])}</code></h1>",
         f"<p>{summary['rows']} images from <code>{esc(str(summary['input']))}</code>, model "
         f"<b>{esc(str(summary['model_name']))}</b> (run <code>{esc(str(summary['run_id']))}</code>), "
-        f"scored at {esc(str(summary['scored_at']))}; {summary['errors']} error row(s).</p>",
+        f"scored at {esc(str(summary['scored_at']))}; {summary['errors']} error row(s); "
+        f"probabilities {_probabilities(summary)}.</p>",
         *(
             f"<p style='color:#b00'><b>Look at:</b> {esc(look)}.</p>"
             for look in summary.get("look_at", [])

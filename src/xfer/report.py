@@ -211,14 +211,7 @@ def render_report(
         parts.append("</table>")
     if "mistakes" in test:
         parts.extend(_mistakes_section(test["mistakes"], thumbs or {}, test.get("examples")))
-    if (test.get("calibration") or {}).get("bins"):
-        parts.append(
-            "<h2>Calibration</h2><p>How far the predicted probability can be taken at its "
-            "word: per confidence bin, the share of test images that were right (counts "
-            f"along the bottom). Expected calibration error {_fmt(test['calibration']['ece'])}.</p>"
-            f"<img alt='reliability diagram' src='data:image/png;base64,"
-            f"{reliability_plot(test['calibration'])}'>"
-        )
+    parts.extend(_calibration_section(test.get("calibration") or {}, metrics.get("calibration")))
     parts.append("<h2>Lineage</h2><table>")
     for key, value in flatten(lineage):
         parts.append(
@@ -241,25 +234,75 @@ def _gate_section(gate: dict[str, Any]) -> list[str]:
         f"<td>{'passed' if (gate.get('value') or 0) >= gate.get('min_test_accuracy', 0) else 'failed'}"
         "</td></tr>",
     ]
+    recall = gate.get("class_recall")
+    if recall:
+        worst = min(recall["recall"].values(), default=0.0)
+        rows.append(
+            f"<tr><td>lowest class recall</td><td>{_fmt(worst)}</td><td>&ge; {_fmt(recall['floor'])}</td>"
+            f"<td>{'failed: ' + esc(', '.join(recall['below'])) if recall['below'] else 'passed'}</td></tr>"
+        )
     champion = gate.get("vs_published")
     if champion:
-        needed = (
-            "-"
-            if champion.get("accuracy") is None
-            else f"&ge; {_fmt(champion['accuracy'])} + {_fmt(champion['margin'])}"
-        )
-        why = f" ({esc(champion['reason'])})" if champion.get("reason") else ""
-        rows.append(
-            f"<tr><td>test accuracy vs the published run <code>{esc(champion['run_id'])}</code>, "
-            f"same images, same code</td><td>{_fmt(champion.get('challenger_accuracy'))}</td>"
-            f"<td>{needed}</td><td>{'beaten' if champion['beaten'] else 'not beaten'}{why}</td></tr>"
-        )
+        rows.append(_champion_row(champion))
     rows.append("</table>")
     rows.append(
         f"<p>Published: <b>{'yes' if gate.get('published') else 'no'}</b>"
         f" (<code>{esc(str(gate.get('latest', '')))}</code>).</p>"
     )
     return rows
+
+
+def _champion_row(vs: dict[str, Any]) -> str:
+    """The paired comparison with the published model, as one row of the gate's table."""
+    esc = html.escape
+    what = (
+        f"test accuracy vs the published run <code>{esc(vs['run_id'])}</code>, same images, "
+        "same code"
+    )
+    if "pairs" not in vs:
+        return (
+            f"<tr><td>{what}</td><td>{_fmt(vs.get('challenger_accuracy'))}</td><td>-</td>"
+            f"<td>{'published over it' if vs['beaten'] else 'not published'}"
+            f"{' (' + esc(vs['reason']) + ')' if vs.get('reason') else ''}</td></tr>"
+        )
+    lo, hi = vs["interval"]
+    needed = "better beyond noise" if vs["mode"] == "better" else "not worse beyond noise"
+    return (
+        f"<tr><td>{what}: {vs['pairs']} paired images; only this run right "
+        f"<b>{vs['challenger_only']}</b>, only the champion right <b>{vs['champion_only']}</b>; "
+        f"McNemar exact p = {vs['p_value']:.3g}; difference {100 * vs['difference']:+.1f} points, "
+        f"{100 * vs['confidence']:.0f}% bootstrap interval [{100 * lo:+.1f}, {100 * hi:+.1f}]</td>"
+        f"<td>{_fmt(vs['challenger_accuracy'])} vs {_fmt(vs['accuracy'])}</td>"
+        f"<td>{needed} (alpha {vs['alpha']})</td>"
+        f"<td>{esc(vs['verdict'])}: {'passed' if vs['beaten'] else 'not published'}</td></tr>"
+    )
+
+
+def _calibration_section(cal: dict[str, Any], fitted: dict[str, Any] | None) -> list[str]:
+    """The test split's reliability diagram, and what temperature scaling did to it."""
+    if not cal.get("bins"):
+        return []
+    parts = [
+        "<h2>Calibration</h2><p>How far the predicted probability can be taken at its "
+        "word: per confidence bin, the share of test images that were right (counts "
+        f"along the bottom). Expected calibration error <b>{_fmt(cal['ece'])}</b>"
+    ]
+    if cal.get("calibrated"):
+        parts.append(
+            f" with temperature scaling (T = {cal['temperature']:.3f}, fitted on "
+            f"{(fitted or {}).get('examples', '?')} validation images), "
+            f"{_fmt(cal.get('ece_uncalibrated'))} with the network's own probabilities. "
+            "Predictions files carry the calibrated probabilities (their metadata says so)."
+        )
+    else:
+        why = (fitted or {}).get("reason") or "output.calibrate is off"
+        parts.append(
+            f"; the probabilities are the network's own, not calibrated ({html.escape(why)})."
+        )
+    parts.append(
+        f"</p><img alt='reliability diagram' src='data:image/png;base64,{reliability_plot(cal)}'>"
+    )
+    return ["".join(parts)]
 
 
 def _failures_section(failures: list[dict[str, Any]], changes: list[str] | None) -> list[str]:

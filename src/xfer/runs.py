@@ -24,8 +24,9 @@ from typing import Any
 
 from xfer import layout, storage
 from xfer.commit import SUCCESS
-from xfer.errors import XferError
+from xfer.errors import NotFoundError, XferError
 from xfer.layout import (
+    CALIBRATION,
     CONFIG,
     CONSOLE_LOG,
     GATE_PREDICTIONS,
@@ -45,6 +46,7 @@ from xfer.report import flatten
 from xfer.runindex import RunList, is_run_name, newest
 from xfer.runstatus import RunSummary, published_runs, read, summarize
 from xfer.train.gate import lost_race_text
+from xfer.train.outputs import versus_text
 
 
 def find_runs(root: str, model: str | None = None, limit: int | None = None) -> RunList:
@@ -139,6 +141,8 @@ def show(root: str, run: str) -> str:
             + ("passed" if gate.get("passed") else "not passed")
             + ("; published (latest)" if r.published else "")
         )
+        if gate.get("vs_published"):
+            lines.append("  " + versus_text(gate["vs_published"]).removeprefix("; "))
         if gate.get("lost_race"):
             lines.append(f"  {lost_race_text(r.run_id, gate['lost_race'])}")
         for failure in m.get("failures", []):
@@ -161,6 +165,7 @@ def show(root: str, run: str) -> str:
         (REPORT, "the report"),
         (f"{PREDICTIONS}/test.parquet", "predictions on the test split"),
         (f"{GATE_PREDICTIONS}/", "the published model's predictions on it (champion/challenger)"),
+        (f"{CALIBRATION}/val.parquet", "the validation split, on which the temperature was fitted"),
         (CONSOLE_LOG, "everything Ray and TensorFlow printed"),
         (f"{TENSORBOARD}/", "per-epoch scalars"),
     ):
@@ -186,6 +191,7 @@ def compare(root: str, a: str, b: str) -> str:
     if None not in (ra.test_accuracy, rb.test_accuracy):
         diff = 100 * (rb.test_accuracy - ra.test_accuracy)  # type: ignore[operator]
         lines.append(f"{'test accuracy, second - first':<32} {diff:+.1f} points")
+    lines.extend(paired_lines(ua, ub))
     differ = [
         k for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k) and k != "output.run_id"
     ]
@@ -193,6 +199,37 @@ def compare(root: str, a: str, b: str) -> str:
     for key in differ:
         lines.append(f"  {key:<30} {ca.get(key)!s:<{width}} {cb.get(key)!s:<{width}}")
     return "\n".join(lines)
+
+
+def paired_lines(first: str, second: str, alpha: float = 0.05) -> list[str]:
+    """Both runs' test predictions compared image by image (:mod:`xfer.paired`)."""
+    from xfer.paired import compare as paired_compare
+    from xfer.paired import outcomes
+
+    tables = []
+    for uri in (second, first):
+        try:
+            tables.append(storage.read_parquet(storage.join(uri, PREDICTIONS, "test.parquet")))
+        except NotFoundError:
+            return [f"paired comparison: {storage.basename(uri)} kept no test predictions"]
+    right, other, left_out = outcomes(*tables)
+    if not len(right):
+        return ["paired comparison: the two test splits share no scored image"]
+    cmp = paired_compare(right, other, alpha)
+    lo, hi = cmp.interval
+    lines = [
+        f"paired on the test split: {cmp.pairs} images both scored; only the second right "
+        f"{cmp.challenger_only}, only the first right {cmp.champion_only}",
+        f"  McNemar exact p = {cmp.p_two_sided:.3g} (two-sided); second - first "
+        f"{100 * cmp.difference:+.1f} points, {100 * cmp.confidence:.0f}% bootstrap interval "
+        f"[{100 * lo:+.1f}, {100 * hi:+.1f}]",
+    ]
+    if left_out["challenger_only_keys"] or left_out["champion_only_keys"]:
+        lines.append(
+            f"  images only one run scored: {left_out['challenger_only_keys']} (second), "
+            f"{left_out['champion_only_keys']} (first): their test splits differ"
+        )
+    return lines
 
 
 # ----------------------------------------------------------------- publishing

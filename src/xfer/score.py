@@ -62,6 +62,7 @@ class ScoreResult:
     blocks: int = 0
     resumed_blocks: int = 0  # done by an earlier attempt at the same night
     report_only: bool = False  # committed before: only its missing report was written
+    temperature: float | None = None  # the calibration applied (None: uncalibrated)
 
     @property
     def images_per_s(self) -> float:
@@ -85,7 +86,12 @@ class ScoreResult:
             f"scored {self.rows} inputs ({self.errors} with errors) with "
             f"{model} in {self.seconds:.1f}s: "
             f"start-up {self.startup_seconds:.1f}s, then {self.steady_images_per_s:.1f} images/s"
-            f"{resumed}\n  predictions: {self.output}"
+            f"{resumed}\n  predictions: {self.output} ("
+            + (
+                f"calibrated probabilities, temperature {self.temperature:.3f})"
+                if self.temperature is not None
+                else "uncalibrated probabilities)"
+            )
         )
 
 
@@ -147,6 +153,7 @@ def write_predictions(
         "image_size": ref.image_size,
         "max_side": ref.max_side,
         "jpeg_quality": ref.jpeg_quality,
+        "temperature": ref.temperature if sc.calibrated else None,
         "max_pixels": MAX_PIXELS,
         "batch_size": sc.batch(),
         "threads": sc.threads(),
@@ -206,6 +213,9 @@ def write_predictions(
             "scored_at": scored_at,
             "input": input_uri,
             "classes": ref.classes,
+            # What the files' probabilities are (each part's metadata says it too).
+            "probabilities": "calibrated" if work["temperature"] is not None else "uncalibrated",
+            "temperature": work["temperature"],
         },
         single_file=single_file,
     )
@@ -221,6 +231,7 @@ def write_predictions(
         steady_images_per_s=rows_now / steady if steady > 0 else 0.0,
         blocks=night["blocks"],
         resumed_blocks=len(done),
+        temperature=work["temperature"],
     )
 
 
@@ -231,6 +242,7 @@ def _identity(ref: ModelRef, sc: ScoreConfig, quiet: bool = False) -> dict[str, 
         "max_side": ref.max_side,
         "jpeg_quality": ref.jpeg_quality,
         "image_size": ref.image_size,
+        "temperature": ref.temperature if sc.calibrated else None,
         "tta": sc.tta,
         "quiet": quiet,
         "max_object_mb": sc.max_object_mb,

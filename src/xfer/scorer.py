@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from xfer import s3, storage
+from xfer.calibration import apply_temperature, file_metadata
 from xfer.errors import NotFoundError, StorageError, StoreUnavailable
 from xfer.images import (
     CONVERTIBLE_MODES,
@@ -312,6 +313,8 @@ class BlockScorer:
                 out = np.asarray(self.forward(x), dtype=np.float64)[: len(good)]
                 if num_classes == 2:
                     out = np.stack([1.0 - out.reshape(-1), out.reshape(-1)], axis=1)
+                if self.night.get("temperature") is not None:
+                    out = apply_temperature(out, self.night["temperature"])
                 for j, i in enumerate(good):
                     probs[begin + i] = out[j]
         return probs, errors
@@ -359,5 +362,9 @@ def predictions_table(
     scored_at = dt.datetime.fromisoformat(night["scored_at"])
     cols["scored_at"] = pa.array([scored_at] * n, pa.timestamp("ms", tz="UTC"))
     cols["error"] = pa.array(errors, pa.string())
-    metadata = {"xfer.classes": json.dumps(classes), "xfer.run_id": night["run_id"]}
+    metadata = {
+        "xfer.classes": json.dumps(classes),
+        "xfer.run_id": night["run_id"],
+        **file_metadata(night.get("temperature")),
+    }
     return pa.table(cols).replace_schema_metadata(metadata)

@@ -20,7 +20,17 @@ from typing import Any
 
 from xfer import __version__, storage
 from xfer.config import XferConfig, resolved_dict
-from xfer.layout import LINEAGE, METRICS, PREDICTIONS, REPORT, resolve_model, write_success
+from xfer.layout import (
+    CALIBRATION,
+    LINEAGE,
+    METRICS,
+    MODEL_DIR,
+    MODEL_INFO,
+    PREDICTIONS,
+    REPORT,
+    resolve_model,
+    write_success,
+)
 from xfer.manifest import Manifest
 from xfer.provenance import git_commit, source_sha256
 from xfer.train.gate import gate_and_publish, lost_race_text
@@ -49,21 +59,22 @@ class TrainResult:
             examples = self.metrics["test"].get("examples")
             on = f" on {examples} images" if examples is not None else ""
             lines.append(f"  test accuracy {_pct(self.test_accuracy)}{on}")
+        cal = (self.metrics.get("test") or {}).get("calibration") or {}
+        if cal.get("calibrated"):
+            lines.append(
+                f"  probabilities calibrated: temperature {cal['temperature']:.2f}, test expected "
+                f"calibration error {cal['ece_uncalibrated']:.3f} -> {cal['ece']:.3f}"
+            )
         for f in self.metrics.get("failures", []):
             lines.append(
                 f"  failure (attempt {f['attempt']}): {_where(f)}, rank {f['rank']}; "
                 f"resumed, {f['epochs_redone']} finished epoch(s) redone"
             )
         gate = self.metrics["gate"]
-        vs = gate.get("vs_published")
-        versus = ""
-        if vs and vs.get("missing"):
-            versus = f"; {vs['reason']}"
-        elif vs:
-            versus = (
-                f"; vs the published run {vs['run_id']} ({_pct(vs.get('accuracy'))}"
-                f" + {100 * vs['margin']:.1f} points): "
-                + ("beaten" if vs["beaten"] else vs.get("reason") or "not beaten")
+        versus = versus_text(gate.get("vs_published"))
+        if (gate.get("class_recall") or {}).get("below"):
+            versus += f"; class recall below {gate['class_recall']['floor']}: " + ", ".join(
+                gate["class_recall"]["below"]
             )
         lines.append(
             f"  gate ({gate['metric'].replace('_', ' ')} >= {gate['min_test_accuracy']}{versus}): "
@@ -73,6 +84,22 @@ class TrainResult:
             lines.append("  " + lost_race_text(self.run_id, gate["lost_race"]))
         lines.append(f"  report: {self.run_uri}/{REPORT}")
         return "\n".join(lines)
+
+
+def versus_text(vs: dict[str, Any] | None) -> str:
+    """The summary line's account of the comparison with the published model."""
+    if not vs:
+        return ""
+    if "pairs" not in vs:
+        return f"; vs the published run {vs['run_id']}: " + (
+            vs.get("reason") or ("compared with nothing" if vs["beaten"] else "not compared")
+        )
+    lo, hi = vs["interval"]
+    return (
+        f"; vs the published run {vs['run_id']} ({vs['mode']}): {vs['challenger_only']} images "
+        f"only this run right, {vs['champion_only']} only the champion, p = {vs['p_value']:.3g}, "
+        f"{100 * vs['difference']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]: {vs['verdict']}"
+    )
 
 
 def completed_run(run_id: str, run_uri: str) -> TrainResult:
@@ -159,63 +186,20 @@ def finish_run(
     resume_changes: list[str] | None = None,
     before_commit: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Predictions, the gate and publication, metrics, lineage, report; ``_SUCCESS`` last.
+    """Calibration, predictions, the gate and publication, metrics, lineage, report;
+    ``_SUCCESS`` last.
 
     ``before_commit`` runs just before ``_SUCCESS`` (the driver keeps its console
     log there), so nothing in a committed run changes after its marker.
     """
-    from xfer.report import (
-        calibration,
-        classification_metrics,
-        mistakes,
-        render_report,
-        thumbnails,
-    )
-    from xfer.score import write_predictions
+    from xfer.report import render_report
 
     history = final["state"]["history"]
     test = dict(final.get("test") or {})
+    calibration = calibrate_model(cfg, manifest, run_uri)
     thumbs: dict[str, str] = {}
     if cfg.output.predictions and "test" in manifest.splits and manifest.splits["test"].rows:
-        import pyarrow.compute as pc
-
-        ref = resolve_model(run_uri, require_committed=False)
-        preds_uri = storage.join(run_uri, PREDICTIONS)
-        write_predictions(
-            ref,
-            manifest.uri,
-            cfg.score,
-            preds_uri,
-            single_file="test.parquet",
-            split="test",
-            quiet=cfg.train.verbose == 0,
-        )
-        table = storage.read_parquet(storage.join(preds_uri, "test.parquet"))
-        table = table.filter(pc.is_null(table.column("error")))
-        cls = classification_metrics(
-            table.column("true_index").to_pylist(),
-            table.column("predicted_index").to_pylist(),
-            manifest.classes,
-        )
-        test.update(
-            examples=cls["examples"],
-            per_class=cls["per_class"],
-            confusion_matrix=cls["confusion_matrix"],
-        )
-        test["accuracy_from_predictions"] = cls["accuracy"]
-        test["calibration"] = calibration(
-            table.column("probability").to_pylist(),
-            [
-                t == p
-                for t, p in zip(
-                    table.column("true_index").to_pylist(),
-                    table.column("predicted_index").to_pylist(),
-                    strict=True,
-                )
-            ],
-        )
-        test["mistakes"] = mistakes(table)
-        thumbs = thumbnails(manifest.shard_uris("test"), {m["key"] for m in test["mistakes"]})
+        thumbs = score_test_split(cfg, manifest, run_uri, test)
     gate_metric, value = gate_value(test, history)
     gate = gate_and_publish(cfg, manifest, run_id, run_uri, test, gate_metric, value)
     metrics: dict[str, Any] = {
@@ -232,6 +216,7 @@ def finish_run(
         "phases": {p: phase_summary(h) for p, h in history.items() if h},
         "history": history,
         "test": test,
+        "calibration": calibration,
         "failures": failures(run_uri),
         "resume_changes": resume_changes or [],
         "feature_cache": final.get("feature_cache") or None,
@@ -252,3 +237,117 @@ def finish_run(
     write_success(run_uri, run_id)
     mark_complete(run_uri)
     return TrainResult(run_id, run_uri, metrics, gate["published"])
+
+
+def calibrate_model(cfg: XferConfig, manifest: Manifest, run_uri: str) -> dict[str, Any] | None:
+    """Temperature scaling fitted on the validation split, kept in the model's record.
+
+    The validation split is scored uncalibrated into ``<run>/calibration/val.parquet``
+    by the scoring code path, ``T`` is fitted there (:mod:`xfer.calibration`), and the
+    record ``model/xfer_model.json`` gains ``calibration`` in one PUT: a crash before it
+    leaves the model uncalibrated and a resume fits again; a record that already has
+    it (an earlier attempt of this run) is kept as it is.
+    """
+    from xfer.calibration import calibrate
+    from xfer.score import write_predictions
+
+    if not cfg.output.calibrate:
+        return None
+    info_uri = storage.join(run_uri, MODEL_DIR, MODEL_INFO)
+    info = storage.read_json(info_uri)
+    if info.get("calibration"):
+        return info["calibration"]
+    if not ("val" in manifest.splits and manifest.splits["val"].rows):
+        return {"calibrated": False, "temperature": 1.0, "reason": "no validation split"}
+    ref = resolve_model(run_uri, require_committed=False)
+    out = storage.join(run_uri, CALIBRATION)
+    sc = cfg.score.model_copy(update={"calibrated": False})
+    write_predictions(
+        ref, manifest.uri, sc, out, single_file="val.parquet", split="val", quiet=True
+    )
+    probs, labels = labelled_probabilities(storage.read_parquet(storage.join(out, "val.parquet")))
+    record = calibrate(probs, labels, "val")
+    storage.write_json(info_uri, {**info, "calibration": record})
+    if record["calibrated"]:
+        print(
+            f"[xfer] calibrated on {record['examples']} validation images: temperature "
+            f"{record['temperature']:.3f}, expected calibration error "
+            f"{record['ece_before']:.3f} -> {record['ece_after']:.3f}",
+            flush=True,
+        )
+    return record
+
+
+def labelled_probabilities(table: Any) -> tuple[Any, Any]:
+    """Class probabilities ``[n, classes]`` and true indices of a predictions table's
+    scored, labelled rows."""
+    import json
+
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from xfer.scoreplan import class_columns
+
+    table = table.filter(
+        pc.and_(pc.is_null(table.column("error")), pc.is_valid(table.column("true_index")))
+    )
+    classes = json.loads(table.schema.metadata[b"xfer.classes"])
+    probs = np.stack(
+        [table.column(c).to_numpy(zero_copy_only=False) for c in class_columns(classes)], axis=1
+    )
+    return probs.reshape(table.num_rows, len(classes)), table.column("true_index").to_numpy()
+
+
+def score_test_split(
+    cfg: XferConfig, manifest: Manifest, run_uri: str, test: dict[str, Any]
+) -> dict[str, str]:
+    """The test split scored into ``predictions/test.parquet``; its figures go into
+    ``test`` (per class, confusion, calibration before and after, mistakes). Returns
+    the mistakes' thumbnails for the report."""
+    from xfer.report import classification_metrics, mistakes, thumbnails
+    from xfer.score import write_predictions
+
+    ref = resolve_model(run_uri, require_committed=False)
+    preds_uri = storage.join(run_uri, PREDICTIONS)
+    write_predictions(
+        ref,
+        manifest.uri,
+        cfg.score,
+        preds_uri,
+        single_file="test.parquet",
+        split="test",
+        quiet=cfg.train.verbose == 0,
+    )
+    table = storage.read_parquet(storage.join(preds_uri, "test.parquet"))
+    probs, labels = labelled_probabilities(table)
+    cls = classification_metrics(labels.tolist(), probs.argmax(axis=1).tolist(), manifest.classes)
+    test.update(
+        examples=cls["examples"],
+        per_class=cls["per_class"],
+        confusion_matrix=cls["confusion_matrix"],
+        accuracy_from_predictions=cls["accuracy"],
+        calibration=test_calibration(probs, labels, table),
+    )
+    import pyarrow.compute as pc
+
+    test["mistakes"] = mistakes(table.filter(pc.is_null(table.column("error"))))
+    return thumbnails(manifest.shard_uris("test"), {m["key"] for m in test["mistakes"]})
+
+
+def test_calibration(probs: Any, labels: Any, table: Any) -> dict[str, Any]:
+    """The reliability table of the test predictions as written, and the ECE the
+    network's own probabilities had (the file's temperature undone)."""
+    from xfer.calibration import apply_temperature, expected_calibration_error
+    from xfer.report import calibration
+
+    meta = table.schema.metadata or {}
+    top = probs.max(axis=1) if len(probs) else probs.reshape(0)
+    out = calibration(top.tolist(), (probs.argmax(axis=1) == labels).tolist() if len(probs) else [])
+    out["calibrated"] = meta.get(b"xfer.probabilities") == b"calibrated"
+    if out["calibrated"]:
+        t = float(meta[b"xfer.temperature"])
+        out["temperature"] = t
+        out["ece_uncalibrated"] = expected_calibration_error(
+            apply_temperature(probs, 1 / t), labels
+        )
+    return out
