@@ -27,10 +27,12 @@ actors that keep dying fail it before the commit; one run at a time holds a nigh
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import re
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,12 +100,13 @@ def write_predictions(
     split: str | None = None,
     quiet: bool = False,
     lock: NightLock | None = None,
+    exclude: Collection[str] = (),
 ) -> ScoreResult:
     """Score ``input_uri`` in blocks on the actor pool; commit at ``final``, marker last.
 
     ``quiet``: progress and the actors' identity go to the log file only (a step of a
     larger job, such as a training run's test predictions). ``lock``: the night's
-    lock, checked to be still ours just before the commit.
+    lock, checked to be still ours just before the commit. ``exclude``: keys not scored.
 
     A night started again for the same partition resumes: blocks already written by
     an earlier attempt are kept (see :mod:`xfer.scoreplan`).
@@ -116,8 +119,11 @@ def write_predictions(
     start = time.monotonic()
     class_columns(ref.classes)  # colliding class columns fail before any work
     tag = "[xfer-detail]" if quiet else "[xfer]"
+    identity = _identity(ref, sc, quiet)
+    if exclude:  # another list of keys left out is another night
+        identity["exclude"] = hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()
     night, resumed = plan_night(
-        _identity(ref, sc, quiet),
+        identity,
         input_uri,
         split or sc.split,
         final,
@@ -154,6 +160,7 @@ def write_predictions(
         "tta": sc.tta,
         "scored_at": scored_at,
         "max_object_mb": sc.max_object_mb,
+        "exclude": sorted(exclude),
     }
     began = last_done = None
     rows_now = 0

@@ -20,6 +20,7 @@ from typing import Any
 
 from xfer import __version__, storage
 from xfer.config import XferConfig, resolved_dict
+from xfer.exclude import Exclusion
 from xfer.layout import LINEAGE, METRICS, PREDICTIONS, REPORT, resolve_model, write_success
 from xfer.manifest import Manifest
 from xfer.provenance import git_commit, source_sha256
@@ -120,7 +121,11 @@ def phase_summary(history: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def lineage(
-    cfg: XferConfig, manifest: Manifest, final: dict[str, Any], run_uri: str
+    cfg: XferConfig,
+    manifest: Manifest,
+    final: dict[str, Any],
+    run_uri: str,
+    exclusion: Exclusion | None = None,
 ) -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -146,6 +151,7 @@ def lineage(
         "packages": {"python": platform.python_version(), **versions},
         "weights": final.get("weights", {"source": cfg.model.weights, "sha256": None}),
         "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+        "exclude": exclusion.lineage() if exclusion is not None else None,  # data.exclude
     }
 
 
@@ -158,6 +164,7 @@ def finish_run(
     wall: float,
     resume_changes: list[str] | None = None,
     before_commit: Callable[[], None] | None = None,
+    exclusion: Exclusion | None = None,
 ) -> TrainResult:
     """Predictions, the gate and publication, metrics, lineage, report; ``_SUCCESS`` last.
 
@@ -189,6 +196,7 @@ def finish_run(
             single_file="test.parquet",
             split="test",
             quiet=cfg.train.verbose == 0,
+            exclude=exclusion.keys_of("test") if exclusion is not None else (),
         )
         table = storage.read_parquet(storage.join(preds_uri, "test.parquet"))
         table = table.filter(pc.is_null(table.column("error")))
@@ -238,7 +246,7 @@ def finish_run(
         "wall_time_s": wall,
         "gate": gate,
     }
-    lin = lineage(cfg, manifest, final, run_uri)
+    lin = lineage(cfg, manifest, final, run_uri, exclusion)
     storage.write_json(storage.join(run_uri, METRICS), metrics)
     storage.write_json(storage.join(run_uri, LINEAGE), lin)
     if cfg.output.report:
