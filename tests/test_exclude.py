@@ -82,12 +82,18 @@ def test_list_formats_give_the_same_keys():
     assert parse_keys("s3://b/issues", buf.getvalue().to_pybytes()) == keys  # sniffed: PAR1
 
 
-def test_bad_lists_are_one_line_naming_the_uri(session_root, target_dataset):
+def test_bad_lists_are_one_line_naming_the_uri(
+    session_root, pretrained_weights, target_dataset, capsys
+):
+    from xfer.cli import main
+
     manifest = load_manifest(target_dataset)
     missing = f"{session_root}/lists/no-such-list.csv"
-    with pytest.raises(ConfigError) as info:
-        load_exclusion(missing, manifest)
-    assert missing in str(info.value) and "\n" not in str(info.value)
+    overrides = train_overrides(session_root, pretrained_weights, **{"data.exclude": missing})
+    capsys.readouterr()
+    assert main(["train", *overrides]) == 2  # refused before any worker starts
+    err = capsys.readouterr().err.strip()
+    assert missing in err and "data.exclude" in err and len(err.splitlines()) == 1
     no_key = f"{session_root}/lists/no-key.csv"
     storage.write_bytes(no_key, b"path,reason\nring/a.png,dup\n")
     with pytest.raises(ConfigError, match="has no 'key' column") as info:
