@@ -75,6 +75,11 @@ class DataConfig(Strict):
     augment: AugmentConfig = AugmentConfig()
     shuffle_buffer: int = Field(1024, ge=0)
     parallel_reads: int = Field(4, ge=1, le=64, description="shards read concurrently")
+    exclude: str | None = Field(
+        None,
+        description="URI of a list of keys to leave out of every split (CSV/Parquet with a "
+        "key column, e.g. a filtered `xfer audit` issues list, or one key per line)",
+    )
 
 
 class DenseLayer(Strict):

@@ -19,7 +19,8 @@ The plan for one epoch, the same on every worker:
 - pipeline ``p`` of ``P`` takes slots ``[p*T/P, (p+1)*T/P)``: disjoint and equal.
 So every real example is seen exactly once per epoch (weight 1), every worker runs
 the same number of steps, and padding rows (weight 0) change neither loss nor
-metrics. Rows stream from object storage through pyarrow, a few row groups ahead in
+metrics. Rows left out by ``data.exclude`` (:mod:`xfer.exclude`) are dropped from each
+row group as it is read, and the plan counts only the rows that remain. Rows stream from object storage through pyarrow, a few row groups ahead in
 threads; decode, resize and augmentation run in parallel ``tf.data`` maps.
 """
 
@@ -38,6 +39,7 @@ import numpy as np
 
 from xfer import s3, storage
 from xfer.errors import StoreUnavailable
+from xfer.exclude import SplitExclusion
 from xfer.manifest import Manifest
 from xfer.preprocess import AugmentSettings, augment, decode_and_resize
 from xfer.retry import ride_through
@@ -82,17 +84,23 @@ class ReaderSpec:
     # Cached base features instead of images: the column holds raw float16 vectors.
     column: str = "image"
     feature_dim: int | None = None
+    exclude: SplitExclusion | None = None  # rows of this split left out (data.exclude)
 
     def units(self) -> list[Unit]:
+        """Row groups in manifest order, with the rows that remain after exclusion."""
         out: list[Unit] = []
+        lost = self.exclude.per_group if self.exclude else ()
         for si, shard in enumerate(self.manifest.split(self.split).shards):
             groups = shard.row_groups or [shard.rows]
             out.extend(Unit(si, gi, n) for gi, n in enumerate(groups))
-        return out
+        if lost:
+            out = [Unit(u.shard, u.row_group, u.rows - k) for u, k in zip(out, lost, strict=True)]
+        return [u for u in out if u.rows > 0]
 
     @property
     def num_rows(self) -> int:
-        return self.manifest.split(self.split).rows
+        excluded = len(self.exclude.keys) if self.exclude else 0
+        return self.manifest.split(self.split).rows - excluded
 
     def steps_per_epoch(self, num_replicas: int) -> int:
         """Steps for one pass over the split, the same on every worker."""
@@ -148,11 +156,16 @@ class _ShardCache:
     the error, each waiting out the whole budget again before the run can stop.
     """
 
-    def __init__(self, uris: list[str], column: str):
+    def __init__(self, uris: list[str], column: str, exclude: SplitExclusion | None = None):
         self._uris = uris
         self._column = column
         self._local = threading.local()
         self._gone: StoreUnavailable | None = None
+        self._exclude = None
+        if exclude is not None and exclude.keys:
+            import pyarrow as pa
+
+            self._exclude = pa.array(sorted(exclude.keys), pa.string())
 
     def read(self, shard: int, row_group: int) -> Any:
         if self._gone is not None:
@@ -165,7 +178,13 @@ class _ShardCache:
 
     def _read(self, shard: int, row_group: int) -> Any:
         files: dict[int, Any] = self._local.__dict__.setdefault("files", {})
-        return _read_row_group(self._uris[shard], files, shard, row_group, self._column)
+        table = _read_row_group(self._uris[shard], files, shard, row_group, self._column)
+        if self._exclude is None:
+            return table
+        import pyarrow.compute as pc
+
+        # Segments index the rows that remain (Unit.rows counts them the same way).
+        return table.filter(pc.invert(pc.is_in(table.column("key"), value_set=self._exclude)))
 
 
 @ride_through("reading")
@@ -279,7 +298,7 @@ def make_dataset(spec: ReaderSpec, input_context: Any = None, epochs: int | None
     steps = spec.steps_per_epoch(replicas)
     total_slots = steps * global_batch
     units = spec.units()
-    cache = _ShardCache(spec.manifest.shard_uris(spec.split), spec.column)
+    cache = _ShardCache(spec.manifest.shard_uris(spec.split), spec.column, spec.exclude)
 
     if spec.training:
         first_epoch, last_epoch = spec.start_epoch, spec.start_epoch + epochs if epochs else None

@@ -27,10 +27,11 @@ actors that keep dying fail it before the commit; one run at a time holds a nigh
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
-import re
 import time
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ from xfer.config import ScoreConfig, XferConfig
 from xfer.errors import XferError
 from xfer.layout import ModelRef, resolve_model
 from xfer.nightguard import actor_died, check_night, store_unavailable
-from xfer.scorelock import NightLock
+from xfer.scorelock import NightLock, input_for_date, partition_date
 
 MAX_PIXELS = 50_000_000  # larger images are refused from their header
 
@@ -104,12 +105,13 @@ def write_predictions(
     split: str | None = None,
     quiet: bool = False,
     lock: NightLock | None = None,
+    exclude: Collection[str] = (),
 ) -> ScoreResult:
     """Score ``input_uri`` in blocks on the actor pool; commit at ``final``, marker last.
 
     ``quiet``: progress and the actors' identity go to the log file only (a step of a
     larger job, such as a training run's test predictions). ``lock``: the night's
-    lock, checked to be still ours just before the commit.
+    lock, checked to be still ours just before the commit. ``exclude``: keys not scored.
 
     A night started again for the same partition resumes: blocks already written by
     an earlier attempt are kept (see :mod:`xfer.scoreplan`).
@@ -122,8 +124,11 @@ def write_predictions(
     start = time.monotonic()
     class_columns(ref.classes)  # colliding class columns fail before any work
     tag = "[xfer-detail]" if quiet else "[xfer]"
+    identity = _identity(ref, sc, quiet)
+    if exclude:  # another list of keys left out is another night
+        identity["exclude"] = hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()
     night, resumed = plan_night(
-        _identity(ref, sc, quiet),
+        identity,
         input_uri,
         split or sc.split,
         final,
@@ -161,6 +166,7 @@ def write_predictions(
         "tta": sc.tta,
         "scored_at": scored_at,
         "max_object_mb": sc.max_object_mb,
+        "exclude": sorted(exclude),
     }
     began = last_done = None
     rows_now = 0
@@ -287,38 +293,6 @@ def _summaries_of(night: dict[str, Any], done: dict[int, str]) -> dict[int, dict
         )
         out[block] = {"block": block, "rows": meta.num_rows, "errors": errors, "file": name}
     return out
-
-
-def input_for_date(input_uri: str, day: str) -> str:
-    """``--input s3://b/incoming/{date}/`` -> the prefix of that night."""
-    if "{" not in input_uri:
-        return input_uri
-    try:
-        return input_uri.format(date=day)
-    except (KeyError, IndexError, ValueError):
-        raise XferError(
-            f"--input {input_uri}: the only template field is {{date}} (YYYY-MM-DD)"
-        ) from None
-
-
-def partition_date(date: str | None, offset_days: int = 0) -> str:
-    """``--date`` as YYYY-MM-DD (given so, or as YYYYMMDD); default: the UTC date now
-    plus ``offset_days`` (``score.date_offset_days``; -1 at 02:00 UTC names the night
-    just ended). An explicit ``--date`` wins over the offset.
-
-    One spelling per day: ``20260105`` and ``2026-01-05`` are one partition, and
-    ISO forms Python also accepts (``2026-W48-5``) are refused.
-    """
-    if date is None:
-        today = dt.datetime.now(dt.timezone.utc).date()
-        return (today + dt.timedelta(days=offset_days)).isoformat()
-    match = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})|(\d{4})(\d{2})(\d{2})", date.strip())
-    if match:
-        try:
-            return dt.date(*(int(g) for g in match.groups() if g)).isoformat()
-        except ValueError:  # 2026-02-30
-            pass
-    raise XferError(f"--date {date!r} is not a date: give YYYY-MM-DD or YYYYMMDD")
 
 
 def score(

@@ -15,6 +15,9 @@ whose holder ran on this host and is gone, was left by a run that died: it is
 taken over (``If-Match`` its ETag: one taker wins).
 Locally the file is linked into place only if there is none. Heartbeats compare the holder's clock
 with the reader's: hosts are assumed to agree within a small part of the limit.
+
+Which night a run is: :func:`partition_date` (``--date``, or today plus
+``score.date_offset_days``) and :func:`input_for_date` (the ``{date}`` of ``--input``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import socket
 import threading
 import uuid
@@ -197,3 +201,38 @@ class NightLock:
             return None, None
         except ValueError:  # not a lock xfer wrote: as good as stale
             return {"token": None, "heartbeat": ""}, None
+
+
+# ------------------------------------------------------------------ which night
+
+
+def input_for_date(input_uri: str, day: str) -> str:
+    """``--input s3://b/incoming/{date}/`` -> the prefix of that night."""
+    if "{" not in input_uri:
+        return input_uri
+    try:
+        return input_uri.format(date=day)
+    except (KeyError, IndexError, ValueError):
+        raise XferError(
+            f"--input {input_uri}: the only template field is {{date}} (YYYY-MM-DD)"
+        ) from None
+
+
+def partition_date(date: str | None, offset_days: int = 0) -> str:
+    """``--date`` as YYYY-MM-DD (given so, or as YYYYMMDD); default: the UTC date now
+    plus ``offset_days`` (``score.date_offset_days``; -1 at 02:00 UTC names the night
+    just ended). An explicit ``--date`` wins over the offset.
+
+    One spelling per day: ``20260105`` and ``2026-01-05`` are one partition, and
+    ISO forms Python also accepts (``2026-W48-5``) are refused.
+    """
+    if date is None:
+        today = dt.datetime.now(dt.timezone.utc).date()
+        return (today + dt.timedelta(days=offset_days)).isoformat()
+    match = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})|(\d{4})(\d{2})(\d{2})", date.strip())
+    if match:
+        try:
+            return dt.date(*(int(g) for g in match.groups() if g)).isoformat()
+        except ValueError:  # 2026-02-30
+            pass
+    raise XferError(f"--date {date!r} is not a date: give YYYY-MM-DD or YYYYMMDD")

@@ -294,6 +294,12 @@ def block_items(night: dict[str, Any], block: int) -> list[dict[str, Any]]:
         return table.to_pylist()
     shard, first, end, _ = night["units"][block]
     table = storage.read_row_groups(night["shards"][shard], list(range(first, end)), IMAGE_COLUMNS)
+    if night.get("exclude"):  # a training run's data.exclude: those rows are not scored
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        left_out = pa.array(night["exclude"], pa.string())
+        table = table.filter(pc.invert(pc.is_in(table.column("key"), value_set=left_out)))
     return table.to_pylist()
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from xfer.bases import REGISTRY
 from xfer.config import XferConfig
+from xfer.exclude import SplitExclusion
 from xfer.featurebuild import build_part
 from xfer.features import CachePlan, commit_cache, committed_by
 from xfer.manifest import load_manifest
@@ -74,8 +75,15 @@ def ensure_cache(w: Worker, cache: CachePlan) -> dict[str, Any]:
 
 
 def feature_specs(
-    cfg: XferConfig, cache: CachePlan, image_spec: ReaderSpec
+    cfg: XferConfig,
+    cache: CachePlan,
+    image_spec: ReaderSpec,
+    val_exclude: SplitExclusion | None = None,
 ) -> tuple[ReaderSpec, ReaderSpec | None]:
+    """The head phase's specs on the cache. The cache holds every row of the dataset
+    (it is shared by runs with other exclusions); the rows a run leaves out are
+    dropped as they are read, by the same counts, since its row groups mirror the
+    dataset's (``image_spec.exclude`` carries over to the train spec)."""
     features = load_manifest(cache.uri)
     dim = int(features.settings["feature_dim"])
     train = dataclasses.replace(
@@ -91,5 +99,6 @@ def feature_specs(
             column="features",
             feature_dim=dim,
             parallel_reads=cfg.data.parallel_reads,
+            exclude=val_exclude,
         )
-    return train, val
+    return train, val if val is not None and val.num_rows else None

@@ -30,6 +30,7 @@ from xfer.commit import SUCCESS
 from xfer.config import XferConfig, build_config, resolved_dict
 from xfer.configbase import merge
 from xfer.errors import ConfigError, DataError, JobFailed, NotFoundError, XferError
+from xfer.exclude import check_same_exclusion, load_exclusion
 from xfer.layout import CONFIG, CONSOLE_LOG, is_complete, runs_prefix
 from xfer.manifest import Manifest, load_manifest
 from xfer.runindex import IndexWriter
@@ -262,8 +263,10 @@ def _train(cfg: XferConfig) -> TrainResult:
         cfg, resume_notes = _resume_config(cfg, run_uri)
         print(f"[xfer] resuming run {run_id}", flush=True)
     manifest = preflight(cfg)
+    exclusion = load_exclusion(cfg.data.exclude, manifest)  # data.exclude: read once, here
     if resuming:
         check_same_dataset(run_uri, manifest)
+        check_same_exclusion(run_uri, exclusion)
     s3.ensure_bucket(run_uri)
     if not resuming:
         storage.write_yaml(storage.join(run_uri, CONFIG), resolved_dict(cfg))
@@ -291,7 +294,7 @@ def _train(cfg: XferConfig) -> TrainResult:
     started_ray = ensure_ray(cfg.cluster.address, cfg.cluster.local_num_cpus)
     check_resources(cfg, is_local(started_ray, cfg.cluster.address))
     if not resuming:  # past every check: a config refused up to here leaves no run
-        record_dataset(run_uri, manifest.uri, manifest.checksum)
+        record_dataset(run_uri, manifest.uri, manifest.checksum, exclusion)
     record_start(run_uri, resuming, recover)  # when it started (or resumed), for xfer runs
     index = IndexWriter(cfg, run_id, run_uri)  # xfer runs list's cache of the run's state
     index.started()
@@ -308,6 +311,7 @@ def _train(cfg: XferConfig) -> TrainResult:
             "cfg": cfg.model_dump(mode="json"),
             "run_uri": run_uri,
             "feature_cache": feature_cache,
+            "exclude": exclusion.to_dict() if exclusion else None,
             "weights_sha256": weights.sha256,
             "code": identity,  # every worker checks it runs this very code
             # Tells the journal a Ray Train restart (same driver) from a resume by id.
@@ -369,6 +373,7 @@ def _train(cfg: XferConfig) -> TrainResult:
                 time.monotonic() - started,
                 resume_notes,
                 before_commit=keep_log,  # the log is in the run before its _SUCCESS
+                exclusion=exclusion,
             )
         except Exception as exc:
             record_error(run_uri, None, describe_exception(exc))

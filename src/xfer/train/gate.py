@@ -17,6 +17,7 @@ not published, and says so). A pointer to a run that is gone is replaced.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from xfer import storage
@@ -45,6 +46,7 @@ def gate_and_publish(
     metric: str,
     value: float | None,
     seen: PointerRead | None = None,
+    exclude: Collection[str] = (),
 ) -> dict[str, Any]:
     """The quality gate, then the publication: before ``_SUCCESS``, so that a run whose
     publication failed is not committed (resuming it by id publishes it), and
@@ -52,7 +54,8 @@ def gate_and_publish(
 
     ``latest.json`` moves only if it still holds ``seen`` (the pointer as read when
     the gate began; read here when not given), the champion the run was compared
-    with; otherwise the run is complete but not published, and says why.
+    with; otherwise the run is complete but not published, and says why. ``exclude``:
+    the test keys the run left out (``data.exclude``), left out of the champion's too.
     """
     gate = cfg.output.gate
     out: dict[str, Any] = {
@@ -74,7 +77,7 @@ def gate_and_publish(
         print(f"[xfer] run {run_id} was published by an earlier attempt", flush=True)
         return {**out, "published": True}
     if gate.vs_published:
-        out["vs_published"] = against_published(cfg, manifest, run_uri, test, seen)
+        out["vs_published"] = against_published(cfg, manifest, run_uri, test, seen, exclude)
         out["passed"] = out["vs_published"] is None or out["vs_published"]["beaten"]
     if not out["passed"]:
         return out
@@ -115,6 +118,7 @@ def against_published(
     run_uri: str,
     test: dict[str, Any],
     seen: PointerRead,
+    exclude: Collection[str] = (),
 ) -> dict[str, Any] | None:
     """Champion/challenger: the published model scored on this run's test split, paired.
 
@@ -145,8 +149,8 @@ def against_published(
         return {**out, "beaten": False, "reason": "the published model has other classes"}
     if not ("test" in manifest.splits and manifest.splits["test"].rows):
         return {**out, "beaten": False, "reason": "no test split to compare on"}
-    mine = test_predictions(cfg, manifest, run_uri)
-    theirs = scored_on_test(champion, cfg, manifest, run_uri, "published-test.parquet")
+    mine = test_predictions(cfg, manifest, run_uri, exclude)
+    theirs = scored_on_test(champion, cfg, manifest, run_uri, "published-test.parquet", exclude)
     return {**out, **paired_verdict(mine, theirs, gate.mode, gate.alpha, pointer["run_id"])}
 
 
@@ -179,24 +183,38 @@ def paired_verdict(
     }
 
 
-def test_predictions(cfg: XferConfig, manifest: Manifest, run_uri: str) -> Any:
+def test_predictions(
+    cfg: XferConfig, manifest: Manifest, run_uri: str, exclude: Collection[str] = ()
+) -> Any:
     """This run's own test predictions (scored by finish_run), scored here if it kept none."""
     own = storage.join(run_uri, PREDICTIONS, "test.parquet")
     if storage.exists(own):
         return storage.read_parquet(own)
     ref = resolve_model(run_uri, require_committed=False)
-    return scored_on_test(ref, cfg, manifest, run_uri, "challenger-test.parquet")
+    return scored_on_test(ref, cfg, manifest, run_uri, "challenger-test.parquet", exclude)
 
 
 def scored_on_test(
-    ref: ModelRef, cfg: XferConfig, manifest: Manifest, run_uri: str, name: str
+    ref: ModelRef,
+    cfg: XferConfig,
+    manifest: Manifest,
+    run_uri: str,
+    name: str,
+    exclude: Collection[str] = (),
 ) -> Any:
     """``ref`` scored on the run's test split into ``<run>/gate/<name>``."""
     from xfer.score import write_predictions
 
     preds = storage.join(run_uri, GATE_PREDICTIONS)
     write_predictions(
-        ref, manifest.uri, cfg.score, preds, single_file=name, split="test", quiet=True
+        ref,
+        manifest.uri,
+        cfg.score,
+        preds,
+        single_file=name,
+        split="test",
+        quiet=True,
+        exclude=exclude,
     )
     return storage.read_parquet(storage.join(preds, name))
 

@@ -133,11 +133,13 @@ def worker_code(run_uri: str) -> list[dict[str, Any]]:
 DATASET = "dataset.json"
 
 
-def record_dataset(run_uri: str, uri: str, checksum: str) -> None:
-    """The dataset a new run starts on: a resume must train on the same one."""
-    storage.write_json(
-        storage.join(run_uri, JOURNAL, DATASET), {"uri": uri, "manifest_checksum": checksum}
-    )
+def record_dataset(run_uri: str, uri: str, checksum: str, exclusion: Any = None) -> None:
+    """The dataset a new run starts on, and the sha256 of its data.exclude list (an
+    :class:`xfer.exclude.Exclusion`): a resume must train on the same rows."""
+    body = {"uri": uri, "manifest_checksum": checksum}
+    if exclusion is not None:
+        body.update(exclude_uri=exclusion.uri, exclude_sha256=exclusion.sha256)
+    storage.write_json(storage.join(run_uri, JOURNAL, DATASET), body)
 
 
 def recorded_dataset(run_uri: str) -> dict[str, Any] | None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from xfer import __version__, storage
 from xfer.config import XferConfig, resolved_dict
+from xfer.exclude import Exclusion
 from xfer.layout import (
     CALIBRATION,
     LINEAGE,
@@ -147,7 +148,11 @@ def phase_summary(history: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def lineage(
-    cfg: XferConfig, manifest: Manifest, final: dict[str, Any], run_uri: str
+    cfg: XferConfig,
+    manifest: Manifest,
+    final: dict[str, Any],
+    run_uri: str,
+    exclusion: Exclusion | None = None,
 ) -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -173,6 +178,7 @@ def lineage(
         "packages": {"python": platform.python_version(), **versions},
         "weights": final.get("weights", {"source": cfg.model.weights, "sha256": None}),
         "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+        "exclude": exclusion.lineage() if exclusion is not None else None,  # data.exclude
     }
 
 
@@ -185,6 +191,7 @@ def finish_run(
     wall: float,
     resume_changes: list[str] | None = None,
     before_commit: Callable[[], None] | None = None,
+    exclusion: Exclusion | None = None,
 ) -> TrainResult:
     """Calibration, predictions, the gate and publication, metrics, lineage, report;
     ``_SUCCESS`` last.
@@ -196,12 +203,15 @@ def finish_run(
 
     history = final["state"]["history"]
     test = dict(final.get("test") or {})
-    calibration = calibrate_model(cfg, manifest, run_uri)
+    left_out = exclusion.keys_of if exclusion is not None else (lambda split: ())
+    calibration = calibrate_model(cfg, manifest, run_uri, left_out("val"))
     thumbs: dict[str, str] = {}
     if cfg.output.predictions and "test" in manifest.splits and manifest.splits["test"].rows:
-        thumbs = score_test_split(cfg, manifest, run_uri, test)
+        thumbs = score_test_split(cfg, manifest, run_uri, test, left_out("test"))
     gate_metric, value = gate_value(test, history)
-    gate = gate_and_publish(cfg, manifest, run_id, run_uri, test, gate_metric, value)
+    gate = gate_and_publish(
+        cfg, manifest, run_id, run_uri, test, gate_metric, value, exclude=left_out("test")
+    )
     metrics: dict[str, Any] = {
         "run_id": run_id,
         "model_name": cfg.output.model_name,
@@ -223,7 +233,7 @@ def finish_run(
         "wall_time_s": wall,
         "gate": gate,
     }
-    lin = lineage(cfg, manifest, final, run_uri)
+    lin = lineage(cfg, manifest, final, run_uri, exclusion)
     storage.write_json(storage.join(run_uri, METRICS), metrics)
     storage.write_json(storage.join(run_uri, LINEAGE), lin)
     if cfg.output.report:
@@ -239,7 +249,9 @@ def finish_run(
     return TrainResult(run_id, run_uri, metrics, gate["published"])
 
 
-def calibrate_model(cfg: XferConfig, manifest: Manifest, run_uri: str) -> dict[str, Any] | None:
+def calibrate_model(
+    cfg: XferConfig, manifest: Manifest, run_uri: str, exclude: Collection[str] = ()
+) -> dict[str, Any] | None:
     """Temperature scaling fitted on the validation split, kept in the model's record.
 
     The validation split is scored uncalibrated into ``<run>/calibration/val.parquet``
@@ -299,7 +311,11 @@ def labelled_probabilities(table: Any) -> tuple[Any, Any]:
 
 
 def score_test_split(
-    cfg: XferConfig, manifest: Manifest, run_uri: str, test: dict[str, Any]
+    cfg: XferConfig,
+    manifest: Manifest,
+    run_uri: str,
+    test: dict[str, Any],
+    exclude: Collection[str] = (),
 ) -> dict[str, str]:
     """The test split scored into ``predictions/test.parquet``; its figures go into
     ``test`` (per class, confusion, calibration before and after, mistakes). Returns
@@ -317,6 +333,7 @@ def score_test_split(
         single_file="test.parquet",
         split="test",
         quiet=cfg.train.verbose == 0,
+        exclude=exclude,
     )
     table = storage.read_parquet(storage.join(preds_uri, "test.parquet"))
     probs, labels = labelled_probabilities(table)

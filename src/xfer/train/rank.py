@@ -15,6 +15,7 @@ from typing import Any
 
 from xfer.config import XferConfig
 from xfer.devices import communication_options, enable_memory_growth
+from xfer.exclude import Exclusion, SplitExclusion
 from xfer.manifest import Manifest, load_manifest
 from xfer.provenance import check_same_code, describe
 from xfer.train.checkpoint import PHASES, TrainState, load_checkpoint
@@ -41,6 +42,10 @@ class Worker:
     model: Any = None
     base: Any = None
     unfrozen: int = 0  # layers of the base that train in the fine-tuning phase
+    exclusion: Exclusion | None = None  # data.exclude, resolved by the driver
+
+    def excluded(self, split: str) -> SplitExclusion | None:
+        return self.exclusion.of(split) if self.exclusion is not None else None
 
     @property
     def replicas(self) -> int:
@@ -102,6 +107,7 @@ def start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
         state=state,
         restored_dir=restored[1] if restored else None,
         journal=journal,
+        exclusion=Exclusion.from_dict(config["exclude"]) if config.get("exclude") else None,
     )
     if journal is not None:
         resumed = {"phase": state.phase, "epoch": state.epoch} if restored else None

@@ -77,7 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer,
         {
             "test": test_metrics,
-            "steps_per_epoch": _steps(cfg, _eval_spec(cfg, w.manifest, "train"), w.replicas),
+            "steps_per_epoch": _steps(cfg, _eval_spec(w, "train"), w.replicas),
             "mixed_precision": policy,
             "weights": w.weights.lineage(),
             "feature_cache": cache_stats,
@@ -196,10 +196,11 @@ def _run_phase(w: Worker, phase: str, cache: CachePlan | None, tb_dir: str | Non
         seed=cfg.train.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
         parallel_reads=cfg.data.parallel_reads,
+        exclude=w.excluded("train"),
     )
-    val_spec = _eval_spec(cfg, w.manifest, "val")
+    val_spec = _eval_spec(w, "val")
     if cache is not None:
-        spec, val_spec = feature_specs(cfg, cache, spec)
+        spec, val_spec = feature_specs(cfg, cache, spec, w.excluded("val"))
     with w.strategy.scope():
         fit_model, optimizer = _compile_phase(
             w, phase, spec.feature_dim, _steps(cfg, spec, w.replicas)
@@ -256,7 +257,7 @@ def _restore_finished(w: Worker) -> Any:
     if w.model.optimizer is not None and not w.restored_dir:
         return w.model.optimizer
     last = "fine_tune" if w.epochs["fine_tune"] else "head"
-    train_steps = _steps(w.cfg, _eval_spec(w.cfg, w.manifest, "train"), w.replicas)
+    train_steps = _steps(w.cfg, _eval_spec(w, "train"), w.replicas)
     with w.strategy.scope():
         _, optimizer = _compile_phase(w, last, None, train_steps)
         _restore(w, optimizer, with_optimizer=w.state.phase == last)
@@ -264,7 +265,7 @@ def _restore_finished(w: Worker) -> Any:
 
 
 def _evaluate(w: Worker) -> dict[str, float]:
-    test_spec = _eval_spec(w.cfg, w.manifest, "test")
+    test_spec = _eval_spec(w, "test")
     if test_spec is None:
         return {}
     test = w.strategy.distribute_datasets_from_function(lambda c: make_dataset(test_spec, c))
@@ -274,16 +275,19 @@ def _evaluate(w: Worker) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()}
 
 
-def _eval_spec(cfg: XferConfig, manifest: Any, split: str) -> ReaderSpec | None:
-    if split not in manifest.splits or manifest.splits[split].rows == 0:
+def _eval_spec(w: Worker, split: str) -> ReaderSpec | None:
+    """A split in manifest order, its data.exclude rows left out; None if it has no rows."""
+    if split not in w.manifest.splits:
         return None
-    return ReaderSpec(
-        manifest,
+    spec = ReaderSpec(
+        w.manifest,
         split,
-        cfg.data.image_size,
-        cfg.train.batch_size,
-        parallel_reads=cfg.data.parallel_reads,
+        w.cfg.data.image_size,
+        w.cfg.train.batch_size,
+        parallel_reads=w.cfg.data.parallel_reads,
+        exclude=w.excluded(split),
     )
+    return spec if spec.num_rows > 0 else None
 
 
 def _save_model(w: Worker) -> None:
