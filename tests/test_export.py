@@ -1,0 +1,234 @@
+"""The SavedModel export: served without xfer, it scores as `xfer score` does.
+
+The exported directory is loaded with ``tf.saved_model.load`` in a fresh Python
+process in which importing ``xfer`` (or ``tf_keras``) raises, as TF Serving, which runs
+no Python at all, would load it. One export, one ``xfer score`` and one such process
+serve every test here.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xfer import storage
+from xfer.config import load_config
+from xfer.export import SAVED_MODEL_DIR, export_on_ray, export_saved_model
+from xfer.layout import MODEL_FILE, MODEL_INFO
+from xfer.score import score
+from xfer.synth import render
+
+from .conftest import IMAGE_SIZE
+
+pytestmark = pytest.mark.slow
+
+# Images prepared by the same decode and resize in both: float32 rounding only.
+EXACT = 1e-4
+# Images above max_side: TensorFlow's antialiased resize for PIL's reduce + bilinear,
+# and TensorFlow's JPEG encoder for PIL's. Measured on this model: at most 0.005.
+PRE_RESIZED = 0.05
+TEMPERATURE = 2.0
+
+SERVE = r"""
+import json, sys
+
+class NoXfer:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("xfer", "tf_keras"):
+            raise ImportError(f"the exported model must load without {name}")
+        return None
+
+sys.meta_path.insert(0, NoXfer())
+import base64
+import tensorflow as tf
+
+job = json.load(open(sys.argv[1]))
+files = {k: base64.b64decode(v) for k, v in job["files"].items()}
+out = {}
+for name, path in job["models"].items():
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    rows = {}
+    for key, data in files.items():
+        try:
+            got = serve(image_bytes=tf.constant([data]))
+        except tf.errors.InvalidArgumentError as exc:
+            rows[key] = {"error": exc.message}
+            continue
+        rows[key] = {
+            "probabilities": got["probabilities"].numpy()[0].tolist(),
+            "label": got["label"].numpy()[0].decode(),
+            "index": int(got["index"].numpy()[0]),
+        }
+    good = sorted(k for k in rows if "error" not in rows[k])
+    batch = serve(image_bytes=tf.constant([files[k] for k in good]))
+    out[name] = {"rows": rows, "batch": dict(zip(good, batch["probabilities"].numpy().tolist()))}
+assert "xfer" not in sys.modules and "tf_keras" not in sys.modules
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def encoded(img: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def make_inputs(session_root: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(files ``xfer score`` reads as they are, files it pre-resizes), by key."""
+    raw = [f.uri for f in storage.list_files(f"{session_root}/raw/shapes")]
+    picked = [u for u in raw if "/ring/" in u][:6] + [u for u in raw if "/star/" in u][:6]
+    exact = {"raw/" + u.split("/raw/shapes/")[1]: storage.read_bytes(u) for u in picked}
+    for key in list(exact)[::4]:  # lossless copies of some
+        png = encoded(Image.open(io.BytesIO(exact[key])).convert("RGB"), "PNG")
+        exact[key.replace("raw/", "png/").replace(".jpg", ".png")] = png
+    rng = np.random.default_rng(25)
+    larger = {}
+    for i, shape in enumerate(["ring", "star"] * 2):
+        img = render(shape, 97 + 40 * i, rng)
+        larger[f"big/{shape}{i}.jpg"] = encoded(img, "JPEG", quality=95)
+        larger[f"big/{shape}{i}.png"] = encoded(img, "PNG")
+    # Within max_side, but converted (as JPEG) by sharding and scoring.
+    larger["gif/star.gif"] = encoded(render("star", IMAGE_SIZE, rng), "GIF")
+    larger["webp/ring.webp"] = encoded(render("ring", 40, rng), "WEBP", quality=90)
+    return exact, larger
+
+
+def xfer_scores(session_root: str, inputs: str, run_uri: str, out: str) -> dict[str, Any]:
+    cfg = load_config(None, [f"storage.root={session_root}", "score.batch_size=8"])
+    result = score(cfg, run_uri, inputs, out, date="2026-11-30")
+    marker = storage.read_json(f"{result.output}/_SUCCESS")
+    rows = [
+        r for f in marker["files"] for r in storage.read_parquet(f"{result.output}/{f}").to_pylist()
+    ]
+    assert result.errors == 0
+    return {r["key"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def served(trained_run, session_root, bucket_module, tmp_path_factory):
+    """The export (and a calibrated copy), ``xfer score`` and the served outputs."""
+    run = trained_run.run_uri
+    summary = export_on_ray(run)
+    # A copy of the run whose model record carries a temperature, as a calibrated run's does.
+    calibrated = f"{bucket_module}/runs/calibrated"
+    storage.copy(f"{run}/model/{MODEL_FILE}", f"{calibrated}/model/{MODEL_FILE}")
+    info = storage.read_json(f"{run}/model/{MODEL_INFO}")
+    info["calibration"] = {"temperature": TEMPERATURE, "method": "temperature scaling"}
+    storage.write_json(f"{calibrated}/model/{MODEL_INFO}", info)
+    calibrated_summary = export_saved_model(calibrated)
+
+    exact, larger = make_inputs(session_root)
+    files = {**exact, **larger}
+    for key, data in files.items():
+        storage.write_bytes(f"{bucket_module}/inputs/{key}", data)
+    scored = xfer_scores(session_root, f"{bucket_module}/inputs", run, f"{bucket_module}/preds")
+
+    local = tmp_path_factory.mktemp("served")
+    models = {}
+    for name, uri in (("plain", run), ("calibrated", calibrated)):
+        storage.download_dir(f"{uri}/model/{SAVED_MODEL_DIR}", str(local / name))
+        models[name] = str(local / name)
+    bad = {
+        "bad/notes.txt": b"not an image",
+        "bad/empty.jpg": b"",
+        "bad/truncated.jpg": exact[next(iter(exact))][:300],
+    }
+    out = serve_without_xfer(models, {**files, **bad}, local)
+    return {
+        "summary": summary,
+        "calibrated_summary": calibrated_summary,
+        "exact": exact,
+        "larger": larger,
+        "scored": scored,
+        "out": out,
+    }
+
+
+def serve_without_xfer(models: dict[str, str], files: dict[str, bytes], local: Path) -> Any:
+    """Each SavedModel's outputs for each file, from a process that cannot import xfer."""
+    job = {"models": models, "files": {k: base64.b64encode(v).decode() for k, v in files.items()}}
+    (local / "job.json").write_text(json.dumps(job))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TF_USE_LEGACY_KERAS")}
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVE, str(local / "job.json"), str(local / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(local),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((local / "out.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def bucket_module(s3_server):
+    import uuid
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(name)
+    return f"s3://{name}"
+
+
+def xfer_probabilities(row: dict[str, Any]) -> list[float]:
+    return [row["prob_ring"], row["prob_star"]]
+
+
+def test_served_without_xfer_scores_like_xfer_score(served):
+    summary, out, scored = served["summary"], served["out"]["plain"], served["scored"]
+    assert summary["signature"] == "serving_default" and summary["temperature"] == 1.0
+    assert summary["path"].endswith("/model/saved_model") and summary["classes"] == ["ring", "star"]
+    diffs = []
+    for key in served["exact"]:
+        got, want = out["rows"][key], scored[key]
+        assert got["label"] == want["predicted_label"] and got["index"] == want["predicted_index"]
+        diffs.append(np.abs(np.array(got["probabilities"]) - xfer_probabilities(want)).max())
+        # A batch gives what single images give.
+        assert np.allclose(out["batch"][key], got["probabilities"], atol=1e-6)
+    print(f"max difference from xfer score: {max(diffs):.2e} over {len(diffs)} images")
+    assert max(diffs) <= EXACT
+    # Both classes are predicted: the comparison is not of one constant answer.
+    assert {out["rows"][k]["label"] for k in served["exact"]} == {"ring", "star"}
+
+
+def test_calibrated_export_applies_the_records_temperature(served):
+    assert served["calibrated_summary"]["temperature"] == TEMPERATURE
+    out, scored = served["out"]["calibrated"], served["scored"]
+    moved = 0.0
+    for key in served["exact"]:
+        p = np.clip(np.array(xfer_probabilities(scored[key]), dtype=np.float64), 1e-7, 1.0)
+        logits = np.log(p) / TEMPERATURE
+        want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        got = np.array(out["rows"][key]["probabilities"])
+        assert np.abs(got - want).max() <= EXACT, key
+        assert out["rows"][key]["label"] == scored[key]["predicted_label"]
+        moved = max(moved, float(np.abs(got - xfer_probabilities(scored[key])).max()))
+    assert moved > 0.01  # the temperature changed the probabilities
+
+
+def test_larger_images_png_and_bad_bytes(served):
+    out, scored = served["out"]["plain"], served["scored"]
+    diffs = {}
+    for key in served["larger"]:
+        got, want = out["rows"][key], scored[key]
+        assert got["label"] == want["predicted_label"], key
+        diffs[key] = float(np.abs(np.array(got["probabilities"]) - xfer_probabilities(want)).max())
+    print(
+        "pre-resized images, difference from xfer score:", {k: f"{v:.1e}" for k, v in diffs.items()}
+    )
+    assert max(diffs.values()) <= PRE_RESIZED, diffs
+    # Bad bytes: a clear error naming the problem, not a wrong answer.
+    rows = out["rows"]
+    assert "Unknown image file format" in rows["bad/notes.txt"]["error"]
+    assert "Input is empty" in rows["bad/empty.jpg"]["error"]
+    assert "Invalid JPEG data" in rows["bad/truncated.jpg"]["error"]
