@@ -30,13 +30,13 @@ from xfer.synth import render
 
 from .conftest import IMAGE_SIZE
 
-pytestmark = pytest.mark.slow
-
 # Images prepared by the same decode and resize in both: float32 rounding only.
 EXACT = 1e-4
-# Images above max_side: TensorFlow's antialiased resize for PIL's reduce + bilinear,
-# and TensorFlow's JPEG encoder for PIL's. Measured on this model: at most 0.005.
-PRE_RESIZED = 0.05
+# Images above max_side (and GIF, WebP): the pre-resize in TensorFlow ops, within one
+# level of PIL's pixels, then for JPEGs the shard copy's re-encoding, which spreads
+# those differences. Measured on this model: JPEGs 3.3e-3 at most, PNGs 8.6e-5.
+PRE_RESIZED_JPEG = 0.01
+PRE_RESIZED_LOSSLESS = 1e-3
 TEMPERATURE = 2.0
 
 SERVE = r"""
@@ -184,6 +184,7 @@ def xfer_probabilities(row: dict[str, Any]) -> list[float]:
     return [row["prob_ring"], row["prob_star"]]
 
 
+@pytest.mark.slow
 def test_served_without_xfer_scores_like_xfer_score(served):
     summary, out, scored = served["summary"], served["out"]["plain"], served["scored"]
     assert summary["signature"] == "serving_default" and summary["temperature"] == 1.0
@@ -201,6 +202,7 @@ def test_served_without_xfer_scores_like_xfer_score(served):
     assert {out["rows"][k]["label"] for k in served["exact"]} == {"ring", "star"}
 
 
+@pytest.mark.slow
 def test_calibrated_export_applies_the_records_temperature(served):
     assert served["calibrated_summary"]["temperature"] == TEMPERATURE
     out, scored = served["out"]["calibrated"], served["scored"]
@@ -216,6 +218,7 @@ def test_calibrated_export_applies_the_records_temperature(served):
     assert moved > 0.01  # the temperature changed the probabilities
 
 
+@pytest.mark.slow
 def test_larger_images_png_and_bad_bytes(served):
     out, scored = served["out"]["plain"], served["scored"]
     diffs = {}
@@ -226,9 +229,36 @@ def test_larger_images_png_and_bad_bytes(served):
     print(
         "pre-resized images, difference from xfer score:", {k: f"{v:.1e}" for k, v in diffs.items()}
     )
-    assert max(diffs.values()) <= PRE_RESIZED, diffs
+    for key, diff in diffs.items():
+        assert diff <= (PRE_RESIZED_JPEG if key.endswith(".jpg") else PRE_RESIZED_LOSSLESS), diffs
     # Bad bytes: a clear error naming the problem, not a wrong answer.
     rows = out["rows"]
     assert "Unknown image file format" in rows["bad/notes.txt"]["error"]
     assert "Input is empty" in rows["bad/empty.jpg"]["error"]
     assert "Invalid JPEG data" in rows["bad/truncated.jpg"]["error"]
+
+
+def test_pre_resize_is_within_one_level_of_pils():
+    """The graph's pre-resize against :func:`xfer.images.normalise` (PIL), from just
+    above max_side to PIL's block-averaging ``reduce`` (4x and more) and thin images."""
+    import tensorflow as tf
+
+    from xfer.export import _pil_resize
+    from xfer.images import normalise
+
+    resize = tf.function(
+        _pil_resize,
+        input_signature=[
+            tf.TensorSpec([None, None, 3], tf.uint8),
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.int32),
+        ],
+    )
+    rng = np.random.default_rng(5)
+    for width, height in [(49, 49), (97, 97), (217, 217), (333, 233), (1001, 600), (900, 90)]:
+        img = render("star", max(width, height), rng).resize((width, height))
+        want = np.asarray(normalise(img, IMAGE_SIZE), dtype=np.int32)
+        got = resize(np.asarray(img), *want.shape[:2]).numpy().astype(np.int32)
+        diff = np.abs(got - want)
+        assert got.shape == want.shape and diff.max() <= 1, (width, height, diff.max())
+        assert (diff > 0).mean() < 0.15, (width, height, (diff > 0).mean())
