@@ -214,6 +214,11 @@ class OutputConfig(Strict):
     gate: GateConfig = GateConfig()
     publish: bool = Field(True, description="move models/<name>/latest.json when the gate passes")
     predictions: bool = Field(True, description="score the test split into predictions/")
+    export: bool = Field(
+        True,
+        description="write model/saved_model/: a SavedModel taking encoded image bytes "
+        "(TF Serving, SageMaker, Vertex)",
+    )
     calibrate: bool = Field(
         True,
         description="fit temperature scaling on the validation split after training; scoring "

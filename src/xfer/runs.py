@@ -161,6 +161,7 @@ def show(root: str, run: str) -> str:
     for name, what in (
         (CONFIG, "the resolved config"),
         (f"{MODEL_DIR}/", "the model (loads with tf_keras alone)"),
+        (f"{MODEL_DIR}/saved_model/", "the SavedModel for TF Serving (image bytes in)"),
         (METRICS, "metrics per phase and epoch, test metrics, failures, gate"),
         (REPORT, "the report"),
         (f"{PREDICTIONS}/test.parquet", "predictions on the test split"),

@@ -193,18 +193,21 @@ def finish_run(
     before_commit: Callable[[], None] | None = None,
     exclusion: Exclusion | None = None,
 ) -> TrainResult:
-    """Calibration, predictions, the gate and publication, metrics, lineage, report;
-    ``_SUCCESS`` last.
+    """Calibration, the SavedModel export, predictions, the gate and publication,
+    metrics, lineage, report; ``_SUCCESS`` last.
 
     ``before_commit`` runs just before ``_SUCCESS`` (the driver keeps its console
     log there), so nothing in a committed run changes after its marker.
     """
+    from xfer.export import export_on_ray
     from xfer.report import render_report
 
     history = final["state"]["history"]
     test = dict(final.get("test") or {})
     left_out = exclusion.keys_of if exclusion is not None else (lambda split: ())
     calibration = calibrate_model(cfg, manifest, run_uri, left_out("val"))
+    # model/saved_model/, with the temperature just fitted
+    export = export_on_ray(run_uri) if cfg.output.export else None
     thumbs: dict[str, str] = {}
     if cfg.output.predictions and "test" in manifest.splits and manifest.splits["test"].rows:
         thumbs = score_test_split(cfg, manifest, run_uri, test, left_out("test"))
@@ -227,6 +230,7 @@ def finish_run(
         "history": history,
         "test": test,
         "calibration": calibration,
+        "export": export,
         "failures": failures(run_uri),
         "resume_changes": resume_changes or [],
         "feature_cache": final.get("feature_cache") or None,
