@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from xfer import cli
+from xfer import cli, storage
 from xfer.audit import AuditSettings
 from xfer.auditfind import Fingerprints, centred, duplicate_findings, similar_pairs
 from xfer.shard import _hash_unit, _split_for
@@ -90,22 +90,22 @@ def _recall_precision(found: set[frozenset[str]] | set[str], planted: set) -> tu
 
 @pytest.fixture(scope="module")
 def planted_audit(
-    tmp_path_factory: pytest.TempPathFactory, ray_local: None, pretrained_weights: str
+    tmp_path_factory: pytest.TempPathFactory,
+    ray_local: None,
+    session_root: str,
+    pretrained_weights: str,
 ):
     from xfer.config import ShardConfig
     from xfer.shard import shard_dataset
 
-    base = tmp_path_factory.mktemp("audit")
-    raw, root = str(base / "raw"), str(base / "root")
+    raw = str(tmp_path_factory.mktemp("audit") / "raw")
+    root = f"{session_root}/audit"  # the store, as in production
     exact, near, flipped = _plant(raw)
     shard_dataset(raw, f"{root}/datasets/planted", ShardConfig(max_side=IMAGE_SIZE))
-    out = str(base / "out")
     status = cli.main(
         [
             "audit",
             "planted",
-            "--out",
-            out,
             f"storage.root={root}",
             "model.base=tiny_cnn",
             f"model.weights={pretrained_weights}",
@@ -119,13 +119,16 @@ def planted_audit(
         ]
     )
     assert status == 0
-    return out, root, exact, near, flipped
+    # The default output prefix: <root>/audits/<dataset>/<UTC time>-<token>/
+    pages = [f.uri for f in storage.list_files(f"{root}/audits/planted") if f.uri.endswith(".html")]
+    assert len(pages) == 1
+    return storage.parent(pages[0]), root, exact, near, flipped
 
 
 @pytest.mark.slow
 def test_audit_finds_planted_duplicates_and_flipped_labels(planted_audit, capsys) -> None:
     out, _, exact, near, flipped = planted_audit
-    table = pq.read_table(os.path.join(out, "issues.parquet")).to_pylist()
+    table = storage.read_parquet(f"{out}/issues.parquet").to_pylist()
     assert list(table[0]) == [
         "key",
         "split",
@@ -159,10 +162,10 @@ def test_audit_finds_planted_duplicates_and_flipped_labels(planted_audit, capsys
     for r in table:
         if r["reason"] == "label_issue" and r["key"] in flipped:
             assert r["suggested_label"] != r["given_label"]
-    csv = Path(out, "issues.csv").read_text().splitlines()
+    csv = storage.read_text(f"{out}/issues.csv").splitlines()
     assert csv[0].replace('"', "").startswith("key,split,given_label,suggested_label,score,reason")
     assert len(csv) == len(table) + 1
-    page = Path(out, "audit.html").read_text()
+    page = storage.read_text(f"{out}/audit.html")
     assert page.count("data:image/jpeg;base64,") >= len(table)
     assert "near_duplicate_across_splits" in page and "label_issue" in page
 
@@ -174,10 +177,18 @@ def test_audit_finds_planted_duplicates_and_flipped_labels(planted_audit, capsys
         (["missing"], "no dataset at"),
         (["planted", "--folds", "500"], "fewer than --folds 500"),
         (["planted", "--folds", "1"], "at least 2 folds"),
+        (["oneclass"], "1 class(es): no labels to audit"),
     ],
 )
 def test_audit_bad_input_is_one_line(planted_audit, capsys, args, message) -> None:
+    import dataclasses
+
+    from xfer.manifest import load_manifest
+
     _, root, *_ = planted_audit
+    planted = load_manifest(f"{root}/datasets/planted")
+    oneclass = dataclasses.replace(planted, classes=planted.classes[:1])  # a label-less set
+    storage.write_bytes(f"{root}/datasets/oneclass/manifest.json", oneclass.to_json())
     capsys.readouterr()
     status = cli.main(["audit", *args, f"storage.root={root}", "model.base=tiny_cnn"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -211,6 +222,38 @@ def test_cosine_links_near_features_and_never_chains() -> None:
     assert (1, 0, "near_duplicate_across_splits") in found  # the train copy of a test image
     assert (3, 2, "near_duplicate") in found
     assert not any(f[0] == 4 and f[1] == 2 for f in found)  # 4 is not like 2: no chain
+
+
+def test_a_failed_write_leaves_no_page_over_other_lists(tmp_path: Path) -> None:
+    """Re-auditing into an --out that holds an audit: its page goes first, so a crash
+    between the writes leaves no audit.html vouching for lists of two runs."""
+    from xfer.audit import Images
+    from xfer.auditfind import Finding
+    from xfer.auditreport import write_outputs
+    from xfer.manifest import Manifest
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "JPEG")
+    fp = Fingerprints(
+        ["a.jpg", "b.jpg"],
+        ["train", "test"],
+        np.array([0, 1]),
+        ["x", "y"],
+        ["x", "y"],
+        np.zeros(2, np.uint64),
+    )
+    images = Images(fp, [buffer.getvalue()] * 2)
+    dataset = Manifest("d", ["cat", "dog"], {}, {}, {}, {})
+    findings = [Finding(0, "label_issue", 0.9, "why", suggested=1)]
+    out = str(tmp_path / "out")
+    write_outputs(out, dataset, images, findings, {})
+    assert "label_issue" in Path(out, "audit.html").read_text()
+    Path(out, "issues.csv").unlink()
+    Path(out, "issues.csv").mkdir()  # the second run's CSV write fails
+    with pytest.raises(Exception):  # noqa: B017 - whatever the store raises
+        write_outputs(out, dataset, images, [], {})
+    assert not Path(out, "audit.html").exists()
+    assert pq.read_table(Path(out, "issues.parquet")).num_rows == 0  # the new list
 
 
 def test_audit_settings_defaults_match_the_cli() -> None:

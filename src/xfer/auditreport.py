@@ -126,7 +126,7 @@ def page_html(
     parts = [
         f"<!doctype html><meta charset=utf-8><title>audit of {esc(dataset.name)}</title>",
         f"<style>{_STYLE}</style><h1>Audit of {esc(dataset.uri or dataset.name)}</h1>",
-        f"<p>{len(index)} images; {len(table)} findings. Settings: "
+        f"<p>{len(index)} images; {len(table)} finding(s). Settings: "
         + ", ".join(f"{esc(k)}={esc(str(v))}" for k, v in settings.items())
         + "</p><table><tr><th>reason</th><th>findings</th></tr>",
         *(f"<tr><td>{esc(r)}</td><td>{n}</td></tr>" for r, n in counts.items()),
@@ -135,6 +135,8 @@ def page_html(
         + ". Filtered to the rows you checked, either works as <span class=k>data.exclude</span>."
         "</p>",
     ]
+    if not table:
+        parts.append("<p>Nothing found: no duplicates and no suspected label errors.</p>")
     for reason in counts:
         chosen = [r for r in table if r["reason"] == reason]
         parts.append(_section(reason, chosen, images.encoded, index))
