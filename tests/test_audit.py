@@ -178,6 +178,7 @@ def test_audit_finds_planted_duplicates_and_flipped_labels(planted_audit, capsys
         (["planted", "--folds", "500"], "fewer than --folds 500"),
         (["planted", "--folds", "1"], "at least 2 folds"),
         (["oneclass"], "1 class(es): no labels to audit"),
+        (["planted", "model.weights=/no/such.h5"], "model.weights: no file at"),
     ],
 )
 def test_audit_bad_input_is_one_line(planted_audit, capsys, args, message) -> None:

@@ -54,6 +54,7 @@ from xfer.auditfind import (
 from xfer.config import XferConfig
 from xfer.errors import DataError
 from xfer.manifest import Manifest, load_manifest
+from xfer.weights import check_weights
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,8 @@ def base_features(cfg: XferConfig, encoded: list[bytes], num_classes: int) -> np
     from xfer.console import Progress
     from xfer.model import build_model, feature_extractor
     from xfer.preprocess import decode_and_resize
-    from xfer.weights import check_weights, fetch_weights
+    from xfer.weights import fetch_weights
 
-    check_weights(cfg.model.weights)
     weights = fetch_weights(cfg.model.weights)
     size = cfg.data.image_size
     model, _ = build_model(cfg.model, size, max(2, num_classes), weights.local_path)
@@ -194,6 +194,7 @@ def run_audit(cfg: XferConfig, dataset_uri: str, settings: AuditSettings) -> Aud
         raise DataError(f"--folds {settings.folds}: cross-validation needs at least 2 folds")
     dataset = load_manifest(dataset_uri)
     check_labels(dataset, settings.folds)
+    check_weights(cfg.model.weights)  # before minutes of reading
     out = output_prefix(cfg, dataset, settings)
     images = load_images(dataset)
     images.features = base_features(cfg, images.encoded, dataset.num_classes)

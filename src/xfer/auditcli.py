@@ -20,10 +20,13 @@ DESCRIPTION = (
 
 def run(args: argparse.Namespace) -> int:
     from xfer.audit import AuditSettings, run_audit
-    from xfer.config import load_config
+    from xfer.config import load_config, with_overrides
     from xfer.retry import budget
 
-    cfg = load_config(args.config, [*args.overrides, f"data.dataset={args.dataset}"])
+    # As given, not through YAML: a dataset named 2024 stays the string "2024".
+    cfg = with_overrides(
+        load_config(args.config, args.overrides), {"data": {"dataset": args.dataset}}
+    )
     cfg.apply_storage_env()
     settings = AuditSettings(
         folds=args.folds, phash_distance=args.phash_distance, cosine=args.cosine, out=args.out
