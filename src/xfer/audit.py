@@ -61,7 +61,7 @@ from xfer.weights import check_weights
 class AuditSettings:
     folds: int = 5
     phash_distance: int = 6  # of 64 bits
-    cosine: float = 0.95  # of pooled base features; > 1 turns it off
+    cosine: float = 0.95  # of centred pooled base features; > 1 turns it off
     out: str | None = None
     seed: int = 0
 
