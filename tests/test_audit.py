@@ -13,6 +13,7 @@ base on generated shapes leaves some genuinely ambiguous images).
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ from PIL import Image
 from xfer import cli, storage
 from xfer.audit import AuditSettings
 from xfer.auditfind import Fingerprints, centred, duplicate_findings, similar_pairs
+from xfer.auditreport import COLUMNS
 from xfer.shard import _hash_unit, _split_for
 from xfer.synth import render
 
@@ -162,9 +164,9 @@ def test_audit_finds_planted_duplicates_and_flipped_labels(planted_audit, capsys
     for r in table:
         if r["reason"] == "label_issue" and r["key"] in flipped:
             assert r["suggested_label"] != r["given_label"]
-    csv = storage.read_text(f"{out}/issues.csv").splitlines()
-    assert csv[0].replace('"', "").startswith("key,split,given_label,suggested_label,score,reason")
-    assert len(csv) == len(table) + 1
+    lines = storage.read_text(f"{out}/issues.csv").splitlines()
+    assert lines[0] == ",".join(COLUMNS)  # unquoted: what a data.exclude list reader expects
+    assert len(lines) == len(table) + 1
     page = storage.read_text(f"{out}/audit.html")
     assert page.count("data:image/jpeg;base64,") >= len(table)
     assert "near_duplicate_across_splits" in page and "label_issue" in page
@@ -249,6 +251,9 @@ def test_a_failed_write_leaves_no_page_over_other_lists(tmp_path: Path) -> None:
     out = str(tmp_path / "out")
     write_outputs(out, dataset, images, findings, {})
     assert "label_issue" in Path(out, "audit.html").read_text()
+    with open(Path(out, "issues.csv"), newline="") as f:
+        listed = list(csv.DictReader(f))
+    assert [r["key"] for r in listed] == ["a.jpg"] and listed[0]["suggested_label"] == "dog"
     Path(out, "issues.csv").unlink()
     Path(out, "issues.csv").mkdir()  # the second run's CSV write fails
     with pytest.raises(Exception):  # noqa: B017 - whatever the store raises

@@ -70,7 +70,6 @@ def write_outputs(
 ) -> dict[str, str]:
     """Write the lists, then the page (last: its presence marks a complete audit)."""
     import pyarrow as pa
-    import pyarrow.csv as pacsv
 
     page = storage.join(out, "audit.html")
     if storage.exists(page):  # an older audit here: it must not vouch for the new lists
@@ -82,12 +81,23 @@ def write_outputs(
         "audit.html": page,
     }
     storage.write_parquet(table, files["issues.parquet"])
-    buffer = io.BytesIO()
-    pacsv.write_csv(table, buffer)
-    storage.write_bytes(files["issues.csv"], buffer.getvalue(), "text/csv")
-    body = page_html(dataset, images, table.to_pylist(), settings, files)
+    found = table.to_pylist()
+    storage.write_bytes(files["issues.csv"], _csv(found).encode(), "text/csv")
+    body = page_html(dataset, images, found, settings, files)
     storage.write_bytes(page, body.encode(), "text/html")
     return files
+
+
+def _csv(found: list[dict[str, Any]]) -> str:
+    """Quoted only where a value needs it: the header reads ``key,split,...``, which any
+    list reader (``data.exclude``'s among them) takes for a CSV with a key column."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(found)
+    return buffer.getvalue()
 
 
 def _schema(pa: Any) -> list[tuple[str, Any]]:
