@@ -5,6 +5,7 @@
     xfer shard SRC DEST [--config FILE] [--max-side PX] [--split 0.8,0.1,0.1] ... [key=value ...]
     xfer train [--config FILE] [key=value ...]
     xfer score --model URI --input URI --output URI [--config FILE] [key=value ...]
+    xfer audit DATASET [--config FILE] [--out URI] [--folds 5] ... [key=value ...]
     xfer runs list|show RUN|compare RUN RUN|promote RUN|rollback MODEL [--config FILE] [k=v ...]
     xfer demo [--workdir D] [--keep] [--weights source|imagenet]
     xfer --version
@@ -272,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_score)
+
+    from xfer.auditcli import add_audit_parser  # light: flags only
+
+    add_audit_parser(sub, common)
 
     p = sub.add_parser("runs", help="list, show, compare, promote and roll back runs")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
