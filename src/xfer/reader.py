@@ -20,8 +20,9 @@ The plan for one epoch, the same on every worker:
 So every real example is seen exactly once per epoch (weight 1), every worker runs
 the same number of steps, and padding rows (weight 0) change neither loss nor
 metrics. Rows left out by ``data.exclude`` (:mod:`xfer.exclude`) are dropped from each
-row group as it is read, and the plan counts only the rows that remain. Rows stream from object storage through pyarrow, a few row groups ahead in
-threads; decode, resize and augmentation run in parallel ``tf.data`` maps.
+row group as it is read, and the plan counts only the rows that remain. Rows stream
+from object storage through pyarrow, a few row groups ahead in threads; decode,
+resize and augmentation run in parallel ``tf.data`` maps.
 """
 
 from __future__ import annotations
