@@ -74,6 +74,18 @@ CONFIGS: dict[str, dict[str, object]] = {
         "train.fine_tune.unfreeze_from": "block_13_expand",
         "train.fine_tune.ema": 0.98,
     },
+    # The same at a quarter of the learning rate and 10 epochs: on fold 0, sgd-top-ema's
+    # validation fell from 98.7% (after the warm-up) to 97.7% at the peak rate while
+    # training accuracy reached 100%: 2e-3 moved the top blocks too far.
+    "sgd-top-ema-5e-4": {
+        "train.fine_tune.epochs": 10,
+        "train.fine_tune.optimizer": "sgd",
+        "train.fine_tune.learning_rate": 5e-4,
+        "train.fine_tune.schedule": "cosine",
+        "train.fine_tune.warmup_epochs": 1,
+        "train.fine_tune.unfreeze_from": "block_13_expand",
+        "train.fine_tune.ema": 0.98,
+    },
     # The same without the EMA: what the average buys on its own.
     "sgd-top": {
         "train.fine_tune.epochs": 12,
