@@ -114,3 +114,29 @@ def test_mixed_precision_checkpoint_keeps_the_loss_scale():
         assert optimizer_state(fresh.optimizer)["iterations"] == 3
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")
+
+
+def test_a_mid_phase_restore_brings_the_moving_average_back():
+    """train.<phase>.ema: the average lives in the optimizer; a resumed phase goes on
+    averaging from where it was, not from the restored weights."""
+    cfg = load_config(None, ["model.base=tiny_cnn", "model.weights=none"])
+    model, _ = build_model(cfg.model, 32, 2)
+    optimizer = make_optimizer("sgd", 0.05, ema=0.9)
+    compile_model(model, optimizer, 2)
+    rng = np.random.default_rng(1)
+    for _ in range(3):  # train_on_batch: the weights as trained, the average apart
+        model.train_on_batch(rng.uniform(0, 255, (8, 32, 32, 3)), rng.integers(0, 2, 8))
+    directory = save_checkpoint(model, optimizer, TrainState(phase="fine_tune", epoch=1))
+    averages = [v.numpy() for v in optimizer._model_variables_moving_average]
+    assert any(
+        not np.array_equal(a, w.numpy())
+        for a, w in zip(averages, model.trainable_variables, strict=True)
+    )
+    fresh, _ = build_model(cfg.model, 32, 2)
+    again = make_optimizer("sgd", 0.05, ema=0.9)
+    compile_model(fresh, again, 2)
+    restore(directory, fresh, again)
+    for a, b in zip(averages, again._model_variables_moving_average, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+    for a, b in zip(model.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -133,6 +133,13 @@ class Phase(Strict):
     warmup_epochs: float = Field(
         0.0, ge=0.0, description="linear warm-up from 0 to learning_rate over these epochs"
     )
+    ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="exponential moving average of the trained weights, its momentum per step "
+        "(0: off); validation, the phase's result and the saved model use the average",
+    )
 
 
 class HeadPhase(Phase):

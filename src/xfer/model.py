@@ -161,13 +161,22 @@ def unfreeze_top(base: Any, unfreeze_from: str | int | None, unfreeze_top: int |
     return count
 
 
-def make_optimizer(name: str, learning_rate: float) -> Any:
+def make_optimizer(name: str, learning_rate: float, ema: float = 0.0) -> Any:
+    """The phase's optimizer; ``ema`` > 0 keeps a moving average of the weights in it
+    (Keras' own ``use_ema``: ``fit`` swaps the average in when it ends)."""
     optimizers = _keras().optimizers
+    kwargs: dict[str, Any] = {"learning_rate": learning_rate}
+    if ema:
+        kwargs.update(use_ema=True, ema_momentum=ema)
     if name == "sgd":
-        return optimizers.SGD(learning_rate=learning_rate, momentum=0.9)
+        return optimizers.SGD(momentum=0.9, **kwargs)
     if name == "rmsprop":
-        return optimizers.RMSprop(learning_rate=learning_rate)
-    return optimizers.Adam(learning_rate=learning_rate)
+        return optimizers.RMSprop(**kwargs)
+    return optimizers.Adam(**kwargs)
+
+
+def uses_ema(optimizer: Any) -> bool:
+    return bool(getattr(getattr(optimizer, "inner_optimizer", optimizer), "use_ema", False))
 
 
 def phase_learning_rate(

@@ -53,6 +53,10 @@ class EpochEnd:
 
             def on_test_begin(self, logs: Any = None) -> None:
                 outer.validation_begins()
+                outer.ema.swap_in(self.model)
+
+            def on_test_end(self, logs: Any = None) -> None:
+                outer.ema.swap_out(self.model)
 
         class _BatchFault(_Callback):
             def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
@@ -83,6 +87,7 @@ class EpochEnd:
             tb_dir,
         )
         self.journal, self.position = journal, position  # epochs done before this phase
+        self.ema = EmaForValidation(optimizer)
         self.epoch = 0
         self._t0 = 0.0
         self._t_val: float | None = None
@@ -160,3 +165,33 @@ class EpochEnd:
         checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
         ray.train.report({"phase": self.phase, **row}, checkpoint=checkpoint)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+class EmaForValidation:
+    """Validation during ``fit`` measures the moving average of the weights (when the
+    optimizer keeps one), then training goes on from its own weights.
+
+    Keras swaps the average in only when ``fit`` ends; each epoch's validation would
+    otherwise report the raw weights, not the ones the phase ends with and saves.
+    """
+
+    def __init__(self, optimizer: Any):
+        from xfer.model import uses_ema
+
+        self.optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        self.active = uses_ema(optimizer)
+        self._saved: list[Any] | None = None
+
+    def swap_in(self, model: Any) -> None:
+        if not self.active or not getattr(self.optimizer, "_built", False):
+            return
+        variables = model.trainable_variables
+        self._saved = [v.numpy() for v in variables]
+        self.optimizer.finalize_variable_values(variables)
+
+    def swap_out(self, model: Any) -> None:
+        if self._saved is None:
+            return
+        for variable, value in zip(model.trainable_variables, self._saved, strict=True):
+            variable.assign(value)
+        self._saved = None

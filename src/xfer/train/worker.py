@@ -43,6 +43,7 @@ from xfer.model import (
     make_optimizer,
     phase_learning_rate,
     unfreeze_top,
+    uses_ema,
 )
 from xfer.preprocess import AugmentSettings
 from xfer.reader import ReaderSpec, make_dataset
@@ -155,7 +156,7 @@ def _compile_phase(
     )
     smoothing, jit = cfg.train.label_smoothing, cfg.train.jit_compile
     classes = w.manifest.num_classes
-    compile_model(w.model, make_optimizer(pcfg.optimizer, lr), classes, smoothing, jit)
+    compile_model(w.model, make_optimizer(pcfg.optimizer, lr, pcfg.ema), classes, smoothing, jit)
     fit_model = w.model
     if feature_dim:
         fit_model = head_only_model(w.model, cfg.model, feature_dim)
@@ -261,6 +262,11 @@ def _restore_finished(w: Worker) -> Any:
     with w.strategy.scope():
         _, optimizer = _compile_phase(w, last, None, train_steps)
         _restore(w, optimizer, with_optimizer=w.state.phase == last)
+        if w.state.phase == last and uses_ema(optimizer):
+            # The last epoch's checkpoint holds the trained weights, not yet their
+            # average (fit swaps it in at its end); the final report's holds the
+            # average already, which this leaves as it is.
+            optimizer.finalize_variable_values(w.model.trainable_variables)
     return optimizer
 
 
