@@ -88,6 +88,9 @@ def test_a_run_is_calibrated_on_its_validation_split_and_scoring_applies_it(
     assert float(meta[b"xfer.temperature"]) == t
     ref = resolve_model(trained_run.run_uri)
     assert ref.temperature == t
+    from xfer.raycluster import ensure_ray
+
+    ensure_ray(num_cpus=2)  # a CLI test's error path may have stopped the session's Ray
     raw_uri = f"{session_root}/scratch/uncalibrated"
     sc = load_config(None, ["score.calibrated=false"]).score
     write_predictions(ref, target_dataset, sc, raw_uri, single_file="t.parquet", split="test")

@@ -22,6 +22,7 @@ from xfer.config import load_config
 from xfer.errors import ConfigError
 from xfer.manifest import load_manifest
 from xfer.paired import compare, decide
+from xfer.raycluster import ensure_ray
 from xfer.runs import paired_lines
 from xfer.train.gate import gate_and_publish, paired_verdict
 from xfer.train.outputs import versus_text
@@ -130,6 +131,7 @@ def gate_a_challenger(bucket, trained_run, target_dataset, challenger: pa.Table,
     accuracy = len(right_rows(challenger)) / challenger.num_rows
     test = {"accuracy": accuracy, "accuracy_from_predictions": accuracy}
     manifest = load_manifest(target_dataset)
+    ensure_ray(num_cpus=2)  # the gate scores the champion; a CLI test may have stopped Ray
     gate = gate_and_publish(cfg, manifest, "challenger", run, test, "test_accuracy", accuracy)
     return gate, storage.read_json(f"{cfg.model_uri()}/{layout.LATEST}")["run_id"]
 

@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,6 +60,21 @@ def local_predictions(run_uri: str, blobs: dict[str, bytes]) -> dict[str, float]
     return dict(zip(keys, model.predict(x, verbose=0).reshape(-1).tolist(), strict=True))
 
 
+def calibrated(p_star: Any, run_uri: str) -> Any:
+    """The model's own P(star) with the run's temperature applied, as scoring applies it."""
+    from xfer.calibration import apply_temperature
+    from xfer.layout import resolve_model
+
+    t = resolve_model(run_uri).temperature
+    if isinstance(p_star, dict):
+        keys = list(p_star)
+        return dict(
+            zip(keys, calibrated(np.array([p_star[k] for k in keys]), run_uri), strict=True)
+        )
+    p = np.asarray(p_star, dtype=np.float64).reshape(-1)
+    return p if t is None else apply_temperature(np.stack([1 - p, p], axis=1), t)[:, 1]
+
+
 def test_scores_every_input_with_error_rows_and_exact_predictions(
     trained_run, session_root, bucket
 ):
@@ -96,7 +112,7 @@ def test_scores_every_input_with_error_rows_and_exact_predictions(
     for key, reason in bad.items():
         assert reason in rows[key]["error"] and rows[key]["predicted_label"] is None
     good = {k: storage.read_bytes(f"{inputs}/{k}") for k in rows if k not in bad}
-    expected = local_predictions(trained_run.run_uri, good)
+    expected = calibrated(local_predictions(trained_run.run_uri, good), trained_run.run_uri)
     for key, p_star in expected.items():
         r = rows[key]
         assert (
@@ -399,7 +415,7 @@ def test_test_time_augmentation_averages_the_image_and_its_mirror(
     )
     plain = model.predict(x, verbose=0).reshape(-1)
     mirrored = model.predict(x[:, :, ::-1, :], verbose=0).reshape(-1)
-    by_hand = (plain + mirrored) / 2
+    by_hand = calibrated((plain + mirrored) / 2, trained_run.run_uri)
     got = np.array([r["prob_star"] for r in rows])
     assert np.allclose(got, by_hand, atol=1e-5)
     assert not np.allclose(got, plain, atol=1e-5), "the mirror must change something"

@@ -268,7 +268,7 @@ def _champion_row(vs: dict[str, Any]) -> str:
     lo, hi = vs["interval"]
     needed = "better beyond noise" if vs["mode"] == "better" else "not worse beyond noise"
     return (
-        f"<tr><td>{what}: {vs['pairs']} paired images; only this run right "
+        f"<tr><td style='text-align:left'>{what}: {vs['pairs']} paired images; only this run right "
         f"<b>{vs['challenger_only']}</b>, only the champion right <b>{vs['champion_only']}</b>; "
         f"McNemar exact p = {vs['p_value']:.3g}; difference {100 * vs['difference']:+.1f} points, "
         f"{100 * vs['confidence']:.0f}% bootstrap interval [{100 * lo:+.1f}, {100 * hi:+.1f}]</td>"
