@@ -215,28 +215,15 @@ def finish_run(
     gate = gate_and_publish(
         cfg, manifest, run_id, run_uri, test, gate_metric, value, exclude=left_out("test")
     )
-    metrics: dict[str, Any] = {
-        "run_id": run_id,
-        "model_name": cfg.output.model_name,
-        "dataset": manifest.uri,
-        "base": cfg.model.base,
-        "classes": manifest.classes,
-        "workers": final.get("workers"),
-        "replicas": final.get("replicas"),
-        "global_batch": cfg.train.batch_size * int(final.get("replicas") or 1),
-        "steps_per_epoch": final.get("steps_per_epoch"),
-        "mixed_precision": final.get("mixed_precision"),
-        "phases": {p: phase_summary(h) for p, h in history.items() if h},
-        "history": history,
-        "test": test,
-        "calibration": calibration,
-        "export": export,
-        "failures": failures(run_uri),
-        "resume_changes": resume_changes or [],
-        "feature_cache": final.get("feature_cache") or None,
-        "wall_time_s": wall,
-        "gate": gate,
-    }
+    metrics = run_metrics(cfg, manifest, run_id, run_uri, final)
+    metrics.update(
+        test=test,
+        calibration=calibration,
+        export=export,
+        resume_changes=resume_changes or [],
+        wall_time_s=wall,
+        gate=gate,
+    )
     lin = lineage(cfg, manifest, final, run_uri, exclusion)
     storage.write_json(storage.join(run_uri, METRICS), metrics)
     storage.write_json(storage.join(run_uri, LINEAGE), lin)
@@ -251,6 +238,29 @@ def finish_run(
     write_success(run_uri, run_id)
     mark_complete(run_uri)
     return TrainResult(run_id, run_uri, metrics, gate["published"])
+
+
+def run_metrics(
+    cfg: XferConfig, manifest: Manifest, run_id: str, run_uri: str, final: dict[str, Any]
+) -> dict[str, Any]:
+    """``metrics.json`` as training left it: what ran, per phase and epoch, failures."""
+    history = final["state"]["history"]
+    return {
+        "run_id": run_id,
+        "model_name": cfg.output.model_name,
+        "dataset": manifest.uri,
+        "base": cfg.model.base,
+        "classes": manifest.classes,
+        "workers": final.get("workers"),
+        "replicas": final.get("replicas"),
+        "global_batch": cfg.train.batch_size * int(final.get("replicas") or 1),
+        "steps_per_epoch": final.get("steps_per_epoch"),
+        "mixed_precision": final.get("mixed_precision"),
+        "phases": {p: phase_summary(h) for p, h in history.items() if h},
+        "history": history,
+        "failures": failures(run_uri),
+        "feature_cache": final.get("feature_cache") or None,
+    }
 
 
 def calibrate_model(
