@@ -22,6 +22,7 @@ import pyarrow as pa
 import pytest
 
 from xfer import commit, storage
+from xfer.calibration import file_metadata
 from xfer.errors import StorageError
 from xfer.layout import PREDICTIONS
 from xfer.nightly import summarize_night
@@ -72,7 +73,11 @@ def part_table(seed: int, rows: int) -> Any:
     cols["scored_at"] = pa.array([at] * rows, pa.timestamp("ms", tz="UTC"))
     reasons = np.array(REASONS, dtype=object)[rng.integers(len(REASONS), size=rows)]
     cols["error"] = pa.array(reasons, pa.string(), ~failed)
-    metadata = {"xfer.classes": json.dumps(CLASSES), "xfer.run_id": "run-1"}
+    metadata = {
+        "xfer.classes": json.dumps(CLASSES),
+        "xfer.run_id": "run-1",
+        **file_metadata(None),  # the night's probabilities: the network's own
+    }
     return pa.table(cols).replace_schema_metadata(metadata)
 
 
