@@ -155,8 +155,11 @@ def test_resume_refused_when_the_list_changed(session_root, pretrained_weights, 
 
 
 @pytest.mark.slow
-def test_training_leaves_the_listed_keys_out(session_root, pretrained_weights, target_dataset):
+def test_training_leaves_the_listed_keys_out(bucket, pretrained_weights, target_dataset):
     from xfer.train.driver import train
+
+    # A root of its own: its feature cache must not be the one test_features sees built.
+    root = f"{bucket}/xfer"
 
     keys = split_keys(target_dataset)
     rows = {split: len(k) for split, k in keys.items()}
@@ -166,16 +169,17 @@ def test_training_leaves_the_listed_keys_out(session_root, pretrained_weights, t
     left_out = {"train": keys["train"][:n_train], "val": keys["val"][:3], "test": keys["test"][:4]}
     listed = [(k, s) for s, ks in left_out.items() for k in ks]
     listed += [("elsewhere/not-here.png", "train"), ("elsewhere/nor-here.png", "test")]
-    uri = f"{session_root}/lists/issues.csv"
+    uri = f"{root}/lists/issues.csv"
     body = audit_csv(listed)
     storage.write_bytes(uri, body)
 
     cfg = load_config(
         None,
         train_overrides(
-            session_root,
+            root,
             pretrained_weights,
             **{
+                "data.dataset": target_dataset,
                 "data.exclude": uri,
                 "model.head.features": "cached",
                 "output.model_name": "shapes-exclude",
