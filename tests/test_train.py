@@ -112,6 +112,8 @@ def test_saved_model_loads_with_tf_keras_alone_and_reproduces_predictions(
     # Decode exactly as xfer does, save the pixels, predict in a clean process.
     import tensorflow as tf
 
+    from xfer.calibration import apply_temperature
+    from xfer.layout import resolve_model
     from xfer.preprocess import decode_and_resize
 
     keys = test.column("key").to_pylist()
@@ -130,6 +132,9 @@ def test_saved_model_loads_with_tf_keras_alone_and_reproduces_predictions(
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-I", "-c", code], check=True, env=env, cwd=local)
     out = np.load(f"{local}/out.npy").reshape(-1)
+    t = resolve_model(trained_run.run_uri).temperature
+    if t is not None:  # the predictions file holds the calibrated probabilities
+        out = apply_temperature(np.stack([1 - out, out], axis=1), t)[:, 1]
     by_key = dict(
         zip(preds.column("key").to_pylist(), preds.column("prob_star").to_pylist(), strict=True)
     )
@@ -275,9 +280,15 @@ def test_bad_config_fails_before_any_worker_starts(
     assert not {u for u in after - before if not u.endswith("config.yaml")}
 
 
-def _mean_bce(table) -> float:
-    """Mean binary cross-entropy over rows, from the stored probability of class 1."""
-    p = np.clip(np.array(table.column("prob_star").to_pylist(), dtype="float64"), 1e-7, 1 - 1e-7)
+def _mean_bce(table, temperature: float | None = None) -> float:
+    """Mean binary cross-entropy over rows, from the stored probability of class 1
+    (with ``temperature``: the calibration that file applied, undone first)."""
+    from xfer.calibration import apply_temperature
+
+    p = np.array(table.column("prob_star").to_pylist(), dtype="float64")
+    if temperature is not None:
+        p = apply_temperature(np.stack([1 - p, p], axis=1), 1 / temperature)[:, 1]
+    p = np.clip(p, 1e-7, 1 - 1e-7)
     y = np.array(table.column("true_index").to_pylist(), dtype="float64")
     return float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
 
@@ -294,13 +305,13 @@ def test_reported_losses_are_true_means_over_real_examples(trained_run, target_d
     m = trained_run.metrics
     test = storage.read_parquet(f"{trained_run.run_uri}/predictions/test.parquet")
     test = test.filter(pc.is_null(test.column("error")))
-    assert m["test"]["loss"] == pytest.approx(_mean_bce(test), abs=2e-4)
-
     ref = resolve_model(trained_run.run_uri)
+    # The file holds calibrated probabilities; the loss is the network's own.
+    assert m["test"]["loss"] == pytest.approx(_mean_bce(test, ref.temperature), abs=2e-4)
+
     out = f"{trained_run.run_uri}-val-check"
-    write_predictions(
-        ref, target_dataset, ScoreConfig(), out, single_file="val.parquet", split="val"
-    )
+    own = ScoreConfig(calibrated=False)
+    write_predictions(ref, target_dataset, own, out, single_file="val.parquet", split="val")
     val = storage.read_parquet(f"{out}/val.parquet")
     assert val.num_rows == load_manifest(target_dataset).split("val").rows
     last = m["history"]["fine_tune"][-1]  # measured after the last epoch: the saved model
