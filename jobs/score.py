@@ -1,9 +1,10 @@
 """Batch-scoring entry point for `ray job submit` (nightly runs).
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \\
-        python jobs/score.py --config jobs/configs/nightly_score.yaml \\
-        --model s3://xfer-prod/models/pets --input s3://xfer-prod/incoming/pets/{date}/ \\
-        --output s3://xfer-prod/predictions/pets
+        python jobs/score.py --config jobs/configs/nightly_score.yaml storage.root=s3://xfer-prod
+
+(the model, input and output are the config's score.model, score.input and score.output;
+--model, --input, --output and --date win over them).
 
 Same as `xfer score`, exit statuses included: the arguments are passed through unchanged.
 """

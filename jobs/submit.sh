@@ -4,7 +4,7 @@
 #   export RAY_ADDRESS=http://127.0.0.1:8265      # the head's dashboard
 #   export RAY_AUTH_TOKEN=...                     # or keep it in ~/.ray/auth_token
 #   jobs/submit.sh train --config jobs/configs/gpu_production.yaml [key=value ...]
-#   jobs/submit.sh score --config jobs/configs/nightly_score.yaml --model ... --input ... --output ...
+#   jobs/submit.sh score --config jobs/configs/nightly_score.yaml storage.root=s3://<bucket>
 #   jobs/submit.sh shard s3://bucket/raw/pets s3://bucket/datasets/pets --max-side 256
 #
 # XFER_RUNTIME_ENV overrides the runtime env file (default jobs/runtime_env.yaml);

@@ -145,3 +145,79 @@ def test_a_dashboard_address_is_refused_with_the_job_api_command(monkeypatch):
     assert ray_address("ray://head:10001") == "ray://head:10001"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     assert ray_address(None) == "10.0.0.5:6379"
+
+
+# ------------------------------------------------- what xfer score scores, from the config
+
+
+def test_score_locations_come_from_the_config_under_its_root(tmp_path):
+    path = write(
+        tmp_path,
+        {
+            "storage": {"root": "s3://night-bucket"},
+            "score": {
+                "model": "{root}/models/pets",
+                "input": "{root}/incoming/{date}/",
+                "output": "{root}/predictions/pets",
+                "date": "2026-01-05",
+            },
+        },
+    )
+    night = load_config(path).score.target(load_config(path).storage.root)
+    assert (night.model, night.input, night.output, night.date) == (
+        "s3://night-bucket/models/pets",
+        "s3://night-bucket/incoming/{date}/",  # {date}: the night, filled in by xfer score
+        "s3://night-bucket/predictions/pets",
+        "2026-01-05",
+    )
+    # A flag wins over its key; the others stay the config's.
+    cfg = load_config(path, ["storage.root=s3://other-bucket"])
+    night = cfg.score.target(cfg.storage.root, model="s3://x/runs/r1", date="20260106")
+    assert night.model == "s3://x/runs/r1" and night.date == "20260106"
+    assert night.output == "s3://other-bucket/predictions/pets"
+
+
+def test_score_date_written_as_yaml_reads_as_text():
+    # YAML reads 2026-01-05 as a date and 20260105 as a number.
+    assert load_config(None, ["score.date=2026-01-05"]).score.date == "2026-01-05"
+    assert load_config(None, ["score.date=20260105"]).score.date == "20260105"
+
+
+@pytest.mark.parametrize("missing", ["model", "input", "output"])
+def test_a_missing_score_location_names_the_flag_and_the_key(missing):
+    given = {k: f"s3://b/{k}" for k in ("model", "input", "output") if k != missing}
+    cfg = load_config(None, [f"score.{k}={v}" for k, v in given.items()])
+    with pytest.raises(ConfigError) as err:
+        cfg.score.target(cfg.storage.root)
+    assert f"--{missing}" in str(err.value) and f"score.{missing}" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_key_the_command_does_not_read_is_named(tmp_path):
+    from xfer.configreads import unread_settings
+
+    cfg = load_config(
+        None, ["output.model_name=pets", "score.num_actors=2", "score.model=s3://b/models/m"]
+    )
+    assert unread_settings(cfg, "score") == [
+        "output.model_name is set but xfer score does not read the output section"
+    ]
+    # Training reads the score: section (its test split is scored), not what a night scores.
+    assert unread_settings(cfg, "train") == ["score.model is set but xfer train does not read it"]
+    # A training config carries the shard: section of its dataset: no warning.
+    assert unread_settings(load_config(None, ["shard.max_side=256"]), "train") == []
+    assert unread_settings(load_config(None, ["data.image_size=96"]), "shard") == []
+    assert unread_settings(load_config(), "score") == []
+
+
+def test_xfer_score_warns_about_unread_keys_and_needs_a_model(tmp_path, capsys):
+    from xfer.cli import main
+
+    status = main(["score", "output.model_name=pets", "--input", "s3://b/in", "--output", "x"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert (
+        "[xfer] warning: output.model_name is set but xfer score does not read the output section"
+        in err
+    )
+    assert "xfer: error: xfer score needs the model: give --model or set score.model" in err

@@ -278,6 +278,23 @@ def test_entrypoints_name_existing_scripts_and_valid_configs(env: str) -> None:
 
 
 @pytest.mark.parametrize("env", ENVS)
+def test_commands_carry_their_settings_in_the_config(env: str) -> None:
+    """The nightly command is the config file and the bucket: the model, input and output
+    are score.* keys, not flags written once per manifest; and no key it sets goes unread."""
+    from xfer.configreads import unread_settings
+
+    settings = settings_of(kustomize(schedule_dir(env)))
+    specs = [*job_specs(kustomize(schedule_dir(env))), *job_specs(kustomize(train_dir(env)))]
+    for where, spec in specs:
+        command, args, cfg = entrypoint_config(spec["entrypoint"], settings)
+        assert not unread_settings(cfg, command), f"{where}: {unread_settings(cfg, command)}"
+        if command == "score":
+            flags = (args.model, args.input, args.output)
+            assert flags == (None, None, None), f"{where} repeats the config's score.*: {flags}"
+            assert cfg.score.target(cfg.storage.root).model.startswith(f"s3://{BUCKET[env]}/")
+
+
+@pytest.mark.parametrize("env", ENVS)
 def test_everything_points_at_the_environments_bucket(env: str) -> None:
     """As the submitter runs it: its args expanded with the namespace's xfer-settings."""
     bucket = BUCKET[env]
@@ -286,10 +303,14 @@ def test_everything_points_at_the_environments_bucket(env: str) -> None:
     for directory in (schedule_dir(env), train_dir(env)):
         resources = kustomize(directory)
         for where, spec in job_specs(resources):
-            _, _, cfg = entrypoint_config(spec["entrypoint"], settings)
+            command, args, cfg = entrypoint_config(spec["entrypoint"], settings)
             words = [expand(w, settings) for w in shlex.split(spec["entrypoint"])]
             uris = [u for u in words if "s3://" in u]
             uris += [cfg.storage.root, cfg.model.weights, cfg.dataset_uri()]
+            if command == "score":  # what it scores and writes: the config's, or flags
+                night = cfg.score.target(cfg.storage.root, args.model, args.input, args.output)
+                uris += [night.model, night.input, night.output]
+                assert all(u.startswith("s3://") for u in uris[-3:]), f"{where}: {uris[-3:]}"
             for uri in (u[u.index("s3://") :] for u in uris if "s3://" in u):
                 assert uri.startswith(f"s3://{bucket}/") or uri == f"s3://{bucket}", (
                     f"{env}: {where} uses {uri}, outside s3://{bucket}"

@@ -76,12 +76,15 @@ def test_renaming_bucket_region_and_account_is_one_edit(env: str, scheduler: str
         specs = job_specs(resources)
         assert specs, directory
         for where, spec in specs:
-            _, _, cfg = entrypoint_config(spec["entrypoint"], settings)
+            command, args, cfg = entrypoint_config(spec["entrypoint"], settings)
             words = [expand(w, settings) for w in shlex.split(spec["entrypoint"])]
             uris = [w[w.index("s3://") :] for w in words if "s3://" in w]
             uris += [
                 u for u in (cfg.storage.root, cfg.model.weights, cfg.dataset_uri()) if "://" in u
             ]
+            if command == "score":
+                night = cfg.score.target(cfg.storage.root, args.model, args.input, args.output)
+                uris += [night.model, night.input, night.output]
             outside = [u for u in uris if not (u + "/").startswith(f"s3://{bucket}/")]
             assert not outside, f"{where}: {outside} after renaming the bucket to {bucket}"
         # The image is a setting of its own (image/kustomization.yaml: its registry may

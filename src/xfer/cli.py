@@ -4,7 +4,7 @@
     xfer synth OUT [--classes a,b] [--per-class N] [--size PX]
     xfer shard SRC DEST [--config FILE] [--max-side PX] [--split 0.8,0.1,0.1] ... [key=value ...]
     xfer train [--config FILE] [key=value ...]
-    xfer score --model URI --input URI --output URI [--config FILE] [key=value ...]
+    xfer score [--model URI] [--input URI] [--output URI] [--date D] [--config FILE] [key=value ...]
     xfer audit DATASET [--config FILE] [--out URI] [--folds 5] ... [key=value ...]
     xfer runs list|show RUN|compare RUN RUN|promote RUN|rollback MODEL [--config FILE] [k=v ...]
     xfer demo [--workdir D] [--keep] [--weights source|imagenet]
@@ -17,6 +17,10 @@ store that stayed unreachable past its retry budget, or a night of `xfer score` 
 by another run; 1 the job failed (JobFailed: a worker error; or a bug, with Python's
 traceback); 130 Ctrl-C and 143 SIGTERM, after every process the command started (S3
 server, local Ray) has been stopped. An error is one line on stderr: `xfer: error: ...`.
+
+A config key that the command does not read (config.READS) is named in a warning.
+`xfer score`'s --model, --input, --output and --date win over score.model, score.input,
+score.output and score.date, so that a deployment's config file can carry them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from xfer import console
 from xfer.errors import (
@@ -37,6 +42,9 @@ from xfer.errors import (
     XferError,
     one_line,
 )
+
+if TYPE_CHECKING:
+    from xfer.config import XferConfig
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -84,10 +92,21 @@ SHARD_FLAGS = {
 }
 
 
+def _load_config(args: argparse.Namespace, command: str, flags: tuple[str, ...] = ()) -> XferConfig:
+    """The config of ``--config`` and the overrides; a warning for each section of it
+    that ``command`` does not read (shipped configs are shared between commands)."""
+    from xfer.config import load_config
+    from xfer.configreads import unread_settings
+
+    cfg = load_config(args.config, [*flags, *args.overrides])
+    for line in unread_settings(cfg, command):
+        console.warn(line)
+    return cfg
+
+
 def _shard(args: argparse.Namespace) -> int:
     import json
 
-    from xfer.config import load_config
     from xfer.retry import budget
     from xfer.shard import shard_dataset
 
@@ -99,7 +118,7 @@ def _shard(args: argparse.Namespace) -> int:
                 with contextlib.suppress(ValueError):  # else the config names the bad value
                     value = [float(x) for x in value.split(",")]
             flags.append(f"shard.{key}={json.dumps(value)}")
-    cfg = load_config(args.config, [*flags, *args.overrides])
+    cfg = _load_config(args, "shard", tuple(flags))
     cfg.apply_storage_env()
     with budget(cfg.storage.outage_seconds):  # run_tasks passes it to every task
         summary = shard_dataset(args.src, args.dest, cfg.shard)
@@ -108,64 +127,27 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from xfer.config import load_config
     from xfer.train.driver import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args, "train")
     result = train(cfg)
     print(result.describe())
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from xfer.config import load_config
     from xfer.score import score
     from xfer.scorelock import NightBusy
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args, "score")
+    night = cfg.score.target(cfg.storage.root, args.model, args.input, args.output, args.date)
     try:
         result = score(
-            cfg, model=args.model, input_uri=args.input, output=args.output, date=args.date
+            cfg, model=night.model, input_uri=night.input, output=night.output, date=night.date
         )
     except NightBusy as exc:  # another run holds the night: try again later
         return _error(exc, EXIT_STORE_UNAVAILABLE)
     print(result.describe())
-    return 0
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of runs >= 1")
-    return int(text)
-
-
-def _runs(args: argparse.Namespace) -> int:
-    from xfer import runs
-    from xfer.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    cfg.apply_storage_env()
-    root = cfg.storage.root
-    if args.verb == "list":
-        found = runs.find_runs(root, args.model, None if args.all else args.limit)
-        print(runs.format_table(found.runs) if found.runs else f"no runs under {root}/runs")
-        if runs.not_shown(found):  # on stderr: stdout stays one line per run
-            print(runs.not_shown(found), file=sys.stderr)
-    elif args.verb == "show":
-        print(runs.show(root, args.run))
-    elif args.verb == "compare":
-        print(runs.compare(root, args.run, args.other))
-    elif args.verb == "promote":
-        p = runs.promote(root, args.run, force=args.force)
-        if p.get("unchanged"):
-            print(f"run {p['run_id']} is already the published {p['model_name']}: nothing changed")
-        else:
-            print(
-                f"published run {p['run_id']} as {p['model_name']} (previous: {p['previous_run_id']})"
-            )
-    else:
-        p = runs.rollback(root, args.model_name, force=args.force)
-        print(f"rolled {p['model_name']} back to run {p['run_id']} (from {p['rolled_back_from']})")
     return 0
 
 
@@ -260,15 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "score", parents=[common], help="batch scoring with Ray Data; Parquet predictions"
     )
-    p.add_argument("--model", required=True, help=".../runs/<run_id> or .../models/<name>")
+    p.add_argument("--model", help=".../runs/<run_id> or .../models/<name> (default: score.model)")
     p.add_argument(
         "--input",
-        required=True,
-        help="dataset prefix, image prefix, CSV/Parquet list, or an S3 Inventory manifest.json",
+        help="dataset prefix, image prefix, CSV/Parquet list, or an S3 Inventory manifest.json "
+        "(default: score.input)",
     )
-    p.add_argument("--output", required=True, help="predictions prefix (dt=<date>/ is added)")
     p.add_argument(
-        "--date", default=None, help="partition date YYYY-MM-DD or YYYYMMDD (default: today, UTC)"
+        "--output", help="predictions prefix, dt=<date>/ is added (default: score.output)"
+    )
+    p.add_argument(
+        "--date",
+        default=None,
+        help="partition date YYYY-MM-DD or YYYYMMDD (default: score.date, else today, UTC, "
+        "plus score.date_offset_days)",
     )
     p.add_argument("--config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -277,33 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     from xfer.auditcli import add_audit_parser  # light: flags only
 
     add_audit_parser(sub, common)
+    from xfer.runscli import add_runs_parser  # light: flags only
 
-    p = sub.add_parser("runs", help="list, show, compare, promote and roll back runs")
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    storage_args = argparse.ArgumentParser(add_help=False)
-    storage_args.add_argument("--config", help="YAML config file (its storage settings)")
-    for verb, help_text, positional in (
-        ("list", "one line per run, newest first", []),
-        ("show", "metrics, lineage, failures and where everything is", ["run"]),
-        ("compare", "the settings that differ and the metrics side by side", ["run", "other"]),
-        ("promote", "publish a complete run whose gate passed", ["run"]),
-        ("rollback", "publish again the run published before the current one", ["model_name"]),
-    ):
-        v = verbs.add_parser(verb, help=help_text, parents=[storage_args])
-        for name in positional:
-            v.add_argument(name, help="run id or run URI" if name != "model_name" else "model name")
-        if verb == "list":
-            v.add_argument("--model", help="only the runs of this model name")
-            v.add_argument(
-                "--limit", type=_positive, default=50, help="the newest N runs (default 50)"
-            )
-            v.add_argument("--all", action="store_true", help="every run (instead of --limit)")
-        if verb in ("promote", "rollback"):
-            v.add_argument("--force", action="store_true", help="publish even past a failed gate")
-        v.add_argument(
-            "overrides", nargs="*", help="section.key=value overrides (storage.root=...)"
-        )
-    p.set_defaults(func=_runs)
+    add_runs_parser(sub)
 
     p = sub.add_parser(
         "demo", parents=[common], help="the quickstart: S3 + synth + shard + train + score, locally"

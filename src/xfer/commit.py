@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -162,12 +161,3 @@ def move(src: str, dst: str) -> None:
     with translate_errors(dst):
         os.makedirs(os.path.dirname(os.path.abspath(local_path(dst))), exist_ok=True)
         os.replace(local_path(src), local_path(dst))
-
-
-def make_local_staging(final: str) -> str:
-    """A local directory to build files in before :func:`commit_prefix` (local or S3)."""
-    if is_s3(final):
-        return tempfile.mkdtemp(prefix="xfer-stage-")
-    path = staging_prefix(final)
-    os.makedirs(path, exist_ok=True)
-    return path

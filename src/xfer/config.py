@@ -269,15 +269,13 @@ class XferConfig(Strict):
             )
         return self
 
-    # ------------------------------------------------------------ locations
+    # ------------------------------------ thin calls: many callers take a config
 
     def dataset_uri(self) -> str:
-        ds = self.data.dataset
-        if ds.startswith("s3://") or ds.startswith("/") or ds.startswith("file://") or "/" in ds:
-            return ds.rstrip("/")
+        """:func:`xfer.layout.dataset_location` of ``data.dataset``."""
         from xfer import layout
 
-        return layout.dataset_uri(self.storage.root, ds)
+        return layout.dataset_location(self.storage.root, self.data.dataset)
 
     def run_uri(self, run_id: str) -> str:
         from xfer import layout
@@ -290,13 +288,10 @@ class XferConfig(Strict):
         return layout.model_uri(self.storage.root, self.output.model_name)
 
     def apply_storage_env(self) -> None:
-        """storage.endpoint_url / region become the standard AWS variables (this process)."""
-        import os
+        """:func:`xfer.s3.use_endpoint` with ``storage.endpoint_url`` and ``region``."""
+        from xfer.s3 import use_endpoint
 
-        if self.storage.endpoint_url:
-            os.environ["AWS_ENDPOINT_URL_S3"] = self.storage.endpoint_url
-        if self.storage.region:
-            os.environ["AWS_REGION"] = self.storage.region
+        use_endpoint(self.storage.endpoint_url, self.storage.region)
 
 
 # ------------------------------------------------------------------ loading

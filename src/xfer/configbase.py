@@ -5,6 +5,7 @@
   parse as YAML) into nested dicts, laid over the file's.
 - :func:`format_errors`: pydantic's errors in one line, each naming the key, where it
   came from (the file or an override), and the closest known key for a misspelling.
+- :func:`keys_set`: the keys a file or an override gave (not left at their defaults).
 - :func:`redact`: secret-looking keys and credentials in URLs masked, for anything
   written out.
 """
@@ -72,6 +73,19 @@ def flatten_keys(d: dict[str, Any], prefix: str = "") -> set[str]:
         if isinstance(v, dict):
             keys |= flatten_keys(v, path + ".")
     return keys
+
+
+def keys_set(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted keys given in the input (file or override) of a validated ``model``:
+    ``["output.model_name", "score.num_actors"]``; a section given empty is itself a key."""
+    out: list[str] = []
+    for name in sorted(model.model_fields_set):
+        value = getattr(model, name)
+        if isinstance(value, BaseModel) and value.model_fields_set:
+            out += keys_set(value, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
 
 
 def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:

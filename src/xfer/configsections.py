@@ -1,16 +1,22 @@
 """The ``score:`` and ``shard:`` sections of the config (:mod:`xfer.config` holds the rest).
 
 Both are re-exported by :mod:`xfer.config`: ``from xfer.config import ScoreConfig``.
+A deployment's scoring config carries what a night scores (``score.model``,
+``score.input``, ``score.output``; ``{root}`` in them is ``storage.root``), so that its
+command line is the config file and the bucket: :meth:`ScoreConfig.target`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from xfer.configbase import Strict
+from xfer.errors import ConfigError
 
 # Reads in flight per scoring actor by default. At S3's ~30 ms a GET, n reads feed
 # ~n / 0.03 images/s: 96 keep an L4 at its MobileNetV2 rate (~2,800 img/s,
@@ -23,7 +29,35 @@ if TYPE_CHECKING:
     from xfer.images import ImageSettings
 
 
+@dataclass(frozen=True)
+class ScoreTarget:
+    """What ``xfer score`` scores and where it writes: each a flag or its ``score.`` key."""
+
+    model: str
+    input: str
+    output: str
+    date: str | None  # None: the job's UTC date plus score.date_offset_days
+
+
 class ScoreConfig(Strict):
+    model: str | None = Field(
+        None,
+        description="the model to score (--model): .../runs/<run_id> or .../models/<name>; "
+        "{root} is storage.root",
+    )
+    input: str | None = Field(
+        None,
+        description="what to score (--input): a dataset, an image prefix, a CSV/Parquet list or "
+        "an S3 Inventory manifest.json; {date} is the night, {root} storage.root",
+    )
+    output: str | None = Field(
+        None, description="predictions prefix (--output; dt=<date>/ is added); {root} as above"
+    )
+    date: str | None = Field(
+        None,
+        description="the night (--date): YYYY-MM-DD or YYYYMMDD; default: the UTC date the job "
+        "starts plus date_offset_days",
+    )
     batch_size: int | Literal["auto"] = Field(
         "auto", description="images per model call; auto: 256 on a GPU, 64 on CPUs"
     )
@@ -93,6 +127,34 @@ class ScoreConfig(Strict):
                 "budget for every command)"
             )
         return data
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _date_text(cls, v: Any) -> Any:
+        # YAML reads 2026-01-05 as a date and 20260105 as a number: both mean the text.
+        return v.isoformat() if isinstance(v, dt.date) else str(v) if isinstance(v, int) else v
+
+    def target(
+        self,
+        root: str,
+        model: str | None = None,
+        input_uri: str | None = None,
+        output: str | None = None,
+        date: str | None = None,
+    ) -> ScoreTarget:
+        """The night to score: each flag given wins over its key; ``{root}`` is ``root``.
+
+        A location given by neither is a ConfigError naming the flag and the key.
+        """
+        given = {"model": model or self.model, "input": input_uri or self.input}
+        given["output"] = output or self.output
+        for key, value in given.items():
+            if not value:
+                raise ConfigError(
+                    f"xfer score needs the {key}: give --{key} or set score.{key} in the config"
+                )
+        where = {k: str(v).replace("{root}", root) for k, v in given.items()}
+        return ScoreTarget(where["model"], where["input"], where["output"], date or self.date)
 
     @field_validator("batch_size", "num_actors", "decode_threads", "read_threads")
     @classmethod

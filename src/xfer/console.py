@@ -27,8 +27,22 @@ from typing import Any
 
 VERBOSE_ENV = "XFER_VERBOSE"
 LOG_ENV = "XFER_LOG_FILE"
-OWN_LINE = re.compile(r"^\[xfer\] ")
+PROGRESS_ENV = "XFER_PROGRESS_SECONDS"
+TAG = "[xfer]"  # xfer's own lines: the console shows them
+DETAIL_TAG = "[xfer-detail]"  # xfer's lines for the log file only (verbose: the console too)
+OWN_LINE = re.compile(rf"^{re.escape(TAG)} ")
 _lock = threading.Lock()
+
+
+def tag(shown: bool = True) -> str:
+    """The prefix of an xfer line a Ray process prints: :data:`TAG` reaches the console
+    through the driver (quiet), :data:`DETAIL_TAG` only the log file."""
+    return TAG if shown else DETAIL_TAG
+
+
+def warn(message: str) -> None:
+    """``[xfer] warning: <message>`` on stderr."""
+    print(f"{TAG} warning: {message}", file=sys.stderr, flush=True)
 
 
 def set_verbose(verbose: bool) -> None:
@@ -197,7 +211,7 @@ def keep_log(uri: str, since: int = 0) -> None:
         if data:
             storage.write_bytes(uri, data, "text/plain")
     except Exception as exc:  # the run's outcome matters more than its log copy
-        print(f"[xfer] warning: could not keep the log at {uri}: {exc}", flush=True)
+        print(f"{TAG} warning: could not keep the log at {uri}: {exc}", flush=True)
 
 
 def detail(line: str) -> None:
@@ -214,7 +228,8 @@ class Progress:
 
     tqdm draws nothing useful when output is not a terminal (a pod's log, a CI log),
     so there the stage reports itself: ``[xfer] <desc>: 40/120 tasks, 3.1/s, about 26s
-    left``. ``XFER_PROGRESS_SECONDS`` changes the interval (default 30).
+    left``. ``XFER_PROGRESS_SECONDS`` changes the interval (default 30): a property of
+    the job's log, not of the job.
     """
 
     def __init__(self, desc: str, total: int, unit: str = "task", every_s: float | None = None):
@@ -222,9 +237,7 @@ class Progress:
 
         self.desc, self.total, self.unit = desc, total, unit
         self.tty = sys.stderr.isatty()
-        self.every_s = (
-            float(os.environ.get("XFER_PROGRESS_SECONDS", "30")) if every_s is None else every_s
-        )
+        self.every_s = float(os.environ.get(PROGRESS_ENV, "30")) if every_s is None else every_s
         self.done = 0
         self.started = self.last = time.monotonic()
         self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not self.tty)
@@ -239,7 +252,7 @@ class Progress:
         rate = self.done / max(now - self.started, 1e-9)
         left = (self.total - self.done) / max(rate, 1e-9)
         print(
-            f"[xfer] {self.desc}: {self.done}/{self.total} {self.unit}s, {rate:.1f}/s, "
+            f"{TAG} {self.desc}: {self.done}/{self.total} {self.unit}s, {rate:.1f}/s, "
             f"about {left:.0f}s left",
             flush=True,
         )

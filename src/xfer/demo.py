@@ -30,6 +30,7 @@ from xfer.layout import LATEST, MODEL_DIR, MODEL_FILE, REPORT, dataset_uri, mode
 SOURCE_CLASSES = ["star", "cross", "ring", "hexagon", "stripes", "dots"]
 TARGET_CLASSES = ["circle", "square", "triangle"]
 ROOT = "s3://xfer"
+RAW = f"{ROOT}/raw"
 SOURCE_WEIGHTS = f"{ROOT}/weights/tiny_cnn-shapes-source.h5"
 # The demo is the shipped local config (jobs/configs/local.yaml), which is also
 # packaged with xfer so that `xfer demo` works from an installed wheel.
@@ -101,114 +102,48 @@ def export_base_weights(run_uri: str, dest: str) -> None:
         storage.upload_file(out, dest)
 
 
+class _Steps:
+    """The numbered step headings: ``=== [n/total] text``."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+
+    def next(self, text: str) -> None:
+        self.done += 1
+        _step(self.done, self.total, text)
+
+
 def run_demo(settings: DemoSettings) -> int:
-    from xfer.config import ShardConfig
-    from xfer.raycluster import ensure_ray
+    """S3 server -> images -> shards -> (source base) -> training -> baseline -> scoring."""
     from xfer.s3server import EmbeddedS3
-    from xfer.score import score
-    from xfer.shard import shard_dataset
-    from xfer.synth import synthesize
     from xfer.train.driver import train
 
     started = time.monotonic()
-    total = 7 if settings.weights == "source" else 6
-    s = settings.sizes
+    source = settings.weights == "source"
+    steps = _Steps(7 if source else 6)
     work = Path(settings.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    step = 0
-
-    def next_step(text: str) -> None:
-        nonlocal step
-        step += 1
-        _step(step, total, text)
-
-    next_step(f"starting the embedded S3 server (data in {work / 's3'})")
+    steps.next(f"starting the embedded S3 server (data in {work / 's3'})")
     server = EmbeddedS3(work / "s3", buckets=("xfer",)).start()
     try:
-        os.environ.update(server.env())
-        print(f"S3 endpoint {server.endpoint}", flush=True)
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ensure_ray(num_cpus=max(2, os.cpu_count() or 2))
-
-        next_step("generating images: a source task (6 shapes) and a target task (3 other shapes)")
-        raw = f"{ROOT}/raw"
-        for name, classes, per, seed in (
-            ("shapes-source", SOURCE_CLASSES, s["source"], 1),
-            ("shapes", TARGET_CLASSES, s["target"], 2),
-            ("incoming", TARGET_CLASSES, s["new"], 3),
-        ):
-            if name == "shapes-source" and settings.weights != "source":
-                continue
-            storage.delete_prefix(f"{raw}/{name}")
-            synthesize(f"{raw}/{name}", classes, per_class=per, size=64, seed=seed)
-
-        next_step("sharding into Parquet (xfer shard)")
-        for name in ("shapes-source", "shapes"):
-            if name == "shapes-source" and settings.weights != "source":
-                continue
-            summary = shard_dataset(
-                f"{raw}/{name}", dataset_uri(ROOT, name), ShardConfig(target_shard_mb=0.2)
-            )
-            print(summary.describe().splitlines()[0], flush=True)  # the rest: `xfer shard`
-
-        if settings.weights == "source":
-            next_step(
+        _start_local(server)
+        steps.next("generating images: a source task (6 shapes) and a target task (3 other shapes)")
+        _generate(settings)
+        steps.next("sharding into Parquet (xfer shard)")
+        _shard(settings)
+        if source:
+            steps.next(
                 "pretraining the base on the source task (2 Ray workers, MultiWorkerMirroredStrategy)"
             )
-            source_cfg = demo_config(
-                settings,
-                **{
-                    "data.dataset": "shapes-source",
-                    "model.weights": "none",
-                    "model.head.dense": "[]",
-                    "train.head.epochs": 0,
-                    "train.fine_tune.epochs": s["source_epochs"],
-                    "train.fine_tune.learning_rate": 0.003,
-                    "output.model_name": "shapes-source",
-                    "output.gate.min_test_accuracy": 0.0,
-                    "output.predictions": "false",
-                    "train.verbose": 0,  # a means to an end: no per-epoch lines
-                },
-            )
-            source = train(source_cfg)
-            export_base_weights(source.run_uri, SOURCE_WEIGHTS)
-            print(
-                f"source task test accuracy {_pct(source.test_accuracy)}; base weights -> {SOURCE_WEIGHTS}"
-            )
-
-        next_step("transfer learning on the target task: head, then fine-tuning (2 Ray workers)")
+            _pretrain_base(settings)
+        steps.next("transfer learning on the target task: head, then fine-tuning (2 Ray workers)")
         cfg = demo_config(settings)
         result = train(cfg)
         print(result.describe(), flush=True)
-
-        next_step("baseline: the same head on a randomly initialised, frozen base")
-        baseline_cfg = demo_config(
-            settings,
-            **{
-                "model.weights": "none",
-                "train.fine_tune.epochs": 0,
-                "output.model_name": "shapes-baseline",
-                "output.publish": "false",
-                "output.predictions": "false",
-                "train.verbose": 0,
-            },
-        )
-        baseline = train(baseline_cfg)
-        baseline_head = baseline.metrics["phases"].get("head", {}).get("val_accuracy")
-        print(f"baseline: val accuracy after the head phase {_pct(baseline_head)}", flush=True)
-
-        next_step("nightly scoring of new images with the published model (xfer score)")
-        model = model_uri(ROOT, "shapes")
-        if not result.published:
-            print(
-                f"the run did not pass its quality gate, so it is not published: scoring {result.run_uri}"
-            )
-            model = result.run_uri
-        scored = score(
-            cfg, model=model, input_uri=f"{raw}/incoming", output=f"{ROOT}/predictions/shapes"
-        )
-        print(scored.describe().splitlines()[0], flush=True)  # where: in the summary
-
+        steps.next("baseline: the same head on a randomly initialised, frozen base")
+        baseline = _baseline(settings)
+        steps.next("nightly scoring of new images with the published model (xfer score)")
+        scored = _score_new_images(cfg, result)
         local_report = work / REPORT
         storage.download_file(storage.join(result.run_uri, REPORT), str(local_report))
         print_summary(
@@ -218,17 +153,122 @@ def run_demo(settings: DemoSettings) -> int:
 
         ray.shutdown()
         if settings.keep:
-            print("\n--keep: the S3 server stays up until Ctrl-C. In another shell:")
-            for key, value in server.env().items():
-                print(f"  export {key}={value}")
-            try:
-                while server.running():
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
+            _keep_serving(server)
         return 0
     finally:
         server.stop()
+
+
+def _start_local(server: Any) -> None:
+    """This process talks to the embedded server; Ray runs on this machine."""
+    from xfer.raycluster import ensure_ray
+
+    os.environ.update(server.env())
+    print(f"S3 endpoint {server.endpoint}", flush=True)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ensure_ray(num_cpus=max(2, os.cpu_count() or 2))
+
+
+def _generate(settings: DemoSettings) -> None:
+    from xfer.synth import synthesize
+
+    s = settings.sizes
+    for name, classes, per, seed in (
+        ("shapes-source", SOURCE_CLASSES, s["source"], 1),
+        ("shapes", TARGET_CLASSES, s["target"], 2),
+        ("incoming", TARGET_CLASSES, s["new"], 3),
+    ):
+        if name == "shapes-source" and settings.weights != "source":
+            continue
+        storage.delete_prefix(f"{RAW}/{name}")
+        synthesize(f"{RAW}/{name}", classes, per_class=per, size=64, seed=seed)
+
+
+def _shard(settings: DemoSettings) -> None:
+    from xfer.config import ShardConfig
+    from xfer.shard import shard_dataset
+
+    for name in ("shapes-source", "shapes"):
+        if name == "shapes-source" and settings.weights != "source":
+            continue
+        summary = shard_dataset(
+            f"{RAW}/{name}", dataset_uri(ROOT, name), ShardConfig(target_shard_mb=0.2)
+        )
+        print(summary.describe().splitlines()[0], flush=True)  # the rest: `xfer shard`
+
+
+def _pretrain_base(settings: DemoSettings) -> None:
+    """Train a base on the source task and store its weights at SOURCE_WEIGHTS."""
+    from xfer.train.driver import train
+
+    source_cfg = demo_config(
+        settings,
+        **{
+            "data.dataset": "shapes-source",
+            "model.weights": "none",
+            "model.head.dense": "[]",
+            "train.head.epochs": 0,
+            "train.fine_tune.epochs": settings.sizes["source_epochs"],
+            "train.fine_tune.learning_rate": 0.003,
+            "output.model_name": "shapes-source",
+            "output.gate.min_test_accuracy": 0.0,
+            "output.predictions": "false",
+            "train.verbose": 0,  # a means to an end: no per-epoch lines
+        },
+    )
+    source = train(source_cfg)
+    export_base_weights(source.run_uri, SOURCE_WEIGHTS)
+    print(
+        f"source task test accuracy {_pct(source.test_accuracy)}; base weights -> {SOURCE_WEIGHTS}"
+    )
+
+
+def _baseline(settings: DemoSettings) -> Any:
+    from xfer.train.driver import train
+
+    baseline_cfg = demo_config(
+        settings,
+        **{
+            "model.weights": "none",
+            "train.fine_tune.epochs": 0,
+            "output.model_name": "shapes-baseline",
+            "output.publish": "false",
+            "output.predictions": "false",
+            "train.verbose": 0,
+        },
+    )
+    baseline = train(baseline_cfg)
+    baseline_head = baseline.metrics["phases"].get("head", {}).get("val_accuracy")
+    print(f"baseline: val accuracy after the head phase {_pct(baseline_head)}", flush=True)
+    return baseline
+
+
+def _score_new_images(cfg: XferConfig, result: Any) -> Any:
+    """Score the incoming images with the published model (the run's, if the gate failed)."""
+    from xfer.score import score
+
+    model = model_uri(ROOT, "shapes")
+    if not result.published:
+        print(
+            f"the run did not pass its quality gate, so it is not published: scoring {result.run_uri}"
+        )
+        model = result.run_uri
+    scored = score(
+        cfg, model=model, input_uri=f"{RAW}/incoming", output=f"{ROOT}/predictions/shapes"
+    )
+    print(scored.describe().splitlines()[0], flush=True)  # where: in the summary
+    return scored
+
+
+def _keep_serving(server: Any) -> None:
+    print("\n--keep: the S3 server stays up until Ctrl-C. In another shell:")
+    for key, value in server.env().items():
+        print(f"  export {key}={value}")
+    try:
+        while server.running():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
 
 
 def _pct(v: float | None) -> str:

@@ -55,6 +55,14 @@ def dataset_uri(root: str, name: str) -> str:
     return storage.join(root, "datasets", name)
 
 
+def dataset_location(root: str, dataset: str) -> str:
+    """``data.dataset`` as a URI: a URI or path (it has a ``/``) as given, else the
+    dataset of that name under ``<root>/datasets/``."""
+    if "/" in dataset:  # s3://…, file://…, /abs and rel/ative all have one
+        return dataset.rstrip("/")
+    return dataset_uri(root, dataset)
+
+
 def runs_prefix(root: str) -> str:
     return storage.join(root, "runs")
 

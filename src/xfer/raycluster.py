@@ -39,7 +39,6 @@ FORWARDED_ENV = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "XFER_S3_MAX_ATTEMPTS",
-    "XFER_STORE_RETRY_SECONDS",
     "TF_CPP_MIN_LOG_LEVEL",
     "XFER_VERBOSE",
 )
@@ -171,7 +170,9 @@ def check_capacity(
     if local:
         raise ConfigError(f"this machine cannot run the job: it needs {needs} (set by {keys})")
     if wait_seconds is None:
-        print(f"[xfer] warning: waiting for resources (autoscaling?): needs {needs} ({keys})")
+        print(
+            f"{console.TAG} warning: waiting for resources (autoscaling?): needs {needs} ({keys})"
+        )
         return
     deadline = time.monotonic() + wait_seconds
     while needs:
@@ -182,7 +183,7 @@ def check_capacity(
                 f"the job needs {needs} (set by {keys}; the wait by score.resource_wait_seconds)"
             )
         print(
-            f"[xfer] waiting up to {remaining:.0f}s more for resources (autoscaling?): "
+            f"{console.TAG} waiting up to {remaining:.0f}s more for resources (autoscaling?): "
             f"needs {needs} ({keys})",
             flush=True,
         )

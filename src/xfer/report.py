@@ -155,30 +155,54 @@ def _mistakes_section(
     return parts
 
 
+STYLE = (
+    "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+    "th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}"
+    ".gallery{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:150px;font-size:12px}"
+    "figure img{max-width:140px;max-height:140px;border:1px solid #ccc}"
+    "figcaption code{word-break:break-all;font-size:10px}</style>"
+)
+
+
 def render_report(
     metrics: dict[str, Any], lineage: dict[str, Any], thumbs: dict[str, str] | None = None
 ) -> str:
     """The HTML of report.html (``thumbs``: the mistakes' thumbnails, by key)."""
     esc = html.escape
+    test = metrics.get("test") or {}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>xfer run {esc(metrics['run_id'])}</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-        "th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}"
-        ".gallery{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;width:150px;font-size:12px}"
-        "figure img{max-width:140px;max-height:140px;border:1px solid #ccc}"
-        "figcaption code{word-break:break-all;font-size:10px}</style></head><body>",
+        f"{STYLE}</head><body>",
         f"<h1>Run <code>{esc(metrics['run_id'])}</code></h1>",
         f"<p>model <b>{esc(metrics.get('model_name', ''))}</b>, base <b>{esc(metrics['base'])}</b>, "
         f"{metrics['workers']} worker(s), dataset <code>{esc(metrics['dataset'])}</code></p>",
+        *_summary_section(metrics["phases"], test),
+        *_gate_section(metrics.get("gate") or {}),
+        *_failures_section(metrics.get("failures") or [], metrics.get("resume_changes")),
     ]
-    test = metrics.get("test") or {}
-    parts.append(
+    curves = learning_curves(metrics.get("history", {}))
+    if curves:
+        parts.append(
+            f"<h2>Learning curves</h2><img alt='learning curves' src='data:image/png;base64,{curves}'>"
+        )
+    if test.get("confusion_matrix"):
+        parts.extend(_test_section(test, metrics["classes"]))
+    if "mistakes" in test:
+        parts.extend(_mistakes_section(test["mistakes"], thumbs or {}, test.get("examples")))
+    parts.extend(_calibration_section(test.get("calibration") or {}, metrics.get("calibration")))
+    parts.extend(_lineage_section(lineage))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _summary_section(phases: dict[str, Any], test: dict[str, Any]) -> list[str]:
+    parts = [
         "<h2>Summary</h2><table><tr><th>phase</th><th>epochs</th><th>val accuracy (last)</th>"
         "<th>wall time (s)</th><th>images/s</th></tr>"
-    )
-    for phase, info in metrics["phases"].items():
+    ]
+    for phase, info in phases.items():
         parts.append(
             f"<tr><td>{phase}</td><td>{info['epochs']}</td><td>{_fmt(info.get('val_accuracy'))}</td>"
             f"<td>{_fmt(info.get('seconds'), 1)}</td><td>{_fmt(info.get('images_per_s'), 1)}</td></tr>"
@@ -189,37 +213,57 @@ def render_report(
             f"<p>Test accuracy <b>{_fmt(test.get('accuracy'))}</b>, loss {_fmt(test.get('loss'))} "
             f"on {test.get('examples', '?')} images.</p>"
         )
-    parts.extend(_gate_section(metrics.get("gate") or {}))
-    parts.extend(_failures_section(metrics.get("failures") or [], metrics.get("resume_changes")))
-    curves = learning_curves(metrics.get("history", {}))
-    if curves:
+    return parts
+
+
+def _test_section(test: dict[str, Any], classes: list[str]) -> list[str]:
+    """The confusion matrix and per-class precision, recall and F1."""
+    esc = html.escape
+    cm = confusion_plot(test["confusion_matrix"], classes)
+    parts = [
+        "<h2>Test set</h2>",
+        f"<img alt='confusion matrix' src='data:image/png;base64,{cm}'>",
+        "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>",
+    ]
+    for name, m in test["per_class"].items():
         parts.append(
-            f"<h2>Learning curves</h2><img alt='learning curves' src='data:image/png;base64,{curves}'>"
+            f"<tr><td>{esc(name)}</td><td>{_fmt(m['precision'])}</td><td>{_fmt(m['recall'])}</td>"
+            f"<td>{_fmt(m['f1'])}</td><td>{m['support']}</td></tr>"
         )
-    if test.get("confusion_matrix"):
-        parts.append("<h2>Test set</h2>")
-        cm = confusion_plot(test["confusion_matrix"], metrics["classes"])
-        parts.append(f"<img alt='confusion matrix' src='data:image/png;base64,{cm}'>")
-        parts.append(
-            "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
-        )
-        for name, m in test["per_class"].items():
-            parts.append(
-                f"<tr><td>{esc(name)}</td><td>{_fmt(m['precision'])}</td><td>{_fmt(m['recall'])}</td>"
-                f"<td>{_fmt(m['f1'])}</td><td>{m['support']}</td></tr>"
-            )
-        parts.append("</table>")
-    if "mistakes" in test:
-        parts.extend(_mistakes_section(test["mistakes"], thumbs or {}, test.get("examples")))
-    parts.extend(_calibration_section(test.get("calibration") or {}, metrics.get("calibration")))
-    parts.append("<h2>Lineage</h2><table>")
-    for key, value in flatten(lineage):
+    parts.append("</table>")
+    return parts
+
+
+def _lineage_section(lineage: dict[str, Any]) -> list[str]:
+    """One row per setting; ``code.workers`` one row per rank, as the code it ran."""
+    esc = html.escape
+    parts = ["<h2>Lineage</h2><table>"]
+    for key, value in lineage_rows(lineage):
         parts.append(
             f"<tr><th style='text-align:left'>{esc(key)}</th><td style='text-align:left'>"
-            f"<code>{esc(str(value))}</code></td></tr>"
+            f"<code>{esc(value)}</code></td></tr>"
         )
-    parts.append("</table></body></html>")
-    return "\n".join(parts)
+    parts.append("</table>")
+    return parts
+
+
+def lineage_rows(lineage: dict[str, Any]) -> list[tuple[str, str]]:
+    """The lineage as (key, text) rows: what each rank ran reads as the driver's line
+    does (``xfer 0.1 (code 1a2b3c4d5e6f, commit ...) from /path``), not as a dict."""
+    from xfer.provenance import describe
+
+    rows: list[tuple[str, str]] = []
+    for key, value in flatten(lineage):
+        if key == "code.workers" and isinstance(value, list):
+            for entry in value:
+                try:
+                    text = describe(entry)
+                except (KeyError, TypeError):  # an older journal entry: its fields as recorded
+                    text = ", ".join(f"{k} {v}" for k, v in dict(entry).items() if k != "rank")
+                rows.append((f"code.workers rank {entry.get('rank', '?')}", text))
+        else:
+            rows.append((key, "-" if value is None else str(value)))
+    return rows
 
 
 def _gate_section(gate: dict[str, Any]) -> list[str]:

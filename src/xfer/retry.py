@@ -9,32 +9,35 @@ step such as copying an object): a *transient* failure
 5xx, throttling) is retried with exponential backoff and jitter until the budget is
 spent; anything else (missing object, bad credentials, access denied) fails at once.
 
-The budget is ``XFER_STORE_RETRY_SECONDS`` (seconds, default 0: only the SDK's own
-retries). ``xfer train``, ``xfer shard`` and ``xfer score`` set it from ``storage.outage_seconds`` and
-forward it to every worker, so the driver and each actor ride out the same outage. Past the
-budget the error says which endpoint, what was being done and for how long.
+The budget is this process's (seconds, default 0: only the SDK's own retries), set for a
+block by :func:`budget`. ``xfer train``, ``xfer shard``, ``xfer score`` and ``xfer audit`` set
+it from ``storage.outage_seconds``; their workers, tasks and actors get that value as part of
+their job (the config, or :func:`xfer.raycluster.run_tasks`'s argument) and set it the same
+way, so the driver and each worker ride out the same outage. Past the budget the error says
+which endpoint, what was being done and for how long.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from xfer import console
 from xfer.errors import StoreUnavailable
 
-ENV = "XFER_STORE_RETRY_SECONDS"
 F = TypeVar("F", bound=Callable[..., Any])
 _depth = threading.local()  # how deep in wrapped calls this thread is
 _warned = {"at": -1e9}  # when this process last said it is riding out an outage
 _warn_lock = threading.Lock()
 WARN_EVERY = 30.0  # seconds: one line per process, not one per waiting call
+# The budget in effect, for every thread of this process (a worker's threads read and
+# write for the same job); set only by budget().
+_budget = {"seconds": 0.0}
 
 
 def _warn(message: str) -> None:
@@ -43,28 +46,23 @@ def _warn(message: str) -> None:
         if now - _warned["at"] < WARN_EVERY:
             return
         _warned["at"] = now
-    print(f"[xfer] warning: {message}", file=sys.stderr, flush=True)
+    console.warn(message)
 
 
 @contextlib.contextmanager
 def budget(seconds: float) -> Iterator[None]:
-    """Ride out outages for ``seconds`` within the block (this process)."""
-    saved = os.environ.get(ENV)
-    os.environ[ENV] = str(seconds)
+    """Ride out outages for ``seconds`` within the block (this process, every thread)."""
+    saved = _budget["seconds"]
+    _budget["seconds"] = max(0.0, float(seconds))
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = saved
+        _budget["seconds"] = saved
 
 
 def budget_seconds() -> float:
-    try:
-        return max(0.0, float(os.environ.get(ENV, "0") or 0))
-    except ValueError:
-        return 0.0
+    """The budget in effect in this process (0 outside any :func:`budget` block)."""
+    return _budget["seconds"]
 
 
 def ride_through(doing: str) -> Callable[[F], F]:

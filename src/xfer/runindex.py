@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from xfer import layout, storage
+from xfer import console, layout, storage
 from xfer.errors import DataError, NotFoundError
 from xfer.runstatus import RunSummary, figures, first_start, iso, summarize
 
@@ -136,7 +136,7 @@ class IndexWriter:
 
 
 def _warn(exc: BaseException) -> None:
-    print(f"[xfer] warning: could not write the run index ({exc})", flush=True)
+    print(f"{console.TAG} warning: could not write the run index ({exc})", flush=True)
 
 
 # ------------------------------------------------------------------ reading

@@ -68,20 +68,23 @@ class S3Settings:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         attempts = int(os.environ.get("XFER_S3_MAX_ATTEMPTS", "5"))
-        creds = "\0".join(
-            os.environ.get(k, "")
-            for k in (
-                "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY",
-                "AWS_SESSION_TOKEN",
-                "AWS_PROFILE",
-            )
-        )
+        keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+        creds = "\0".join(os.environ.get(k, "") for k in keys)
         fingerprint = hashlib.sha256(creds.encode()).hexdigest()[:16]
         return cls(endpoint or None, region, max(1, attempts), fingerprint)
 
     def describe(self) -> str:
         return self.endpoint_url or f"AWS S3 ({self.region})"
+
+
+def use_endpoint(endpoint_url: str | None, region: str | None) -> None:
+    """``storage.endpoint_url`` / ``storage.region`` become the standard AWS variables of
+    this process (and of the Ray workers it starts, which get them forwarded), which
+    :meth:`S3Settings.from_env` and every AWS tool read; unset ones are left alone."""
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint_url
+    if region:
+        os.environ["AWS_REGION"] = region
 
 
 # Connections the shared client keeps open: room for the threads that share it (a

@@ -261,8 +261,6 @@ def _scoring_stage(blocks: Any, work: dict[str, Any], sc: ScoreConfig, actors: i
 
     from xfer.provenance import code_identity
     from xfer.raycluster import runtime_env
-    from xfer.retry import ENV as RETRY_ENV
-    from xfer.retry import budget_seconds
     from xfer.scorer import BlockScorer
 
     return blocks.map_batches(
@@ -272,8 +270,7 @@ def _scoring_stage(blocks: Any, work: dict[str, Any], sc: ScoreConfig, actors: i
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=sc.cpus_per_actor,
         num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
-        # The driver's store-outage budget (xfer.retry), for every actor.
-        runtime_env=runtime_env({RETRY_ENV: str(budget_seconds())}, use_gpu=sc.use_gpu),
+        runtime_env=runtime_env(use_gpu=sc.use_gpu),
         # Finite: Ray Data's defaults restart a killed actor and retry its block for
         # ever, so an input that kills its actor would spin the night for ever.
         max_restarts=sc.max_actor_restarts,
