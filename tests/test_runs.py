@@ -262,6 +262,20 @@ def test_the_report_shows_the_most_confident_mistakes_and_calibration(runs, sess
     assert 0 <= cal["ece"] <= 1 and "reliability diagram" in report
 
 
+def test_the_report_shows_what_each_rank_ran_as_text(runs, session_root):
+    """code.workers (one record per rank) reads as the driver's identity line, not as a
+    Python list of dicts."""
+    uri = f"{session_root}/runs/{runs['good']}"
+    workers = storage.read_json(f"{uri}/lineage.json")["code"]["workers"]
+    assert workers, "the run's lineage names no worker code"
+    report = storage.read_text(f"{uri}/report.html")
+    assert "{'rank'" not in report and "[{" not in report
+    for entry in workers:
+        row = re.search(rf"code\.workers rank {entry['rank']}</th>.*?<code>([^<]+)</code>", report)
+        assert row, f"no lineage row for rank {entry['rank']}"
+        assert row.group(1).startswith(f"xfer {entry['version']} (code {entry['sha256'][:12]}")
+
+
 def _copy_run(src: str, dst: str, keep=lambda name: True) -> None:
     for f in storage.list_files(src):
         if keep(f.uri[len(src) + 1 :]):

@@ -128,3 +128,23 @@ def test_keys_a_multi_delete_refuses_are_an_error_not_ignored(
         storage.delete_prefix(f"{bucket}/e")
     assert not isinstance(info.value, StoreUnavailable)
     assert storage.exists(f"{bucket}/e/x")
+
+
+def test_the_budget_is_the_processs_not_an_environment_variable():
+    """Every thread of the process rides out the same outage (a worker's readers run in
+    threads), the block restores the budget before it, and nothing goes through the
+    environment: workers get the budget as part of their job."""
+    import threading
+
+    before = dict(os.environ)
+    seen: list[float] = []
+    assert retry.budget_seconds() == 0.0
+    with retry.budget(42):
+        thread = threading.Thread(target=lambda: seen.append(retry.budget_seconds()))
+        thread.start()
+        thread.join()
+        with retry.budget(5):
+            assert retry.budget_seconds() == 5.0
+        assert retry.budget_seconds() == 42.0
+        assert dict(os.environ) == before
+    assert seen == [42.0] and retry.budget_seconds() == 0.0
