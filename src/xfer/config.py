@@ -30,6 +30,7 @@ from xfer.configbase import (
 )
 from xfer.configsections import ScoreConfig, ShardConfig
 from xfer.errors import ConfigError, NotFoundError
+from xfer.uris import is_uri
 
 # ---------------------------------------------------------------- sections
 
@@ -273,7 +274,7 @@ class XferConfig(Strict):
 
     def dataset_uri(self) -> str:
         ds = self.data.dataset
-        if ds.startswith("s3://") or ds.startswith("/") or ds.startswith("file://") or "/" in ds:
+        if is_uri(ds) or "/" in ds:  # a URI, or a path relative to here: not a name
             return ds.rstrip("/")
         from xfer import layout
 
