@@ -150,10 +150,11 @@ class _Pipeline:
 
 
 def _epochs(spec: ReaderSpec, epochs: int | None) -> Iterator[int]:
-    """Training: ``epochs`` from ``spec.start_epoch`` (None: for ever); else one pass."""
+    """Training: ``epochs`` from ``spec.start_epoch`` (none: for ever); evaluation:
+    ``epochs`` passes (none: one)."""
     if spec.training:
         first = spec.start_epoch
-        return itertools.count(first) if epochs is None else iter(range(first, first + epochs))
+        return iter(range(first, first + epochs)) if epochs else itertools.count(first)
     return iter(range(epochs or 1))
 
 
