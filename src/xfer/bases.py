@@ -2,9 +2,12 @@
 
 Each entry builds the stock tf_keras application without its top and says which
 input scaling its ImageNet weights expect; :func:`input_scaling` turns that into one
-stock Keras layer, so a saved model needs nothing from xfer. The config validates
-``model.base`` against :data:`REGISTRY` and :mod:`xfer.model` builds from it;
-TensorFlow is imported only when a base is built.
+stock Keras layer, so a saved model needs nothing from xfer. That scaling is part of
+the model graph, fixed by the base's weights, so it lives here with the base and not
+with the preparation of pixels (:mod:`xfer.images`), which ends at 0..255 RGB of the
+model's input size. The config validates ``model.base`` against :data:`REGISTRY`
+and :mod:`xfer.model` builds from it; TensorFlow is imported only when a base is
+built.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from xfer.configbase import Strict
 from xfer.errors import ConfigError
+from xfer.images import MAX_PIXELS
 
 # Reads in flight per scoring actor by default. At S3's ~30 ms a GET, n reads feed
 # ~n / 0.03 images/s: 96 keep an L4 at its MobileNetV2 rate (~2,800 img/s,
@@ -196,7 +197,7 @@ class ShardConfig(Strict):
     target_shard_mb: float = Field(96.0, gt=0, description="target size of a shard")
     max_side: int | None = Field(None, ge=16, description="pre-resize: longest side in pixels")
     jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality when re-encoding")
-    max_pixels: int = Field(50_000_000, ge=1, description="larger images are rejected")
+    max_pixels: int = Field(MAX_PIXELS, ge=1, description="larger images are rejected")
     max_rejected_fraction: float = Field(
         0.05, ge=0, le=1, description="fail, committing nothing, above this share of rejects"
     )

@@ -16,12 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from xfer import s3, storage
+from xfer import storage
 from xfer.config import XferConfig
 from xfer.features import CachePlan, row_groups
+from xfer.images import decode_and_resize
 from xfer.manifest import Manifest, ShardInfo
 from xfer.provenance import file_sha256
-from xfer.retry import ride_through
+from xfer.rowgroups import read_row_groups
+
+COLUMNS = ["key", "image", "label"]
 
 
 @dataclass(frozen=True)
@@ -69,15 +72,6 @@ def encode_batch_size(configured: int) -> int:
     return max(configured, 128)
 
 
-@ride_through("reading")
-def _read_group(uri: str, g: int, files: dict[str, Any]) -> Any:
-    with s3.translate_errors(uri):
-        parquet_file = files.get(uri)
-        if parquet_file is None:
-            parquet_file = files[uri] = storage.open_parquet(uri)
-        return parquet_file.read_row_group(g, columns=["key", "image", "label"])
-
-
 def _encoded_rows(dataset: Manifest, pieces: list[_Piece], meta: dict[int, Any], reads: int) -> Any:
     """The pieces' encoded images, one row group at a time, read ``reads`` ahead.
 
@@ -90,7 +84,7 @@ def _encoded_rows(dataset: Manifest, pieces: list[_Piece], meta: dict[int, Any],
 
     def read(item: tuple[_Piece, int]) -> Any:
         piece, g = item
-        return _read_group(storage.join(dataset.uri, piece.path), g, files)
+        return read_row_groups(storage.join(dataset.uri, piece.path), [g], COLUMNS, files)
 
     # One thread: a ParquetFile is not safe for concurrent reads, and consecutive row
     # groups mostly come from one shard. Decoding and the forward pass overlap it.
@@ -106,6 +100,81 @@ def _encoded_rows(dataset: Manifest, pieces: list[_Piece], meta: dict[int, Any],
             yield table.column("image").to_pylist()
 
 
+class _Features:
+    """The base's features of the pieces' rows, in order, a row group at a time.
+
+    One pipeline for the whole run: row groups are read ahead in a thread
+    (:func:`_encoded_rows`), decoded in parallel ``tf.data`` maps, and go through the
+    base in large batches while the next ones decode.
+    """
+
+    def __init__(self, cfg: XferConfig, dataset: Manifest, pieces: list[_Piece], extractor: Any):
+        import numpy as np
+        import tensorflow as tf
+
+        size = cfg.data.image_size
+        self._meta: dict[int, Any] = {}  # row group position -> (keys, labels)
+        images = tf.data.Dataset.from_generator(
+            lambda: _encoded_rows(dataset, pieces, self._meta, reads=2),
+            output_signature=tf.TensorSpec((None,), tf.string),
+        )
+        images = (
+            images.prefetch(2)
+            .unbatch()
+            .map(lambda b: decode_and_resize(b, size), num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(encode_batch_size(cfg.train.batch_size))
+            .prefetch(2)
+        )
+        self._forward = tf.function(
+            lambda x: extractor(x, training=False),
+            input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
+        )
+        # Reading and decoding start with the iterator, in tf.data's threads; the
+        # forward pass is traced and its graph built (its first call, on one image of
+        # zeros) meanwhile, not after the first batch has waited for them.
+        self._batches = iter(images)
+        self._forward(tf.zeros([1, size, size, 3]))
+        self._ready = np.zeros((0, 0), np.float16)  # features computed, not yet taken
+        self._group = 0  # row groups taken, over all pieces (the key into ``meta``)
+        self.dim = 0
+
+    def next_group(self, rows: int) -> tuple[Any, Any, Any]:
+        """The next row group's keys, labels and float16 features [rows, dim]."""
+        import numpy as np
+
+        while len(self._ready) < rows:
+            vectors = np.asarray(self._forward(next(self._batches))).astype(np.float16)
+            self.dim = vectors.shape[1]
+            ready = self._ready
+            self._ready = vectors if not len(ready) else np.concatenate([ready, vectors])
+        keys, labels = self._meta.pop(self._group)
+        out, self._ready = self._ready[:rows], self._ready[rows:]
+        self._group += 1
+        return keys, labels, out
+
+
+def _write_piece(piece: _Piece, features: _Features, plan: CachePlan, tmp: str) -> dict[str, Any]:
+    """Write one piece's features as one feature shard; its entry in the rank's note."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("key", pa.string()), ("features", pa.binary()), ("label", pa.int32())])
+    path = os.path.join(tmp, f"{piece.split}-{piece.index}-{piece.first}.parquet")
+    with pq.ParquetWriter(path, schema, compression="none") as writer:
+        for rows in piece.groups:
+            keys, labels, vectors = features.next_group(rows)
+            vectors = pa.array([v.tobytes() for v in vectors], pa.binary())
+            out = pa.table({"key": keys, "features": vectors, "label": labels}, schema=schema)
+            writer.write_table(out, row_group_size=rows)
+    digest = file_sha256(path)
+    stem = piece.path.rsplit(".", 1)[0]
+    rel = f"{plan.build_path}/{stem}-rg{piece.first:05d}.parquet"
+    info = ShardInfo(rel, sum(piece.groups), os.path.getsize(path), digest, list(piece.groups))
+    storage.upload_file(path, storage.join(plan.uri, rel))
+    os.remove(path)
+    return {"index": piece.index, "first_row_group": piece.first, **dataclasses.asdict(info)}
+
+
 def build_part(
     cfg: XferConfig,
     plan: CachePlan,
@@ -117,86 +186,23 @@ def build_part(
 ) -> int:
     """Compute this rank's feature shards: a contiguous, row-balanced run of row groups.
 
-    One pipeline for the whole run: row groups are read ahead in a thread, decoded in
-    parallel ``tf.data`` maps, and go through the base in large batches while the
-    next ones decode; finished row groups are written as they complete. Each piece
-    (consecutive row groups of one dataset shard) becomes one feature shard, and a
-    small note of what was written goes under this run's build folder. Returns how
-    many images went through the base here (the counter tests check).
-    ``after_shard()`` is called after each feature shard is written.
+    Row groups stream through the base (:class:`_Features`) and are written as they
+    complete. Each piece (consecutive row groups of one dataset shard) becomes one
+    feature shard (:func:`_write_piece`), and a small note of what was written goes
+    under this run's build folder. Returns how many images went through the base
+    here (the counter tests check). ``after_shard()`` is called after each feature
+    shard is written.
     """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import tensorflow as tf
-
-    from xfer.preprocess import decode_and_resize
-
     pieces = rank_pieces(dataset, list(plan.fields["splits"]), rank, world)
-    size = cfg.data.image_size
-    meta: dict[int, Any] = {}
-    images = tf.data.Dataset.from_generator(
-        lambda: _encoded_rows(dataset, pieces, meta, reads=2),
-        output_signature=tf.TensorSpec((None,), tf.string),
-    )
-    images = (
-        images.prefetch(2)
-        .unbatch()
-        .map(lambda b: decode_and_resize(b, size), num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(encode_batch_size(cfg.train.batch_size))
-        .prefetch(2)
-    )
-    forward = tf.function(
-        lambda x: extractor(x, training=False),
-        input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
-    )
-    # Reading and decoding start with the iterator, in tf.data's threads; the forward
-    # pass is traced and its graph built (its first call, on one image of zeros)
-    # meanwhile, not after the first batch has waited for them.
-    batches = iter(images)
-    forward(tf.zeros([1, size, size, 3]))
-    schema = pa.schema([("key", pa.string()), ("features", pa.binary()), ("label", pa.int32())])
+    features = _Features(cfg, dataset, pieces, extractor)
     written: dict[str, list[dict[str, Any]]] = {}
-    total, dim = 0, 0
-    ready = np.zeros((0, 0), np.float16)  # features computed, not yet written
-    group = 0  # row groups written, over all pieces (the key into ``meta``)
     with tempfile.TemporaryDirectory(prefix="xfer-feat-") as tmp:
         for piece in pieces:
-            path = os.path.join(tmp, f"{piece.split}-{piece.index}-{piece.first}.parquet")
-            with pq.ParquetWriter(path, schema, compression="none") as writer:
-                for rows in piece.groups:
-                    while len(ready) < rows:
-                        vectors = np.asarray(forward(next(batches))).astype(np.float16)
-                        dim = vectors.shape[1]
-                        ready = vectors if not len(ready) else np.concatenate([ready, vectors])
-                    keys, labels = meta.pop(group)
-                    out = pa.table(
-                        {
-                            "key": keys,
-                            "features": pa.array([v.tobytes() for v in ready[:rows]], pa.binary()),
-                            "label": labels,
-                        },
-                        schema=schema,
-                    )
-                    writer.write_table(out, row_group_size=rows)
-                    ready, group, total = ready[rows:], group + 1, total + rows
-            digest = file_sha256(path)
-            stem = piece.path.rsplit(".", 1)[0]
-            rel = f"{plan.build_path}/{stem}-rg{piece.first:05d}.parquet"
-            info = ShardInfo(
-                rel, sum(piece.groups), os.path.getsize(path), digest, list(piece.groups)
-            )
-            storage.upload_file(path, storage.join(plan.uri, rel))
-            os.remove(path)
-            entry = {
-                "index": piece.index,
-                "first_row_group": piece.first,
-                **dataclasses.asdict(info),
-            }
-            written.setdefault(piece.split, []).append(entry)
+            written.setdefault(piece.split, []).append(_write_piece(piece, features, plan, tmp))
             if after_shard is not None:
                 after_shard()
-    note = {"rank": rank, "images": total, "feature_dim": dim, "shards": written}
+    total = sum(sum(p.groups) for p in pieces)
+    note = {"rank": rank, "images": total, "feature_dim": features.dim, "shards": written}
     storage.write_json(
         storage.join(plan.uri, plan.build_path, "_parts", f"rank-{rank:05d}.json"), note
     )

@@ -1,16 +1,31 @@
-"""Checking and normalising one input image before it goes into a shard.
+"""The one home of image preparation: encoded bytes in, the model's input pixels out.
 
-Every input file either becomes a clean RGB image (with its encoded bytes, width and
-height) or a :class:`Rejected` with a reason a person can act on. Nothing here
-raises for a bad file: the sharding job must survive any input.
+    check_image(data, ImageSettings(max_side=256))   # sharding: Accepted | Rejected
+    decode_and_resize(encoded, 224)                   # training, evaluation: tf op
+    image_pixels(data, 224, max_side=256)             # scoring: float32 or a reason
 
-What is checked, in order: empty file; not an image (or a format tf.data cannot
-decode); more pixels than the limit, checked from the header *before* decoding
-(decompression bombs); truncated or corrupt data (a full decode); then the mode is
-normalised to RGB (grayscale, palette, CMYK, alpha composited onto white) and EXIF
-rotation applied (:func:`normalise`, shared with scoring). Originals that are already
-plain, upright RGB JPEG/PNG are kept byte-for-byte unless a resize is asked for;
-anything converted is re-encoded: as PNG if it came in a lossless format, else JPEG.
+Every path an image takes to a model goes through here, in the same order:
+
+1. the header (:func:`open_header`): empty file, not an image (or a format tf.data
+   cannot decode), more pixels than :data:`MAX_PIXELS` (or the configured limit),
+   refused *before* decoding (decompression bombs);
+2. :func:`normalise` (PIL): EXIF rotation, colour modes to RGB (grayscale, palette,
+   CMYK, alpha composited onto white, 16-bit), the pre-resize above ``max_side``;
+3. the shard's encoding (:func:`encode_converted`): originals that are already plain,
+   upright RGB JPEG/PNG are kept byte-for-byte; anything converted is re-encoded, as
+   PNG if it came in a lossless format, else JPEG;
+4. :func:`decode_and_resize` (TensorFlow): decode and squash to the model's square.
+
+Sharding runs 1-3 (:func:`check_image`, which never raises for a bad file: the job
+must survive any input); training and evaluation run 4 on what sharding stored;
+scoring runs all four on a raw image (:func:`image_pixels`), so a raw image scores
+like its sharded copy.
+
+What is *not* here: the base's input scaling (:func:`xfer.bases.input_scaling`).
+It is a layer of the model graph, chosen by the base's ImageNet weights, and saved
+with the model so that a saved model takes plain 0..255 RGB and needs no xfer code;
+it belongs with the registry of bases that defines it, not with pixel preparation.
+PIL is imported here; TensorFlow only when a decode is first asked for.
 """
 
 from __future__ import annotations
@@ -20,9 +35,11 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+MAX_PIXELS = 50_000_000  # larger images are refused from their header (the default limit)
 EXIF_ORIENTATION = 0x0112
 # Formats TensorFlow's decode_image reads after normalisation; others are re-encoded.
 PASSTHROUGH_FORMATS = {"JPEG", "PNG"}
@@ -61,7 +78,7 @@ class Rejected:
 
 @dataclass(frozen=True)
 class ImageSettings:
-    max_pixels: int = 50_000_000
+    max_pixels: int = MAX_PIXELS
     max_side: int | None = None  # pre-resize so the longest side is at most this
     jpeg_quality: int = 90
 
@@ -141,7 +158,7 @@ def normalise(img: Image.Image, max_side: int | None) -> Image.Image:
        (``reduce`` by an integer factor, then bilinear; ``reducing_gap=2.0``).
 
     Training then decodes what sharding stored and resizes it to the model's square
-    input (:func:`xfer.preprocess.decode_and_resize`); scoring applies the same
+    input (:func:`decode_and_resize`); scoring applies the same
     resize to these pixels, so a raw image scores like its sharded copy, up to the
     JPEG re-encoding a converted image gets in a shard.
     """
@@ -212,3 +229,84 @@ def check_image(data: bytes, settings: ImageSettings) -> Accepted | Rejected:
         height=img.height,
         converted_from=original_mode if original_mode != "RGB" else None,
     )
+
+
+def decode_and_resize(encoded: Any, size: int) -> Any:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> float32 RGB [size, size, 3] in 0..255.
+
+    The image is resized to a square ("squash", as Keras' image_dataset_from_directory
+    does), keeping all of the picture rather than cropping it. A TensorFlow op: the
+    same pixels eagerly and inside ``tf.data``.
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    image = tf.image.resize(image, [size, size], method="bilinear")
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+_FUNCTIONS: dict[tuple[str, int], Any] = {}
+
+
+def _tf_function(kind: str, image_size: int) -> Any:
+    """Compiled decode/resize functions, once per process and size."""
+    if (kind, image_size) not in _FUNCTIONS:
+        import tensorflow as tf
+
+        import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+
+        if kind == "decode":
+            fn = tf.function(
+                lambda b: decode_and_resize(b, image_size),
+                input_signature=[tf.TensorSpec((), tf.string)],
+            )
+        else:
+            fn = tf.function(
+                lambda x: tf.clip_by_value(
+                    tf.image.resize(tf.cast(x, tf.float32), [image_size, image_size]), 0.0, 255.0
+                ),
+                input_signature=[tf.TensorSpec((None, None, 3), tf.uint8)],
+            )
+        _FUNCTIONS[(kind, image_size)] = fn
+    return _FUNCTIONS[(kind, image_size)]
+
+
+def image_pixels(
+    data: bytes,
+    image_size: int,
+    max_side: int | None,
+    max_pixels: int = MAX_PIXELS,
+    jpeg_quality: int | None = None,
+) -> Any:
+    """Encoded bytes -> float32 [size, size, 3] pixels, or a reason (str) it cannot be.
+
+    Exactly the pixels training saw for the sharded copy of the image: kept bytes are
+    decoded as training decodes them; a converted image is re-encoded as its shard
+    would be (``jpeg_quality`` from the model's record; lossless sources need no
+    re-encoding) and decoded the same way. Without a recorded quality (older models)
+    the normalised pixels are used as they are.
+
+    The header is checked first (:func:`open_header`): empty files, non-images and
+    decompression bombs are refused before any pixel is decoded.
+    """
+    import numpy as np
+
+    header = open_header(data, max_pixels)
+    if isinstance(header, str):
+        return header
+    if header.mode not in CONVERTIBLE_MODES:
+        return f"unsupported image mode {header.mode}"
+    try:
+        if not needs_conversion(header, max_side):
+            return _tf_function("decode", image_size)(data).numpy()
+        fmt = header.format or ""
+        header.load()
+        img = normalise(header, max_side)
+        if jpeg_quality and fmt not in LOSSLESS_FORMATS:
+            shard_bytes = encode_converted(img, fmt, jpeg_quality)
+            return _tf_function("decode", image_size)(shard_bytes).numpy()
+        rgb = np.asarray(img, dtype=np.uint8)
+        return _tf_function("resize", image_size)(rgb).numpy()
+    except Exception as exc:
+        return f"cannot decode: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

@@ -29,6 +29,7 @@ from typing import Any
 
 from xfer import inventory, s3, storage
 from xfer.errors import DataError, NotFoundError
+from xfer.uris import is_uri
 
 LIST_SUFFIXES = (".csv", ".parquet")
 IGNORED_NAMES = {"Thumbs.db", "desktop.ini"}
@@ -122,7 +123,7 @@ def read_list(uri: str, labelled: bool, allow_outside: bool = False) -> list[Inp
         if given is None or str(given).strip() == "":
             continue
         given = str(given).strip()
-        full = given if s3.is_s3(given) or given.startswith("/") else storage.join(base, given)
+        full = given if is_uri(given) else storage.join(base, given)
         if not allow_outside and not _inside(full, base):
             section = "shard" if labelled else "score"
             raise DataError(

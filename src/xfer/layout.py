@@ -31,6 +31,7 @@ from xfer import storage
 from xfer.calibration import temperature_of
 from xfer.commit import SUCCESS, commit_prefix, staging_prefix
 from xfer.errors import NotFoundError, StorageError, XferError
+from xfer.uris import is_uri
 from xfer.retry import ride_through
 from xfer.s3 import MISSING_CODES, is_s3, local_path, s3_client, split_s3, translate_errors
 
@@ -58,7 +59,7 @@ def dataset_uri(root: str, name: str) -> str:
 def dataset_location(root: str, dataset: str) -> str:
     """``data.dataset`` as a URI: a URI or path (it has a ``/``) as given, else the
     dataset of that name under ``<root>/datasets/``."""
-    if "/" in dataset:  # s3://…, file://…, /abs and rel/ative all have one
+    if is_uri(dataset) or "/" in dataset:  # a URI, or a path relative to here
         return dataset.rstrip("/")
     return dataset_uri(root, dataset)
 

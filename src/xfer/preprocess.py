@@ -1,7 +1,10 @@
-"""Image preprocessing shared by training, evaluation and scoring.
+"""Training-time augmentation of prepared pixels.
 
     image = decode_and_resize(encoded_bytes, 224)       # float32, [224, 224, 3], 0..255
     image = augment(image, seed, AugmentSettings(...))   # training only
+
+Decoding lives with the rest of image preparation (:mod:`xfer.images`); it is
+imported here too so that training's callers keep one import for both.
 
 Pixels stay in 0..255 here: the model itself starts with its base's input scaling
 (see :mod:`xfer.model`), so a saved model takes plain RGB images and needs no xfer
@@ -15,6 +18,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from xfer.images import decode_and_resize
+
+__all__ = ["AugmentSettings", "augment", "decode_and_resize"]
+
 
 @dataclass(frozen=True)
 class AugmentSettings:
@@ -25,20 +32,6 @@ class AugmentSettings:
     @property
     def active(self) -> bool:
         return self.flip or self.rotation > 0 or self.zoom > 0
-
-
-def decode_and_resize(encoded: Any, size: int) -> Any:
-    """Encoded JPEG/PNG/GIF/BMP bytes -> float32 RGB [size, size, 3] in 0..255.
-
-    The image is resized to a square ("squash", as Keras' image_dataset_from_directory
-    does), keeping all of the picture rather than cropping it.
-    """
-    import tensorflow as tf
-
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    image = tf.image.resize(image, [size, size], method="bilinear")
-    return tf.clip_by_value(image, 0.0, 255.0)
 
 
 def augment(image: Any, seed: Any, settings: AugmentSettings) -> Any:

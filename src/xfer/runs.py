@@ -47,6 +47,7 @@ from xfer.runindex import RunList, is_run_name, newest
 from xfer.runstatus import RunSummary, published_runs, read, summarize
 from xfer.train.gate import lost_race_text
 from xfer.train.outputs import versus_text
+from xfer.uris import is_uri
 
 
 def find_runs(root: str, model: str | None = None, limit: int | None = None) -> RunList:
@@ -113,7 +114,7 @@ def format_table(runs: list[RunSummary]) -> str:
 
 
 def run_uri(root: str, run: str) -> str:
-    uri = run.rstrip("/") if "://" in run or run.startswith("/") else layout.run_uri(root, run)
+    uri = run.rstrip("/") if is_uri(run) else layout.run_uri(root, run)
     if not storage.exists(storage.join(uri, CONFIG)):
         raise XferError(f"no run {run!r} (nothing at {uri}); `xfer runs list` shows the runs")
     return uri

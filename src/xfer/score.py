@@ -38,12 +38,10 @@ from typing import Any
 from xfer import s3, storage
 from xfer.config import ScoreConfig, XferConfig
 from xfer.errors import XferError
+from xfer.images import MAX_PIXELS
 from xfer.layout import ModelRef, resolve_model
 from xfer.nightguard import actor_died, check_night, store_unavailable
 from xfer.scorelock import NightLock, input_for_date, partition_date
-
-MAX_PIXELS = 50_000_000  # larger images are refused from their header
-
 
 # ---------------------------------------------------------------- the night
 

@@ -292,8 +292,10 @@ def block_items(night: dict[str, Any], block: int) -> list[dict[str, Any]]:
     if night["kind"] == "objects":
         table = storage.read_parquet(storage.join(night["plan_uri"], f"block-{block:05d}.parquet"))
         return table.to_pylist()
+    from xfer.rowgroups import read_row_groups
+
     shard, first, end, _ = night["units"][block]
-    table = storage.read_row_groups(night["shards"][shard], list(range(first, end)), IMAGE_COLUMNS)
+    table = read_row_groups(night["shards"][shard], list(range(first, end)), IMAGE_COLUMNS)
     if night.get("exclude"):  # a training run's data.exclude: those rows are not scored
         import pyarrow as pa
         import pyarrow.compute as pc

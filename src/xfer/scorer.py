@@ -28,82 +28,9 @@ from typing import Any
 from xfer import s3, storage
 from xfer.calibration import apply_temperature, file_metadata
 from xfer.errors import NotFoundError, StorageError, StoreUnavailable
-from xfer.images import (
-    CONVERTIBLE_MODES,
-    LOSSLESS_FORMATS,
-    encode_converted,
-    needs_conversion,
-    normalise,
-    open_header,
-)
+from xfer.images import image_pixels
 from xfer.layout import MODEL_FILE
 from xfer.retry import ride_through
-
-_FUNCTIONS: dict[tuple[str, int], Any] = {}
-
-
-def _tf_function(kind: str, image_size: int) -> Any:
-    """Compiled decode/resize functions, once per process and size."""
-    if (kind, image_size) not in _FUNCTIONS:
-        import tensorflow as tf
-
-        import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-        from xfer.preprocess import decode_and_resize
-
-        if kind == "decode":
-            fn = tf.function(
-                lambda b: decode_and_resize(b, image_size),
-                input_signature=[tf.TensorSpec((), tf.string)],
-            )
-        else:
-            fn = tf.function(
-                lambda x: tf.clip_by_value(
-                    tf.image.resize(tf.cast(x, tf.float32), [image_size, image_size]), 0.0, 255.0
-                ),
-                input_signature=[tf.TensorSpec((None, None, 3), tf.uint8)],
-            )
-        _FUNCTIONS[(kind, image_size)] = fn
-    return _FUNCTIONS[(kind, image_size)]
-
-
-def image_pixels(
-    data: bytes,
-    image_size: int,
-    max_side: int | None,
-    max_pixels: int = 50_000_000,
-    jpeg_quality: int | None = None,
-) -> Any:
-    """Encoded bytes -> float32 [size, size, 3] pixels, or a reason (str) it cannot be.
-
-    Exactly the pixels training saw for the sharded copy of the image: kept bytes are
-    decoded as training decodes them; a converted image is re-encoded as its shard
-    would be (``jpeg_quality`` from the model's record; lossless sources need no
-    re-encoding) and decoded the same way. Without a recorded quality (older models)
-    the normalised pixels are used as they are.
-
-    The header is checked first (:func:`xfer.images.open_header`): empty files,
-    non-images and decompression bombs are refused before any pixel is decoded.
-    """
-    import numpy as np
-
-    header = open_header(data, max_pixels)
-    if isinstance(header, str):
-        return header
-    if header.mode not in CONVERTIBLE_MODES:
-        return f"unsupported image mode {header.mode}"
-    try:
-        if not needs_conversion(header, max_side):
-            return _tf_function("decode", image_size)(data).numpy()
-        fmt = header.format or ""
-        header.load()
-        img = normalise(header, max_side)
-        if jpeg_quality and fmt not in LOSSLESS_FORMATS:
-            shard_bytes = encode_converted(img, fmt, jpeg_quality)
-            return _tf_function("decode", image_size)(shard_bytes).numpy()
-        rgb = np.asarray(img, dtype=np.uint8)
-        return _tf_function("resize", image_size)(rgb).numpy()
-    except Exception as exc:
-        return f"cannot decode: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
 class InputRefused(Exception):

@@ -162,103 +162,129 @@ def _segments(
     return segments
 
 
-def shard_dataset(src: str, dest: str, settings: ShardConfig | None = None) -> ShardSummary:
-    """Shard ``src`` into ``dest``; see the module docstring for the stages."""
-    from xfer.raycluster import ensure_ray, run_tasks
+def _read_and_check(items: list[Item], settings: ShardConfig, staging: str) -> list[dict[str, Any]]:
+    """Stage 2: Ray tasks read, check and normalise the images in chunks, in processing
+    order, writing pieces under ``staging``; per-row metadata comes back."""
+    from xfer.raycluster import run_tasks
 
-    settings = settings or ShardConfig()
-    start = time.monotonic()
-    dest = dest.rstrip("/")
-    items, early_rejects = list_inputs(src, settings.split_fractions, settings.allow_outside_inputs)
+    items.sort(key=lambda i: i.order)
+    n = settings.files_per_task
+    chunks = [items[i : i + n] for i in range(0, len(items), n)]
+    calls = [
+        (ci, chunk, settings.image_settings(), staging, settings.row_group_rows)
+        for ci, chunk in enumerate(chunks)
+    ]
+    parts = run_tasks(
+        process_chunk, calls, "shard: read and check", max_in_flight=settings.num_tasks
+    )
+    return [row for part in parts for row in part]
+
+
+def _sort_out(
+    meta: list[dict[str, Any]],
+    early: list[dict[str, str]],
+    total: int,
+    settings: ShardConfig,
+    dest: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], Counter[str]]:
+    """Stage 3: the rows kept, the rejects (bad files, conflicting labels, duplicates)
+    and their count by reason. Too many rejects: DataError, nothing written."""
+    rejects = list(early) + [
+        {"key": r["key"], "source_uri": r["source_uri"], "reason": r["reason"]}
+        for r in meta
+        if r["reason"]
+    ]
+    accepted = [r for r in meta if not r["reason"]]
+    drop = _dedupe(accepted)
+    rejects += [
+        {"key": r["key"], "source_uri": r["source_uri"], "reason": drop[r["key"]]}
+        for r in accepted
+        if r["key"] in drop
+    ]
+    reasons = Counter(_generic_reason(r["reason"]) for r in rejects)
+    fraction = len(rejects) / max(total, 1)
+    if fraction > settings.max_rejected_fraction:
+        examples = ", ".join(f"{r['source_uri']} ({r['reason']})" for r in rejects[:3])
+        summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        raise DataError(
+            f"{len(rejects)} of {total} inputs rejected ({fraction:.1%}), above "
+            f"--max-rejected-fraction {settings.max_rejected_fraction:.1%}; nothing was "
+            f"written to {dest}; by reason: {summary}; first: {examples}"
+        )
+    return [r for r in accepted if r["key"] not in drop], rejects, reasons
+
+
+def _write_shards(
+    kept: list[dict[str, Any]], classes: list[str], settings: ShardConfig, final: str
+) -> dict[str, SplitInfo]:
+    """Stage 4: Ray tasks assemble the kept rows' pieces into each split's shards
+    (equal row counts, +-1) under ``final``; the splits as the manifest lists them."""
+    from xfer.raycluster import run_tasks
+
+    class_ids = {c: i for i, c in enumerate(classes)}
+    plans: list[tuple[str, int, list[dict[str, Any]]]] = []
+    for split in SPLITS:
+        rows = [r for r in kept if r["split"] == split]  # already in processing order
+        if rows:
+            shards = _plan_shards(rows, settings.target_shard_mb * 1e6)
+            plans += [(split, i, shard_rows) for i, shard_rows in enumerate(shards)]
+    calls = [
+        (
+            _segments(rows, class_ids),
+            storage.join(final, split, f"part-{i:05d}.parquet"),
+            settings.row_group_rows,
+        )
+        for split, i, rows in plans
+    ]
+    infos = run_tasks(
+        assemble_shard, calls, "shard: write shards", max_in_flight=settings.num_tasks
+    )
+    splits: dict[str, SplitInfo] = {}
+    for (split, i, rows), info in zip(plans, infos, strict=True):
+        entry = splits.setdefault(split, SplitInfo(rows=0, shards=[], class_counts={}))
+        entry.shards.append(ShardInfo(path=f"{split}/part-{i:05d}.parquet", **info))
+        for c, k in Counter(r["label"] for r in rows).items():
+            entry.class_counts[c] = entry.class_counts.get(c, 0) + k
+    return {
+        s: SplitInfo(
+            rows=sum(sh.rows for sh in v.shards),
+            shards=v.shards,
+            class_counts=dict(sorted(v.class_counts.items())),
+        )
+        for s, v in splits.items()
+    }
+
+
+def _classes(items: list[Item], src: str) -> list[str]:
     classes = sorted({i.label for i in items})
     if len(classes) < 2:
         raise DataError(
             f"{src}: found {len(classes)} class(es) ({', '.join(classes)}); need at least 2"
         )
-    class_ids = {c: i for i, c in enumerate(classes)}
+    return classes
+
+
+def shard_dataset(src: str, dest: str, settings: ShardConfig | None = None) -> ShardSummary:
+    """Shard ``src`` into ``dest``; see the module docstring for the stages."""
+    from xfer.raycluster import ensure_ray
+
+    settings = settings or ShardConfig()
+    start = time.monotonic()
+    dest = dest.rstrip("/")
+    items, early_rejects = list_inputs(src, settings.split_fractions, settings.allow_outside_inputs)
+    classes = _classes(items, src)
+    total_inputs = len(items) + len(early_rejects)
     s3.ensure_bucket(dest)
     check_destination(dest)
     ensure_ray()
     staging = commit.staging_prefix(dest)
     final_staging = storage.join(staging, "final")
     try:
-        items.sort(key=lambda i: i.order)
-        n = settings.files_per_task
-        chunks = [items[i : i + n] for i in range(0, len(items), n)]
-        calls = [
-            (ci, chunk, settings.image_settings(), staging, settings.row_group_rows)
-            for ci, chunk in enumerate(chunks)
-        ]
-        meta = [
-            row
-            for part in run_tasks(
-                process_chunk, calls, "shard: read and check", max_in_flight=settings.num_tasks
-            )
-            for row in part
-        ]
-
-        rejects = list(early_rejects) + [
-            {"key": r["key"], "source_uri": r["source_uri"], "reason": r["reason"]}
-            for r in meta
-            if r["reason"]
-        ]
-        accepted = [r for r in meta if not r["reason"]]
-        drop = _dedupe(accepted)
-        rejects += [
-            {"key": r["key"], "source_uri": r["source_uri"], "reason": drop[r["key"]]}
-            for r in accepted
-            if r["key"] in drop
-        ]
-        kept = [r for r in accepted if r["key"] not in drop]
-        total_inputs = len(items) + len(early_rejects)
-        reasons = Counter(_generic_reason(r["reason"]) for r in rejects)
-        fraction = len(rejects) / max(total_inputs, 1)
-        if fraction > settings.max_rejected_fraction:
-            examples = ", ".join(f"{r['source_uri']} ({r['reason']})" for r in rejects[:3])
-            summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
-            raise DataError(
-                f"{len(rejects)} of {total_inputs} inputs rejected ({fraction:.1%}), above "
-                f"--max-rejected-fraction {settings.max_rejected_fraction:.1%}; nothing was written "
-                f"to {dest}; by reason: {summary}; first: {examples}"
-            )
+        meta = _read_and_check(items, settings, staging)
+        kept, rejects, reasons = _sort_out(meta, early_rejects, total_inputs, settings, dest)
         if not kept:
             raise DataError(f"every input under {src} was rejected")
-
-        split_rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-        for row in kept:  # already in processing order
-            split_rows[row["split"]].append(row)
-        plans: list[tuple[str, int, list[dict[str, Any]]]] = []
-        for split, rows in split_rows.items():
-            if rows:
-                for i, shard_rows in enumerate(_plan_shards(rows, settings.target_shard_mb * 1e6)):
-                    plans.append((split, i, shard_rows))
-        calls2 = [
-            (
-                _segments(rows, class_ids),
-                storage.join(final_staging, split, f"part-{i:05d}.parquet"),
-                settings.row_group_rows,
-            )
-            for split, i, rows in plans
-        ]
-        infos = run_tasks(
-            assemble_shard, calls2, "shard: write shards", max_in_flight=settings.num_tasks
-        )
-
-        splits: dict[str, SplitInfo] = {}
-        for (split, i, rows), info in zip(plans, infos, strict=True):
-            entry = splits.setdefault(split, SplitInfo(rows=0, shards=[], class_counts={}))
-            entry.shards.append(ShardInfo(path=f"{split}/part-{i:05d}.parquet", **info))
-            counts = Counter(r["label"] for r in rows)
-            for c, k in counts.items():
-                entry.class_counts[c] = entry.class_counts.get(c, 0) + k
-        splits = {
-            s: SplitInfo(
-                rows=sum(sh.rows for sh in v.shards),
-                shards=v.shards,
-                class_counts=dict(sorted(v.class_counts.items())),
-            )
-            for s, v in splits.items()
-        }
+        splits = _write_shards(kept, classes, settings, final_staging)
         rejects_sha = _write_rejects(rejects, storage.join(final_staging, REJECTS))
         version, splits = _in_version_folder(splits, rejects_sha)
         manifest = Manifest(

@@ -27,6 +27,89 @@ if TYPE_CHECKING:
 # ------------------------------------------------------ stage 1: pieces
 
 
+class _Pieces:
+    """One staged piece per split for a chunk: rows buffered, written a row group at a
+    time to a local Parquet file, uploaded when the chunk is done."""
+
+    def __init__(self, tmp: str, staging: str, chunk_id: int, row_group_rows: int):
+        self._tmp, self._staging, self._chunk = tmp, staging, chunk_id
+        self._row_group_rows = row_group_rows
+        self._writers: dict[str, Any] = {}
+        self._buffers: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._rows: Counter[str] = Counter()
+
+    def uri(self, split: str) -> str:
+        return storage.join(self._staging, "pieces", split, f"chunk-{self._chunk:06d}.parquet")
+
+    def add(self, split: str, record: dict[str, Any]) -> int:
+        """Append a row to the split's piece; its row number there."""
+        self._buffers[split].append(record)
+        row = self._rows[split]
+        self._rows[split] += 1
+        if len(self._buffers[split]) >= self._row_group_rows:
+            self._flush(split)
+        return row
+
+    def _flush(self, split: str) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._buffers[split]:
+            return
+        schema = piece_schema()
+        if split not in self._writers:
+            path = os.path.join(self._tmp, f"{split}.parquet")
+            self._writers[split] = pq.ParquetWriter(path, schema)
+        table = pa.Table.from_pylist(self._buffers[split], schema=schema)
+        self._writers[split].write_table(table)
+        self._buffers[split].clear()
+
+    def upload(self) -> None:
+        for split in list(self._buffers):
+            self._flush(split)
+        for split, writer in self._writers.items():
+            writer.close()
+            storage.upload_file(os.path.join(self._tmp, f"{split}.parquet"), self.uri(split))
+
+
+def _check_item(item: Item, image_settings: ImageSettings) -> Accepted | dict[str, Any]:
+    """The item's checked image, or its metadata row with the reason it was refused."""
+    row = {"key": item.key, "source_uri": item.uri, "split": item.split, "label": item.label}
+    try:
+        data = storage.read_bytes(item.uri)
+    except StorageError as exc:
+        return {**row, "reason": f"cannot read: {exc}", "sha256": None}
+    result = check_image(data, image_settings)
+    if not isinstance(result, Accepted):
+        return {**row, "reason": result.reason, "sha256": result.sha256}
+    return result
+
+
+def _add_accepted(item: Item, result: Accepted, pieces: _Pieces) -> dict[str, Any]:
+    """Stage the image in its split's piece; its metadata row for the driver."""
+    record = {
+        "key": item.key,
+        "image": result.image,
+        "source_uri": item.uri,
+        "sha256": result.sha256,
+        "width": result.width,
+        "height": result.height,
+    }
+    piece_row = pieces.add(item.split, record)
+    return {
+        "key": item.key,
+        "source_uri": item.uri,
+        "split": item.split,
+        "label": item.label,
+        "reason": None,
+        "sha256": result.sha256,
+        "bytes": len(result.image),
+        "piece": pieces.uri(item.split),
+        "piece_row": piece_row,
+        "converted_from": result.converted_from,
+    }
+
+
 def process_chunk(
     chunk_id: int,
     items: list[Item],
@@ -38,75 +121,15 @@ def process_chunk(
 
     Returns one small metadata row per item (never image bytes).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     meta: list[dict[str, Any]] = []
-    writers: dict[str, Any] = {}
-    buffers: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    rows_in_piece: Counter[str] = Counter()
-    schema = piece_schema()
     with tempfile.TemporaryDirectory(prefix="xfer-shard-") as tmp:
-
-        def flush(split: str) -> None:
-            if not buffers[split]:
-                return
-            if split not in writers:
-                writers[split] = pq.ParquetWriter(os.path.join(tmp, f"{split}.parquet"), schema)
-            writers[split].write_table(pa.Table.from_pylist(buffers[split], schema=schema))
-            buffers[split].clear()
-
+        pieces = _Pieces(tmp, staging, chunk_id, row_group_rows)
         for item in items:
-            row = {
-                "key": item.key,
-                "source_uri": item.uri,
-                "split": item.split,
-                "label": item.label,
-            }
-            try:
-                data = storage.read_bytes(item.uri)
-            except StorageError as exc:
-                meta.append({**row, "reason": f"cannot read: {exc}", "sha256": None})
-                continue
-            result = check_image(data, image_settings)
-            if not isinstance(result, Accepted):
-                meta.append({**row, "reason": result.reason, "sha256": result.sha256})
-                continue
-            buffers[item.split].append(
-                {
-                    "key": item.key,
-                    "image": result.image,
-                    "source_uri": item.uri,
-                    "sha256": result.sha256,
-                    "width": result.width,
-                    "height": result.height,
-                }
-            )
-            piece_row = rows_in_piece[item.split]
-            rows_in_piece[item.split] += 1
-            meta.append(
-                {
-                    **row,
-                    "reason": None,
-                    "sha256": result.sha256,
-                    "bytes": len(result.image),
-                    "piece": storage.join(
-                        staging, "pieces", item.split, f"chunk-{chunk_id:06d}.parquet"
-                    ),
-                    "piece_row": piece_row,
-                    "converted_from": result.converted_from,
-                }
-            )
-            if len(buffers[item.split]) >= row_group_rows:
-                flush(item.split)
-        for split in list(buffers):
-            flush(split)
-        for split, writer in writers.items():
-            writer.close()
-            storage.upload_file(
-                os.path.join(tmp, f"{split}.parquet"),
-                storage.join(staging, "pieces", split, f"chunk-{chunk_id:06d}.parquet"),
-            )
+            result = _check_item(item, image_settings)
+            if isinstance(result, Accepted):
+                result = _add_accepted(item, result, pieces)
+            meta.append(result)
+        pieces.upload()
     return meta
 
 
