@@ -31,9 +31,9 @@ from xfer import storage
 from xfer.calibration import temperature_of
 from xfer.commit import SUCCESS, commit_prefix, staging_prefix
 from xfer.errors import NotFoundError, StorageError, XferError
-from xfer.uris import is_uri
 from xfer.retry import ride_through
 from xfer.s3 import MISSING_CODES, is_s3, local_path, s3_client, split_s3, translate_errors
+from xfer.uris import is_uri
 
 CONFIG = "config.yaml"
 MODEL_DIR = "model"
