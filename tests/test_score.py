@@ -438,6 +438,7 @@ def test_a_quiet_run_keeps_the_scorers_identity_off_the_console(
     cfg = load_config(None, [f"storage.root={session_root}", "score.num_actors=1"])
     log = console.log_path()
     seen = os.path.getsize(log)
+    capfd.readouterr()  # what earlier tests printed
     ref = resolve_model(trained_run.run_uri)
     result = write_predictions(
         ref, f"{bucket}/quiet", cfg.score, f"{bucket}/quiet-preds", quiet=True
@@ -449,8 +450,8 @@ def test_a_quiet_run_keeps_the_scorers_identity_off_the_console(
         time.sleep(0.5)
     with console._lock:  # the handler writes the file, then the console, under it
         out = capfd.readouterr().out
-    assert "[xfer-detail] scorer on node" in text
     assert "scorer on node" not in out, out
+    assert "[xfer-detail] scorer on node" in text
 
 
 def test_reads_run_ahead_of_the_decode_threads(trained_run, session_root, bucket, fault_proxy):
