@@ -311,7 +311,7 @@ def stage_night_plan(a: dict[str, Any]) -> dict[str, Any]:
 
     final = f"{ROOT}/plans/n{a['n']}/dt={DATE}"
     night, _ = plan_night({"bench": "scale"}, a["src"], "all", final, BLOCK_SIZE)
-    return {"items": night["rows"], "blocks": night["blocks"]}
+    return {"items": night.rows, "blocks": night.blocks}
 
 
 def stage_score(a: dict[str, Any]) -> dict[str, Any]:

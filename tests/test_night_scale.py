@@ -2,7 +2,7 @@
 night's commit copies its parts in parallel, the commit rule intact.
 
 Against the real embedded S3 server; no Ray (the night's parts are written the way the
-scoring actors write them, ``scorer.predictions_table``, and committed by
+scoring actors write them, ``predictions.predictions_table``, and committed by
 ``scoreplan.commit_night``, so the partition and its ``_SUCCESS`` are the real ones).
 """
 
@@ -24,17 +24,17 @@ import pytest
 from xfer import commit, storage
 from xfer.calibration import file_metadata
 from xfer.errors import StorageError
-from xfer.layout import PREDICTIONS
+from xfer.layout import PREDICTIONS, ModelRef
 from xfer.nightly import summarize_night
 from xfer.nightstats import COLUMNS, READERS
+from xfer.predictions import class_columns, predictions_table
+from xfer.scorejob import NightPlan, ScoringJob
 from xfer.scoreplan import (
-    class_columns,
     commit_night,
     night_root,
     table_manifest_uri,
     write_table_manifest,
 )
-from xfer.scorer import predictions_table
 
 from .faultproxy import FaultProxy
 
@@ -50,7 +50,7 @@ SCORED_AT = "2026-11-29T02:00:00+00:00"
 
 def part_table(seed: int, rows: int) -> Any:
     """One block's predictions in the scoring actors' schema (checked against
-    ``scorer.predictions_table`` in :func:`test_parts_have_the_scorers_schema`), built
+    ``predictions.predictions_table`` in :func:`test_parts_have_the_scorers_schema`), built
     with numpy: ~3% error rows, each with one of :data:`REASONS`."""
     rng = np.random.default_rng([24, seed])
     probs = rng.dirichlet([1.0, 1.5, 2.5], rows)
@@ -82,16 +82,11 @@ def part_table(seed: int, rows: int) -> Any:
 
 
 def test_parts_have_the_scorers_schema() -> None:
-    night = {
-        "classes": CLASSES,
-        "has_labels": False,
-        "model_name": "shapes",
-        "run_id": "run-1",
-        "scored_at": SCORED_AT,
-    }
+    model = ModelRef("s3://m/run-1", "run-1", "shapes", "s3://m/run-1/model", CLASSES, 48)
+    job = ScoringJob(model=model, scored_at=SCORED_AT)
     items = [{"key": "a.jpg", "source_uri": "s3://in/a.jpg"}, {"key": "b", "source_uri": "b"}]
     probs = np.array([[0.2, 0.3, 0.5], [np.nan, np.nan, np.nan]])
-    real = predictions_table(night, items, probs, [None, "not an image: text/plain"])
+    real = predictions_table(job, items, probs, [None, "not an image: text/plain"])
     ours = part_table(0, 60)
     assert ours.schema.equals(real.schema, check_metadata=True)
     assert ours.filter(pa.compute.is_null(ours["error"])).column("key").null_count == 0
@@ -100,21 +95,20 @@ def test_parts_have_the_scorers_schema() -> None:
 def write_night(final: str, parts: int, rows: int) -> list[Any]:
     """A committed night of ``parts`` parts (the real staging, names and ``_SUCCESS``)."""
     token = uuid.uuid4().hex[:8]
-    night = {
-        "blocks": parts,
-        "parts_uri": storage.join(night_root(final), token, "parts"),
-        "final": final,
-        "identity": {"token": token},
-        "attempt": 1,
-    }
+    night = NightPlan(
+        identity={"token": token},
+        token=token,
+        plan_uri=storage.join(night_root(final), token, "plan"),
+        parts_uri=storage.join(night_root(final), token, "parts"),
+        final=final,
+        blocks=parts,
+    )
     tables = [part_table(i, rows) for i in range(parts)]
     names = [f"part-{b:05d}-{token}.parquet" for b in range(parts)]
     with ThreadPoolExecutor(8) as pool:
         list(
             pool.map(
-                lambda b: storage.write_parquet(
-                    tables[b], storage.join(night["parts_uri"], names[b])
-                ),
+                lambda b: storage.write_parquet(tables[b], storage.join(night.parts_uri, names[b])),
                 range(parts),
             )
         )

@@ -421,4 +421,4 @@ def test_a_resumed_night_is_pinned_to_its_dataset(root):
     assert plan_night({"run_id": "r"}, dataset, "test", final, 2, False)[1] is True
     write_dataset(6)  # re-sharded meanwhile
     night, resumed = plan_night({"run_id": "r"}, dataset, "test", final, 2, False)
-    assert not resumed and night["blocks"] == 3
+    assert not resumed and night.blocks == 3

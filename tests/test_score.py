@@ -353,7 +353,7 @@ def test_nightly_inputs_by_date_and_typed_columns(trained_run, session_root, buc
     in the file's metadata; classes that would share a column are refused."""
     import pyarrow as pa
 
-    from xfer.scoreplan import class_columns
+    from xfer.predictions import class_columns
 
     synthesize(f"{bucket}/incoming/2026-05-02", ["ring", "star"], per_class=2, size=48, seed=3)
     synthesize(f"{bucket}/incoming/2026-05-03", ["ring", "star"], per_class=3, size=48, seed=4)
@@ -421,47 +421,37 @@ def test_test_time_augmentation_averages_the_image_and_its_mirror(
     assert not np.allclose(got, plain, atol=1e-5), "the mirror must change something"
 
 
-def test_chi_square_p_values():
-    from xfer.nightly import chi_square_p
+def test_a_quiet_run_keeps_the_scorers_identity_off_the_console(
+    trained_run, session_root, bucket, capfd
+):
+    """A step of a larger job (a training run's test predictions, calibration's val
+    scoring) scores quietly: the actors' identity lines go to the log file only. On
+    main ``quiet`` went into the night's identity and the actors looked for it where it
+    was not, so they printed "[xfer] scorer on node ..." to the console anyway."""
+    import time
+    from pathlib import Path
 
-    assert chi_square_p([50, 50], [50, 50]) == 1.0
-    assert abs(chi_square_p([41, 37, 42], [10, 11, 26]) - 0.052) < 0.001  # by hand
-    assert chi_square_p([40, 0], [15, 15]) < 1e-5
-    assert chi_square_p([5, 0], [0, 0]) == 1.0  # nothing to compare with
+    from xfer import console
+    from xfer.score import write_predictions
 
-
-def test_each_night_gets_a_report_with_errors_and_a_drift_signal(trained_run, session_root, bucket):
-    from xfer.nightly import REPORT, SUMMARY
-
-    cfg = load_config(None, [f"storage.root={session_root}", "score.batch_size=4"])
-    # A night like the training data (both classes), with three unreadable files.
-    make_inputs(f"{bucket}/usual")
-    score(cfg, f"{session_root}/models/shapes", f"{bucket}/usual", f"{bucket}/n", "2026-05-01")
-    usual = storage.read_json(f"{bucket}/n/dt=2026-05-01/{SUMMARY}")
-    assert usual["rows"] == 11 and usual["errors"] == 3 and len(usual["error_examples"]) == 3
-    assert sum(usual["error_reasons"].values()) == 3
-    assert sum(usual["night"]["per_class"].values()) == usual["night"]["scored"] == 8
-    assert sum(usual["night"]["confidence_histogram"]) == 8
-    test_split = usual["test_split"]
-    assert test_split["scored"] == trained_run.metrics["test"]["examples"]
-    # A night of one kind of image only: the predicted mix moves away from the test split's.
-    # 200 of them: the test split it is compared with has only 14 images, so a smaller
-    # night leaves the p-value near the bar when the tiny model mistakes a few rings.
-    synthesize(f"{bucket}/odd", ["ring", "star"], per_class=200, size=60, seed=7)
-    storage.delete_prefix(f"{bucket}/odd/star")
-    score(cfg, f"{session_root}/models/shapes", f"{bucket}/odd", f"{bucket}/n", "2026-05-02")
-    odd = storage.read_json(f"{bucket}/n/dt=2026-05-02/{SUMMARY}")
-    assert odd["errors"] == 0
-    assert odd["drift"]["class_shift"] > usual["drift"]["class_shift"]
-    assert odd["drift"]["class_shift"] > 0.15 and odd["drift"]["class_shift_p_value"] < 0.01
-    assert odd["drift"]["flagged"]
-    page = storage.read_text(f"{bucket}/n/dt=2026-05-02/{REPORT}")
-    assert "look at tonight's images" in page and "confidence histogram" in page
-    usual_page = storage.read_text(f"{bucket}/n/dt=2026-05-01/{REPORT}")
-    assert "bad/notes.txt" in usual_page and "not an image" in usual_page
-    # The report files do not disturb a table over the partition (names start with _).
-    marker = storage.read_json(f"{bucket}/n/dt=2026-05-01/_SUCCESS")
-    assert all(not f.startswith("_") for f in marker["files"])
+    synthesize(f"{bucket}/quiet", ["ring", "star"], per_class=2, size=48, seed=8)
+    cfg = load_config(None, [f"storage.root={session_root}", "score.num_actors=1"])
+    log = console.log_path()
+    seen = os.path.getsize(log)
+    capfd.readouterr()  # what earlier tests printed
+    ref = resolve_model(trained_run.run_uri)
+    result = write_predictions(
+        ref, f"{bucket}/quiet", cfg.score, f"{bucket}/quiet-preds", quiet=True
+    )
+    assert result.rows == 4
+    deadline = time.monotonic() + 60  # Ray forwards the actors' output a little later
+    while "scorer on node" not in (text := Path(log).read_bytes()[seen:].decode()):
+        assert time.monotonic() < deadline, "the actor's identity line never reached the log"
+        time.sleep(0.5)
+    with console._lock:  # the handler writes the file, then the console, under it
+        out = capfd.readouterr().out
+    assert "scorer on node" not in out, out
+    assert "[xfer-detail] scorer on node" in text
 
 
 def test_reads_run_ahead_of_the_decode_threads(trained_run, session_root, bucket, fault_proxy):

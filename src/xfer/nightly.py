@@ -1,7 +1,8 @@
 """The nightly report, next to each predictions partition: ``_summary.json`` and ``_report.html``.
 
-    summary = write_nightly_report(partition_uri, classes, run_uri)
-    report_night(partition_uri, classes, run_uri)   # the same; a failure is a warning
+    summary = write_nightly_report(partition_uri, classes, run_uri)   # writes both files
+    report_night(partition_uri, classes, run_uri)   # the same, after a commit: a failure
+                                                    # is one warning line, not an error
 
 Per night: images scored, error rows (grouped by reason, with examples), counts and
 shares per predicted class, the confidence histogram; and the same figures for the
@@ -203,22 +204,44 @@ def _plots(summary: dict[str, Any], classes: list[str]) -> tuple[str, str]:
     return shares, png(fig)
 
 
-def render_nightly(summary: dict[str, Any], classes: list[str]) -> str:
-    esc = html.escape
-    drift = summary["drift"]
+def _verdict(drift: dict[str, Any] | None) -> str:
+    """The drift signals as one sentence of the page."""
     if drift is None:
-        verdict = "no test-split predictions of this model to compare with"
-    else:
-        verdict = (
-            f"class shift {drift['class_shift']:.3f} (limit {CLASS_SHIFT_LIMIT}, "
-            f"p = {drift['class_shift_p_value']:.3g} against {SIGNIFICANCE}), "
-            f"confidence drop {drift['confidence_drop']:+.3f} (limit {CONFIDENCE_DROP_LIMIT}): "
-            + (
-                "<b style='color:#b00'>look at tonight's images</b>"
-                if drift["flagged"]
-                else "as expected"
-            )
+        return "no test-split predictions of this model to compare with"
+    return (
+        f"class shift {drift['class_shift']:.3f} (limit {CLASS_SHIFT_LIMIT}, "
+        f"p = {drift['class_shift_p_value']:.3g} against {SIGNIFICANCE}), "
+        f"confidence drop {drift['confidence_drop']:+.3f} (limit {CONFIDENCE_DROP_LIMIT}): "
+        + (
+            "<b style='color:#b00'>look at tonight's images</b>"
+            if drift["flagged"]
+            else "as expected"
         )
+    )
+
+
+def _errors_section(summary: dict[str, Any]) -> list[str]:
+    """The page's error rows: reasons with their counts, then the first examples."""
+    esc = html.escape
+    if not summary["errors"]:
+        return ["<h2>Errors</h2>", "<p>None.</p>"]
+    parts = ["<h2>Errors</h2>", "<table><tr><th>reason</th><th>rows</th></tr>"]
+    for reason, n in summary["error_reasons"].items():
+        parts.append(f"<tr><td style='text-align:left'>{esc(reason)}</td><td>{n}</td></tr>")
+    parts.append("</table><h3>Examples</h3><table><tr><th>key</th><th>error</th></tr>")
+    for e in summary["error_examples"]:
+        parts.append(
+            f"<tr><td style='text-align:left'><code>{esc(e['key'])}</code></td>"
+            f"<td style='text-align:left'>{esc(e['error'])}</td></tr>"
+        )
+    parts.append("</table>")
+    return parts
+
+
+def render_nightly(summary: dict[str, Any], classes: list[str]) -> str:
+    """The night's ``_report.html``: one page, its plots inline."""
+    esc = html.escape
+    verdict = _verdict(summary["drift"])
     shares, confidence = _plots(summary, classes)
     ref = summary["test_split"] or {}
     parts = [
@@ -249,20 +272,7 @@ def render_nightly(summary: dict[str, Any], classes: list[str]) -> str:
     parts.append("</table>")
     parts.append(f"<img alt='predicted classes' src='data:image/png;base64,{shares}'>")
     parts.append(f"<img alt='confidence histogram' src='data:image/png;base64,{confidence}'>")
-    parts.append("<h2>Errors</h2>")
-    if summary["errors"]:
-        parts.append("<table><tr><th>reason</th><th>rows</th></tr>")
-        for reason, n in summary["error_reasons"].items():
-            parts.append(f"<tr><td style='text-align:left'>{esc(reason)}</td><td>{n}</td></tr>")
-        parts.append("</table><h3>Examples</h3><table><tr><th>key</th><th>error</th></tr>")
-        for e in summary["error_examples"]:
-            parts.append(
-                f"<tr><td style='text-align:left'><code>{esc(e['key'])}</code></td>"
-                f"<td style='text-align:left'>{esc(e['error'])}</td></tr>"
-            )
-        parts.append("</table>")
-    else:
-        parts.append("<p>None.</p>")
+    parts += _errors_section(summary)
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from xfer import storage
+from xfer.predictions import ERROR, KEY, PREDICTED_LABEL, PROBABILITY
 from xfer.s3 import translate_errors
 
-COLUMNS = ["key", "predicted_label", "probability", "error"]
+COLUMNS = [KEY, PREDICTED_LABEL, PROBABILITY, ERROR]
 BINS = 10
 LOW_CONFIDENCE = 0.6  # a confidence below this counts in low_confidence_share
 EXAMPLES = 20  # error rows shown in the report
@@ -81,15 +82,15 @@ class NightStats:
         import pyarrow.compute as pc
 
         self.rows += batch.num_rows
-        self.scored.add(batch.column("predicted_label"), batch.column("probability"))
-        error = batch.column("error")
+        self.scored.add(batch.column(PREDICTED_LABEL), batch.column(PROBABILITY))
+        error = batch.column(ERROR)
         failed = pc.and_(pc.is_valid(error), pc.not_equal(error, ""))  # a non-empty reason
         messages = pc.filter(error, failed).to_pylist()
         self.errors += len(messages)
         self.reasons.update(reason(m) for m in messages)
         wanted = EXAMPLES - len(self.examples)
         if wanted > 0 and messages:
-            keys = pc.filter(batch.column("key"), failed).slice(0, wanted).to_pylist()
+            keys = pc.filter(batch.column(KEY), failed).slice(0, wanted).to_pylist()
             self.examples += [{"key": k, "error": e} for k, e in zip(keys, messages, strict=False)]
 
     def merge(self, other: NightStats) -> None:

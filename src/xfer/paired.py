@@ -133,12 +133,14 @@ def outcomes(challenger: Any, champion: Any) -> tuple[Any, Any, dict[str, int]]:
     """
     import pyarrow.compute as pc
 
+    from xfer.predictions import ERROR, KEY, PREDICTED_INDEX, TRUE_INDEX
+
     def right(table: Any) -> dict[str, bool]:
         table = table.filter(
-            pc.and_(pc.is_null(table.column("error")), pc.is_valid(table.column("true_index")))
+            pc.and_(pc.is_null(table.column(ERROR)), pc.is_valid(table.column(TRUE_INDEX)))
         )
-        keys = table.column("key").to_pylist()
-        ok = pc.equal(table.column("true_index"), table.column("predicted_index")).to_pylist()
+        keys = table.column(KEY).to_pylist()
+        ok = pc.equal(table.column(TRUE_INDEX), table.column(PREDICTED_INDEX)).to_pylist()
         return dict(zip(keys, ok, strict=True))
 
     ra, rz = right(challenger), right(champion)

@@ -72,20 +72,28 @@ def calibration(confidence: list[float], correct: list[bool], bins: int = 10) ->
 
 def mistakes(table: Any, per_class: int = 6) -> list[dict[str, Any]]:
     """The most confident wrong predictions, up to ``per_class`` per true class."""
+    from xfer.predictions import (
+        KEY,
+        PREDICTED_INDEX,
+        PREDICTED_LABEL,
+        PROBABILITY,
+        TRUE_INDEX,
+        TRUE_LABEL,
+    )
+
+    shown = (KEY, TRUE_LABEL, PREDICTED_LABEL, PROBABILITY)
     rows = [
         r
-        for r in table.select(
-            ["key", "true_label", "predicted_label", "probability", "true_index", "predicted_index"]
-        ).to_pylist()
-        if r["predicted_index"] is not None and r["true_index"] != r["predicted_index"]
+        for r in table.select([*shown, TRUE_INDEX, PREDICTED_INDEX]).to_pylist()
+        if r[PREDICTED_INDEX] is not None and r[TRUE_INDEX] != r[PREDICTED_INDEX]
     ]
-    rows.sort(key=lambda r: -r["probability"])
+    rows.sort(key=lambda r: -r[PROBABILITY])
     out: list[dict[str, Any]] = []
     taken: dict[str, int] = {}
     for r in rows:
-        if taken.get(r["true_label"], 0) < per_class:
-            taken[r["true_label"]] = taken.get(r["true_label"], 0) + 1
-            out.append({k: r[k] for k in ("key", "true_label", "predicted_label", "probability")})
+        if taken.get(r[TRUE_LABEL], 0) < per_class:
+            taken[r[TRUE_LABEL]] = taken.get(r[TRUE_LABEL], 0) + 1
+            out.append({k: r[k] for k in shown})
     return out
 
 

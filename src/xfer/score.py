@@ -3,13 +3,16 @@
     xfer score --model s3://b/xfer/models/pets --input 's3://b/incoming/{date}/' \\
                --output s3://b/xfer/predictions/pets --date 2026-11-27
 
-A night is a plan of blocks (:mod:`xfer.scoreplan`): the input is listed once, page
-by page, into block lists staged beside the output. An actor pool
-(``map_batches`` with ``compute=ActorPoolStrategy``) scores the blocks; each actor
-loads the model once and, per block, reads, prepares and predicts its images and
-writes the block's predictions itself (:mod:`xfer.scorer`). The driver only sees a
-one-row summary per block. When every block is written, ``dt=<date>/`` is replaced
-whole with ``_SUCCESS`` written last, so a reader never sees a mix of two runs or
+:func:`write_predictions` runs a night in three stages: plan, score, commit. The plan
+(:func:`xfer.scoreplan.plan_night`, a :class:`xfer.scorejob.NightPlan`) lists the
+input once, page by page, into block lists staged beside the output. An actor pool
+(:mod:`xfer.scorepool`: ``map_batches`` with ``compute=ActorPoolStrategy``) scores
+the blocks, each actor given the plan and a :class:`xfer.scorejob.ScoringJob` (the
+model, the settings, the store-outage budget); each actor loads the model once and,
+per block, reads, prepares and predicts its images and writes the block's
+predictions itself (:mod:`xfer.scorer`). The driver only sees a one-row summary per
+block. When every block is written, ``dt=<date>/`` is replaced whole with
+``_SUCCESS`` written last, so a reader never sees a mix of two runs or
 half a partition. A bad image becomes a row with an ``error``, never a failed night;
 a night that fails part-way resumes where it stopped when started again; a store
 outage is ridden out for ``storage.outage_seconds`` (:mod:`xfer.retry`). The
@@ -28,20 +31,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import logging
 import time
-import warnings
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from xfer import s3, storage
 from xfer.config import ScoreConfig, XferConfig
-from xfer.errors import XferError
 from xfer.images import MAX_PIXELS
 from xfer.layout import ModelRef, resolve_model
-from xfer.nightguard import actor_died, check_night, store_unavailable
+from xfer.nightguard import check_night
+from xfer.predictions import class_columns
+from xfer.scorejob import NightPlan, ScoringJob
 from xfer.scorelock import NightLock, input_for_date, partition_date
+from xfer.scorepool import Attempt, score_blocks
 
 # ---------------------------------------------------------------- the night
 
@@ -114,180 +117,102 @@ def write_predictions(
     A night started again for the same partition resumes: blocks already written by
     an earlier attempt are kept (see :mod:`xfer.scoreplan`).
     """
-    import ray
-    import ray.data
-
-    from xfer.scoreplan import class_columns, commit_night, done_blocks, plan_night
+    from xfer.scoreplan import commit_night, plan_night
 
     start = time.monotonic()
     class_columns(ref.classes)  # colliding class columns fail before any work
-    tag = "[xfer-detail]" if quiet else "[xfer]"
-    identity = _identity(ref, sc, quiet)
-    if exclude:  # another list of keys left out is another night
-        identity["exclude"] = hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()
-    night, resumed = plan_night(
-        identity,
+    plan, resumed = plan_night(
+        _identity(ref, sc, exclude),
         input_uri,
         split or sc.split,
         final,
         sc.block_size,
         sc.allow_outside_inputs,
     )
-    done = done_blocks(night)
-    todo = [b for b in range(night["blocks"]) if b not in done]
-    if resumed:
-        print(
-            f"[xfer] resuming the night staged at {night['parts_uri']} (attempt "
-            f"{night['attempt']}): {len(done)} of {night['blocks']} blocks already scored",
-            flush=True,
-        )
-    summaries: dict[int, dict[str, Any]] = {b: {"file": f} for b, f in done.items()}
-    if done:
-        summaries.update(_summaries_of(night, done))
-    resources = ray.cluster_resources()
-    actors = min(sc.actors(resources.get("CPU", 1), resources.get("GPU", 0)), max(1, len(todo)))
-    scored_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-    work = {
-        **night,
-        "classes": ref.classes,
-        "model_uri": ref.model_uri,
-        "model_name": ref.model_name,
-        "run_id": ref.run_id,
-        "image_size": ref.image_size,
-        "max_side": ref.max_side,
-        "jpeg_quality": ref.jpeg_quality,
-        "temperature": ref.temperature if sc.calibrated else None,
-        "max_pixels": MAX_PIXELS,
-        "batch_size": sc.batch(),
-        "threads": sc.threads(),
-        "read_threads": sc.reads(),
-        "tta": sc.tta,
-        "scored_at": scored_at,
-        "max_object_mb": sc.max_object_mb,
-        "exclude": sorted(exclude),
-    }
-    began = last_done = None
-    rows_now = 0
-    if todo:
-        blocks = ray.data.from_items([{"block": b} for b in todo], override_num_blocks=len(todo))
-        with warnings.catch_warnings():  # Ray 2.60 names no max_restarts option yet
-            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-            scored = _scoring_stage(blocks, work, sc, actors)
-        every = max(1, len(todo) // 20)
-        # A failed block is reported below, as one line when the store was down;
-        # Ray Data's own copy of the user-code stack trace would bury it.
-        logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
-        try:
-            for n, row in enumerate(scored.iter_rows(), start=1):
-                if row.get("refused"):
-                    raise XferError(
-                        f"--input {input_uri}: cannot read {row['refused']}; nothing "
-                        "committed, the previous partition stays"
-                    )
-                summaries[int(row["block"])] = dict(row)
-                last_done = time.monotonic()
-                rows_now += int(row["rows"])
-                if began is None:
-                    began = last_done - float(row["seconds"])
-                if n % every == 0 or n == len(todo):
-                    rate = rows_now / max(last_done - began, 1e-9)
-                    left = night["rows"] - sum(int(s.get("rows", 0)) for s in summaries.values())
-                    print(
-                        f"{tag} scored {n}/{len(todo)} blocks, {rows_now} images this attempt, "
-                        f"{rate:.0f} images/s, about {left / max(rate, 1e-9):.0f}s left",
-                        flush=True,
-                    )
-        except Exception as exc:
-            unavailable = store_unavailable(exc)
-            if unavailable is not None:
-                raise unavailable from None
-            died = None if isinstance(exc, XferError) else actor_died(exc, sc.max_actor_restarts)
-            if died is not None:
-                raise died from None
-            raise
-    check_night(summaries, input_uri, sc, night["parts_uri"])
+    job = scoring_job(ref, sc, quiet, exclude)
+    attempt = Attempt.of(plan, resumed)
+    if attempt.todo:
+        score_blocks(plan, job, sc, attempt, input_uri)
+    check_night(attempt.summaries, input_uri, sc, plan.parts_uri)
     if lock is not None:
         lock.check()
-    marker = commit_night(
-        night,
-        summaries,
-        {
-            "run_id": ref.run_id,
-            "model_name": ref.model_name,
-            "scored_at": scored_at,
-            "input": input_uri,
-            "classes": ref.classes,
-            # What the files' probabilities are (each part's metadata says it too).
-            "probabilities": "calibrated" if work["temperature"] is not None else "uncalibrated",
-            "temperature": work["temperature"],
-        },
-        single_file=single_file,
+    marker = commit_night(plan, attempt.summaries, _marker(job, input_uri), single_file)
+    return _result(attempt, plan, job, marker, start)
+
+
+def scoring_job(
+    ref: ModelRef, sc: ScoreConfig, quiet: bool = False, exclude: Collection[str] = ()
+) -> ScoringJob:
+    """How the actors score a night with ``ref`` under ``sc``, scored now; they ride
+    through store outages as long as this process does (:func:`xfer.retry.budget`)."""
+    from xfer.retry import budget_seconds
+
+    return ScoringJob(
+        model=replace(ref, temperature=ref.temperature if sc.calibrated else None),
+        scored_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+        batch_size=sc.batch(),
+        threads=sc.threads(),
+        read_threads=sc.reads(),
+        tta=sc.tta,
+        quiet=quiet,
+        max_pixels=MAX_PIXELS,
+        max_object_mb=sc.max_object_mb,
+        exclude=tuple(sorted(exclude)),
+        outage_seconds=budget_seconds(),
     )
+
+
+def _identity(ref: ModelRef, sc: ScoreConfig, exclude: Collection[str] = ()) -> dict[str, Any]:
+    """What of the model and the settings must match for a night to be the same night:
+    what changes its rows. Not ``quiet``: where the lines go changes no row, so a quiet
+    and a loud run of a night are the same night (one resumes the other)."""
+    identity: dict[str, Any] = {
+        "run_id": ref.run_id,
+        "max_side": ref.max_side,
+        "jpeg_quality": ref.jpeg_quality,
+        "image_size": ref.image_size,
+        "temperature": ref.temperature if sc.calibrated else None,
+        "tta": sc.tta,
+        "max_object_mb": sc.max_object_mb,
+    }
+    if exclude:  # another list of keys left out is another night
+        identity["exclude"] = hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()
+    return identity
+
+
+def _marker(job: ScoringJob, input_uri: str) -> dict[str, Any]:
+    """What ``_SUCCESS`` says of the night besides its files and counts."""
+    return {
+        "run_id": job.model.run_id,
+        "model_name": job.model.model_name,
+        "scored_at": job.scored_at,
+        "input": input_uri,
+        "classes": job.model.classes,
+        # What the files' probabilities are (each part's metadata says it too).
+        "probabilities": "calibrated" if job.temperature is not None else "uncalibrated",
+        "temperature": job.temperature,
+    }
+
+
+def _result(
+    attempt: Attempt, plan: NightPlan, job: ScoringJob, marker: dict[str, Any], start: float
+) -> ScoreResult:
+    """The night's result, committed as ``marker`` says; ``start``: when it started."""
     end = time.monotonic()
-    steady = last_done - began if began is not None and last_done is not None else 0.0
+    began, last = attempt.began, attempt.last_done
+    steady = last - began if began is not None and last is not None else 0.0
     return ScoreResult(
-        output=final,
+        output=plan.final,
         rows=marker["rows"],
         errors=marker["errors"],
         seconds=end - start,
-        model=ref,
+        model=job.model,
         startup_seconds=(began or end) - start,
-        steady_images_per_s=rows_now / steady if steady > 0 else 0.0,
-        blocks=night["blocks"],
-        resumed_blocks=len(done),
-        temperature=work["temperature"],
+        steady_images_per_s=attempt.rows / steady if steady > 0 else 0.0,
+        blocks=plan.blocks,
+        resumed_blocks=attempt.resumed_blocks,
+        temperature=job.temperature,
     )
-
-
-def _identity(ref: ModelRef, sc: ScoreConfig, quiet: bool = False) -> dict[str, Any]:
-    """What of the model and the settings must match for a night to be the same night."""
-    return {
-        "run_id": ref.run_id,
-        "max_side": ref.max_side,
-        "jpeg_quality": ref.jpeg_quality,
-        "image_size": ref.image_size,
-        "temperature": ref.temperature if sc.calibrated else None,
-        "tta": sc.tta,
-        "quiet": quiet,
-        "max_object_mb": sc.max_object_mb,
-    }
-
-
-def _scoring_stage(blocks: Any, work: dict[str, Any], sc: ScoreConfig, actors: int) -> Any:
-    """The actor pool over block numbers (STYLE: Ray's shape)."""
-    import ray.data
-
-    from xfer.provenance import code_identity
-    from xfer.raycluster import runtime_env
-    from xfer.scorer import BlockScorer
-
-    return blocks.map_batches(
-        BlockScorer,
-        fn_constructor_kwargs={"night": work, "code": code_identity()},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=sc.cpus_per_actor,
-        num_gpus=sc.gpus_per_actor if sc.use_gpu else 0,
-        runtime_env=runtime_env(use_gpu=sc.use_gpu),
-        # Finite: Ray Data's defaults restart a killed actor and retry its block for
-        # ever, so an input that kills its actor would spin the night for ever.
-        max_restarts=sc.max_actor_restarts,
-        max_task_retries=sc.max_actor_restarts,
-    )
-
-
-def _summaries_of(night: dict[str, Any], done: dict[int, str]) -> dict[int, dict[str, Any]]:
-    """Row and error counts of blocks an earlier attempt wrote (from Parquet footers)."""
-    out = {}
-    for block, name in done.items():
-        meta = storage.parquet_metadata(storage.join(night["parts_uri"], name))
-        error_col = meta.schema.names.index("error")
-        errors = meta.num_rows - sum(
-            meta.row_group(g).column(error_col).statistics.null_count
-            for g in range(meta.num_row_groups)
-        )
-        out[block] = {"block": block, "rows": meta.num_rows, "errors": errors, "file": name}
-    return out
 
 
 def score(
@@ -297,7 +222,7 @@ def score(
     from xfer.retry import budget
 
     cfg.apply_storage_env()
-    with budget(cfg.storage.outage_seconds):  # the actors get it through their env
+    with budget(cfg.storage.outage_seconds):  # the scoring job carries it to the actors
         return _score(cfg, model, input_uri, output, date)
 
 

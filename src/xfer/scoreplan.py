@@ -1,8 +1,8 @@
 """A night of scoring as a plan of blocks, staged, resumable, committed once.
 
-    night = plan_night(ref, input_uri, split, final, sc)   # or resume the staged one
-    ... actors score the blocks not yet in ``night["parts_uri"]`` ...
-    commit_night(night, summaries)                          # dt=<date>/ replaced whole
+    plan, resumed = plan_night(identity, input_uri, split, final, block_size)
+    ... actors score the blocks not in done_blocks(plan), into plan.parts_uri ...
+    commit_night(plan, summaries, marker)          # dt=<date>/ replaced whole
 
 Layout, for a partition ``<out>/dt=<date>`` (on S3 under the bucket's ``_tmp/``,
 which one lifecycle rule expires; locally a hidden sibling directory)::
@@ -26,39 +26,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 import sys
 import uuid
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from xfer import commit, inputs, s3, storage
 from xfer.errors import DataError, NotFoundError, StorageError, XferError
+from xfer.predictions import KEY, SOURCE_URI
+from xfer.scorejob import NightPlan
 
 NIGHT_FILE = "_night.json"
-IMAGE_COLUMNS = ["key", "image", "label", "source_uri"]
-
-
-# ------------------------------------------------------------------ columns
-
-
-def class_column(name: str) -> str:
-    return "prob_" + re.sub(r"[^0-9A-Za-z_]", "_", name)
-
-
-def class_columns(classes: list[str]) -> list[str]:
-    """``prob_<class>`` for each class; classes that would share a column fail here."""
-    seen: dict[str, str] = {}
-    for name in classes:
-        col = class_column(name)
-        if col in seen:
-            raise XferError(
-                f"classes {seen[col]!r} and {name!r} would both be written as column {col!r}: "
-                "rename one of them (class names map to columns by replacing characters "
-                "other than letters, digits and '_' with '_')"
-            )
-        seen[col] = name
-    return list(seen)
+IMAGE_COLUMNS = [KEY, "image", "label", SOURCE_URI]
 
 
 # ------------------------------------------------------------------ the plan
@@ -73,18 +53,18 @@ def night_root(final: str) -> str:
     return os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.scoring")
 
 
-def part_name(night: dict[str, Any], block: int) -> str:
-    return f"part-{block:05d}-{night['token']}.parquet"
+def part_name(plan: NightPlan, block: int) -> str:
+    return f"part-{block:05d}-{plan.token}.parquet"
 
 
-def done_blocks(night: dict[str, Any]) -> dict[int, str]:
+def done_blocks(plan: NightPlan) -> dict[int, str]:
     """Blocks whose part exists (block -> file name)."""
     try:
-        files = storage.list_files(night["parts_uri"])
+        files = storage.list_files(plan.parts_uri)
     except NotFoundError:
         return {}
     done = {}
-    suffix = f"-{night['token']}.parquet"
+    suffix = f"-{plan.token}.parquet"
     for f in files:
         name = storage.basename(f.uri)
         if name.startswith("part-") and name.endswith(suffix):
@@ -99,12 +79,12 @@ def plan_night(
     final: str,
     block_size: int,
     allow_outside: bool = False,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[NightPlan, bool]:
     """The staged night for ``final`` if it is the same night, else a new plan.
 
-    Returns (night, resumed). ``identity`` holds what must match for a night to be
-    resumed (model run, input, split, settings that change the rows). A staged plan
-    whose blocks are gone (the ``_tmp/`` lifecycle rule expired them while
+    Returns (plan, resumed). ``identity`` holds what must match for a night to be
+    resumed (model run, settings that change the rows); the input's is added here. A
+    staged plan whose blocks are gone (the ``_tmp/`` lifecycle rule expired them while
     ``_night.json``, rewritten by each attempt, lived on) is made again.
     """
     root = night_root(final)
@@ -112,10 +92,11 @@ def plan_night(
     identity = night_identity(identity, input_uri, split, block_size)
     old = storage.read_json(night_uri) if storage.exists(night_uri) else None
     if old and old.get("identity") == identity and old.get("planned"):
-        if _plan_intact(old):
-            old["attempt"] = int(old.get("attempt", 1)) + 1
-            storage.write_json(night_uri, old)
-            return old, True
+        staged = NightPlan.from_dict(old)
+        if _plan_intact(staged):
+            staged.attempt += 1
+            storage.write_json(night_uri, staged.to_dict())
+            return staged, True
         print(
             f"[xfer] warning: the night staged at {root} ({old.get('token')}) lost blocks of "
             "its plan (expired?): planning the night again",
@@ -129,19 +110,16 @@ def plan_night(
         storage.delete_prefix(storage.join(root, str(old.get("token"))))
     token = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     base = storage.join(root, token)
-    night: dict[str, Any] = {
-        "identity": identity,
-        "token": token,
-        "attempt": 1,
-        "planned": False,
-        "plan_uri": storage.join(base, "plan"),
-        "parts_uri": storage.join(base, "parts"),
-        "final": final,
-    }
-    night.update(_plan_input(input_uri, split, block_size, night["plan_uri"], allow_outside))
-    night["planned"] = True
-    storage.write_json(night_uri, night)
-    return night, False
+    plan = NightPlan(
+        identity=identity,
+        token=token,
+        plan_uri=storage.join(base, "plan"),
+        parts_uri=storage.join(base, "parts"),
+        final=final,
+    )
+    _plan_input(plan, input_uri, split, block_size, allow_outside)
+    storage.write_json(night_uri, plan.to_dict())  # "planned": written once it is
+    return plan, False
 
 
 def night_identity(
@@ -173,54 +151,28 @@ def _input_version(input_uri: str) -> str | None:
     return None
 
 
-def _plan_intact(night: dict[str, Any]) -> bool:
+def _plan_intact(plan: NightPlan) -> bool:
     """Every plan block the night lists is still there (datasets have none)."""
-    if night.get("kind") != "objects":
+    if plan.kind != "objects":
         return True
     try:
-        have = {storage.basename(f.uri) for f in storage.list_files(night["plan_uri"])}
+        have = {storage.basename(f.uri) for f in storage.list_files(plan.plan_uri)}
     except NotFoundError:
         return False
-    return all(f"block-{b:05d}.parquet" in have for b in range(int(night["blocks"])))
+    return all(f"block-{b:05d}.parquet" in have for b in range(plan.blocks))
 
 
 def _plan_input(
-    input_uri: str, split: str, block_size: int, plan_uri: str, allow_outside: bool
-) -> dict[str, Any]:
-    from xfer.manifest import MANIFEST, load_manifest
+    plan: NightPlan, input_uri: str, split: str, block_size: int, allow_outside: bool
+) -> None:
+    """Fill ``plan``'s blocks: a dataset's row groups, or the listed objects' plan blocks."""
+    from xfer.manifest import MANIFEST
 
     uri = input_uri.rstrip("/")
     inventory = inputs.is_inventory(uri)  # an S3 Inventory's manifest.json is a list
     if not inventory and (uri.endswith(MANIFEST) or storage.exists(storage.join(uri, MANIFEST))):
-        manifest = load_manifest(uri)
-        splits = list(manifest.splits) if split == "all" else [split]
-        shards: list[str] = []
-        blocks: list[list[int]] = []  # [shard, first row group, end row group, rows]
-        for name in splits:
-            info = manifest.split(name)
-            for shard, uri_ in zip(info.shards, manifest.shard_uris(name), strict=True):
-                shards.append(uri_)
-                groups = shard.row_groups or [shard.rows]
-                first, rows = 0, 0
-                for g, n in enumerate(groups):
-                    if rows and rows + n > block_size:
-                        blocks.append([len(shards) - 1, first, g, rows])
-                        first, rows = g, 0
-                    rows += n
-                if rows:
-                    blocks.append([len(shards) - 1, first, len(groups), rows])
-        total = sum(b[3] for b in blocks)
-        if total == 0:
-            raise DataError(f"--input {uri}: split {split!r} is empty; nothing to score")
-        return {
-            "kind": "dataset",
-            "shards": shards,
-            "blocks": len(blocks),
-            "units": blocks,
-            "rows": total,
-            "has_labels": True,
-            "label_classes": list(manifest.classes),
-        }
+        _plan_dataset(plan, uri, split, block_size)
+        return
     listing = _list_objects(uri, allow_outside, inventory)
     rows = count = 0
     with ThreadPoolExecutor(8) as pool:
@@ -228,14 +180,43 @@ def _plan_input(
         for chunk in _chunks(listing, block_size):
             if len(pending) >= 16:  # bounded: the listing never runs far ahead of writes
                 pending.pop(0).result()
-            pending.append(pool.submit(_write_plan_block, plan_uri, count, chunk))
+            pending.append(pool.submit(_write_plan_block, plan.plan_uri, count, chunk))
             rows += len(chunk)
             count += 1
         for f in pending:
             f.result()
     if rows == 0 and not inputs.is_list(uri) and not inventory and _prefix_missing(uri):
         warn(f"--input {uri}: no such folder (nothing under it): committing an empty night")
-    return {"kind": "objects", "blocks": count, "rows": rows, "has_labels": False}
+    plan.kind, plan.blocks, plan.rows, plan.has_labels = "objects", count, rows, False
+
+
+def _plan_dataset(plan: NightPlan, uri: str, split: str, block_size: int) -> None:
+    """A dataset's blocks: runs of whole row groups of a shard, about ``block_size`` rows."""
+    from xfer.manifest import load_manifest
+
+    manifest = load_manifest(uri)
+    splits = list(manifest.splits) if split == "all" else [split]
+    shards: list[str] = []
+    blocks: list[list[int]] = []  # [shard, first row group, end row group, rows]
+    for name in splits:
+        info = manifest.split(name)
+        for shard, uri_ in zip(info.shards, manifest.shard_uris(name), strict=True):
+            shards.append(uri_)
+            groups = shard.row_groups or [shard.rows]
+            first, rows = 0, 0
+            for g, n in enumerate(groups):
+                if rows and rows + n > block_size:
+                    blocks.append([len(shards) - 1, first, g, rows])
+                    first, rows = g, 0
+                rows += n
+            if rows:
+                blocks.append([len(shards) - 1, first, len(groups), rows])
+    total = sum(b[3] for b in blocks)
+    if total == 0:
+        raise DataError(f"--input {uri}: split {split!r} is empty; nothing to score")
+    plan.kind, plan.shards, plan.units = "dataset", shards, blocks
+    plan.blocks, plan.rows = len(blocks), total
+    plan.has_labels, plan.label_classes = True, list(manifest.classes)
 
 
 def _prefix_missing(uri: str) -> bool:
@@ -287,21 +268,22 @@ def _list_objects(uri: str, allow_outside: bool = False, inventory: bool | None 
         yield {"key": item.key, "source_uri": item.uri, "size": item.size}
 
 
-def block_items(night: dict[str, Any], block: int) -> list[dict[str, Any]]:
-    """The rows of one block: key, source_uri and (datasets) image bytes and label."""
-    if night["kind"] == "objects":
-        table = storage.read_parquet(storage.join(night["plan_uri"], f"block-{block:05d}.parquet"))
+def block_items(plan: NightPlan, block: int, exclude: Collection[str] = ()) -> list[dict[str, Any]]:
+    """The rows of one block: key, source_uri and (datasets) image bytes and label;
+    a dataset's rows whose key is in ``exclude`` are left out."""
+    if plan.kind == "objects":
+        table = storage.read_parquet(storage.join(plan.plan_uri, f"block-{block:05d}.parquet"))
         return table.to_pylist()
     from xfer.rowgroups import read_row_groups
 
-    shard, first, end, _ = night["units"][block]
-    table = read_row_groups(night["shards"][shard], list(range(first, end)), IMAGE_COLUMNS)
-    if night.get("exclude"):  # a training run's data.exclude: those rows are not scored
+    shard, first, end, _ = plan.units[block]
+    table = read_row_groups(plan.shards[shard], list(range(first, end)), IMAGE_COLUMNS)
+    if exclude:  # a training run's data.exclude: those rows are not scored
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        left_out = pa.array(night["exclude"], pa.string())
-        table = table.filter(pc.invert(pc.is_in(table.column("key"), value_set=left_out)))
+        left_out = pa.array(list(exclude), pa.string())
+        table = table.filter(pc.invert(pc.is_in(table.column(KEY), value_set=left_out)))
     return table.to_pylist()
 
 
@@ -309,17 +291,17 @@ def block_items(night: dict[str, Any], block: int) -> list[dict[str, Any]]:
 
 
 def commit_night(
-    night: dict[str, Any],
+    plan: NightPlan,
     summaries: dict[int, dict[str, Any]],
     marker: dict[str, Any],
     single_file: str | None = None,
 ) -> dict[str, Any]:
     """Publish the night's parts as the partition, ``_SUCCESS`` last; then clean up."""
-    missing = [b for b in range(night["blocks"]) if b not in summaries]
+    missing = [b for b in range(plan.blocks) if b not in summaries]
     if missing:
         raise XferError(f"internal: blocks {missing[:5]} were not scored; nothing committed")
-    files = [summaries[b]["file"] for b in range(night["blocks"])]
-    parts = night["parts_uri"]
+    files = [summaries[b]["file"] for b in range(plan.blocks)]
+    parts = plan.parts_uri
     if single_file:
         import pyarrow as pa
 
@@ -332,21 +314,21 @@ def commit_night(
         "rows": sum(s["rows"] for s in summaries.values()),
         "errors": sum(s["errors"] for s in summaries.values()),
         "files": files,
-        "blocks": night["blocks"],
-        "attempts": night["attempt"],
-        "night": night["identity"],
+        "blocks": plan.blocks,
+        "attempts": plan.attempt,
+        "night": plan.identity,
     }
     body = json.dumps(marker, indent=2).encode()
     commit.commit_partition(
         parts,
-        night["final"],
+        plan.final,
         marker=commit.SUCCESS,
         marker_body=body,
         keep=files,
-        before_delete=lambda _: write_table_manifest(night["final"], files),
+        before_delete=lambda _: write_table_manifest(plan.final, files),
     )
     try:  # committed: a staging left behind is expired by the lifecycle rule
-        storage.delete_prefix(night_root(night["final"]))
+        storage.delete_prefix(night_root(plan.final))
     except StorageError as exc:
         warn(f"the night is committed; its staging was not removed: {exc}")
     return marker

@@ -16,8 +16,6 @@ decodes it (:func:`xfer.preprocess.decode_and_resize`).
 from __future__ import annotations
 
 import collections
-import datetime as dt
-import json
 import os
 import socket
 import tempfile
@@ -26,11 +24,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from xfer import s3, storage
-from xfer.calibration import apply_temperature, file_metadata
+from xfer.calibration import apply_temperature
 from xfer.errors import NotFoundError, StorageError, StoreUnavailable
 from xfer.images import image_pixels
 from xfer.layout import MODEL_FILE
-from xfer.retry import ride_through
+from xfer.predictions import predictions_table
+from xfer.retry import budget, ride_through
+from xfer.scorejob import NightPlan, ScoringJob
 
 
 class InputRefused(Exception):
@@ -92,9 +92,13 @@ def _read_input(item: dict[str, Any], max_mb: float) -> bytes | str:
 
 
 class BlockScorer:
-    """Actor stage of the night (``map_batches`` over block numbers; STYLE: Ray's shape)."""
+    """The actor stage of a night: ``map_batches`` over block numbers, one block a call.
 
-    def __init__(self, night: dict[str, Any], code: dict[str, Any] | None = None):
+    Everything it does rides through store outages for ``job.outage_seconds``
+    (:func:`xfer.retry.budget`), the driver's budget.
+    """
+
+    def __init__(self, job: ScoringJob, plan: NightPlan, code: dict[str, Any] | None = None):
         import ray
 
         import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
@@ -102,26 +106,27 @@ class BlockScorer:
 
         node = ray.get_runtime_context().get_node_id()[:12]
         where = f"scorer on node {node} ({socket.gethostname()}, pid {os.getpid()})"
-        tag = "[xfer-detail]" if night.get("quiet") else "[xfer]"
-        print(f"{tag} {where}: {describe(check_same_code(code, where))}", flush=True)
-        self.night = night
-        self.threads = max(1, int(night["threads"]))
-        self.model = self._load_model(night["model_uri"], self.threads)
-        import tensorflow as tf
-
-        model = self.model
-        if night.get("tta"):
-            # Test-time augmentation: the mean of the image's and its mirror's outputs.
-            self.forward = tf.function(
-                lambda x: (model(x, training=False) + model(x[:, :, ::-1, :], training=False)) / 2
-            )
-        else:
-            self.forward = tf.function(lambda x: model(x, training=False))
+        print(f"{job.tag} {where}: {describe(check_same_code(code, where))}", flush=True)
+        self.job, self.plan = job, plan
+        self.threads = max(1, job.threads)
+        with budget(job.outage_seconds):
+            self.model = self._load_model(job.model.model_uri, self.threads)
+        self.forward = self._forward(self.model, job.tta)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="xfer-decode")
         # Reads wait on the store, decodes on the CPU: separate pools, so a GET's latency
         # is hidden by the reads in flight instead of idling a decode thread.
-        reads = max(1, int(night.get("read_threads", self.threads)))
-        self.reads = ThreadPoolExecutor(reads, thread_name_prefix="xfer-read")
+        self.reads = ThreadPoolExecutor(max(1, job.read_threads), thread_name_prefix="xfer-read")
+
+    @staticmethod
+    def _forward(model: Any, tta: bool) -> Any:
+        import tensorflow as tf
+
+        if tta:
+            # Test-time augmentation: the mean of the image's and its mirror's outputs.
+            return tf.function(
+                lambda x: (model(x, training=False) + model(x[:, :, ::-1, :], training=False)) / 2
+            )
+        return tf.function(lambda x: model(x, training=False))
 
     @staticmethod
     def _load_model(model_uri: str, threads: int) -> Any:
@@ -141,10 +146,11 @@ class BlockScorer:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, list[Any]] = collections.defaultdict(list)
-        for block in batch["block"]:
-            summary = self.score_block(int(block))
-            for key, value in summary.items():
-                out[key].append(value)
+        with budget(self.job.outage_seconds):
+            for block in batch["block"]:
+                summary = self.score_block(int(block))
+                for key, value in summary.items():
+                    out[key].append(value)
         return dict(out)
 
     # ----------------------------------------------------------------- a block
@@ -152,9 +158,9 @@ class BlockScorer:
     def score_block(self, block: int) -> dict[str, Any]:
         from xfer.scoreplan import block_items, part_name
 
-        night = self.night
+        plan = self.plan
         start = time.monotonic()
-        items = block_items(night, block)
+        items = block_items(plan, block, self.job.exclude)
         try:
             probs, errors = self._predict(items)
         except InputRefused as exc:  # no part: the driver fails the night
@@ -166,9 +172,10 @@ class BlockScorer:
                 "seconds": 0.0,
                 "refused": str(exc),
             }
-        table = predictions_table(night, items, probs, errors)
-        name = part_name(night, block)
-        storage.write_parquet(table, storage.join(night["parts_uri"], name))
+        labels = plan.label_classes if plan.has_labels else None
+        table = predictions_table(self.job, items, probs, errors, labels)
+        name = part_name(plan, block)
+        storage.write_parquet(table, storage.join(plan.parts_uri, name))
         return {
             "block": block,
             "rows": table.num_rows,
@@ -184,7 +191,7 @@ class BlockScorer:
         The future gives the pixels, or the row's error text."""
         data = item.get("image")
         if data is None:
-            data = _read_input(item, float(self.night["max_object_mb"]))
+            data = _read_input(item, self.job.max_object_mb)
             if isinstance(data, str):
                 failed: Future[Any] = Future()
                 failed.set_result(data)
@@ -192,13 +199,9 @@ class BlockScorer:
         return self.pool.submit(self._decode, bytes(data))
 
     def _decode(self, data: bytes) -> Any:
-        night = self.night
+        model = self.job.model
         return image_pixels(
-            data,
-            night["image_size"],
-            night["max_side"],
-            night["max_pixels"],
-            night.get("jpeg_quality"),
+            data, model.image_size, model.max_side, self.job.max_pixels, model.jpeg_quality
         )
 
     def _predict(self, items: list[dict[str, Any]]) -> tuple[Any, list[str | None]]:
@@ -209,9 +212,8 @@ class BlockScorer:
         """
         import numpy as np
 
-        n, size = len(items), int(self.night["batch_size"])
-        num_classes = len(self.night["classes"])
-        probs = np.full((n, num_classes), np.nan)
+        n, size = len(items), self.job.batch_size
+        probs = np.full((n, len(self.job.model.classes)), np.nan)
         errors: list[str | None] = [None] * n
         pending: collections.deque[tuple[int, list[Future[Any]]]] = collections.deque()
         starts = iter(range(0, n, size))
@@ -233,65 +235,22 @@ class BlockScorer:
                 if isinstance(r, str):
                     errors[begin + i] = r
             if good:
-                x = np.zeros((size, *results[good[0]].shape), dtype=np.float32)
-                for j, i in enumerate(good):
-                    x[j] = results[i]
-                # Always a full batch: one traced shape, padding rows ignored.
-                out = np.asarray(self.forward(x), dtype=np.float64)[: len(good)]
-                if num_classes == 2:
-                    out = np.stack([1.0 - out.reshape(-1), out.reshape(-1)], axis=1)
-                if self.night.get("temperature") is not None:
-                    out = apply_temperature(out, self.night["temperature"])
+                out = self._probabilities([results[i] for i in good])
                 for j, i in enumerate(good):
                     probs[begin + i] = out[j]
         return probs, errors
 
+    def _probabilities(self, pixels: list[Any]) -> Any:
+        """The model's probabilities [len(pixels), classes] (calibrated if the job says)."""
+        import numpy as np
 
-def predictions_table(
-    night: dict[str, Any], items: list[dict[str, Any]], probs: Any, errors: list[str | None]
-) -> Any:
-    """The Parquet rows of one block (the schema is fixed: every part has the same)."""
-    import numpy as np
-    import pyarrow as pa
-
-    from xfer.scoreplan import class_columns
-
-    classes = night["classes"]
-    n = len(items)
-    ok = np.array([e is None for e in errors], dtype=bool)
-    index = np.where(ok, np.nan_to_num(probs, nan=-1.0).argmax(axis=1) if n else 0, -1)
-    top = [
-        float(probs[r, i]) if o else None for r, (i, o) in enumerate(zip(index, ok, strict=True))
-    ]
-    cols: dict[str, Any] = {
-        "key": pa.array([str(it["key"]) for it in items], pa.string()),
-        "source_uri": pa.array([str(it["source_uri"]) for it in items], pa.string()),
-        "predicted_label": pa.array(
-            [classes[i] if o else None for i, o in zip(index, ok, strict=True)], pa.string()
-        ),
-        "predicted_index": pa.array(
-            [int(i) if o else None for i, o in zip(index, ok, strict=True)], pa.int32()
-        ),
-        "probability": pa.array(top, pa.float64()),
-    }
-    for c, col in enumerate(class_columns(classes)):
-        cols[col] = pa.array(
-            [float(p) if o else None for p, o in zip(probs[:, c], ok, strict=True)], pa.float64()
-        )
-    if night["has_labels"]:
-        # Labels index the dataset's classes; true_index is the model's index of that class.
-        names = [night["label_classes"][it["label"]] for it in items]
-        position = {c: i for i, c in enumerate(classes)}
-        cols["true_index"] = pa.array([position.get(c) for c in names], pa.int32())
-        cols["true_label"] = pa.array(names, pa.string())
-    cols["model_name"] = pa.array([night["model_name"]] * n, pa.string())
-    cols["run_id"] = pa.array([night["run_id"]] * n, pa.string())
-    scored_at = dt.datetime.fromisoformat(night["scored_at"])
-    cols["scored_at"] = pa.array([scored_at] * n, pa.timestamp("ms", tz="UTC"))
-    cols["error"] = pa.array(errors, pa.string())
-    metadata = {
-        "xfer.classes": json.dumps(classes),
-        "xfer.run_id": night["run_id"],
-        **file_metadata(night.get("temperature")),
-    }
-    return pa.table(cols).replace_schema_metadata(metadata)
+        x = np.zeros((self.job.batch_size, *pixels[0].shape), dtype=np.float32)
+        for j, p in enumerate(pixels):
+            x[j] = p
+        # Always a full batch: one traced shape, padding rows ignored.
+        out = np.asarray(self.forward(x), dtype=np.float64)[: len(pixels)]
+        if len(self.job.model.classes) == 2:
+            out = np.stack([1.0 - out.reshape(-1), out.reshape(-1)], axis=1)
+        if self.job.temperature is not None:
+            out = apply_temperature(out, self.job.temperature)
+        return out

@@ -307,21 +307,19 @@ def calibrate_model(
 def labelled_probabilities(table: Any) -> tuple[Any, Any]:
     """Class probabilities ``[n, classes]`` and true indices of a predictions table's
     scored, labelled rows."""
-    import json
-
     import numpy as np
     import pyarrow.compute as pc
 
-    from xfer.scoreplan import class_columns
+    from xfer.predictions import ERROR, TRUE_INDEX, class_columns, classes_of
 
     table = table.filter(
-        pc.and_(pc.is_null(table.column("error")), pc.is_valid(table.column("true_index")))
+        pc.and_(pc.is_null(table.column(ERROR)), pc.is_valid(table.column(TRUE_INDEX)))
     )
-    classes = json.loads(table.schema.metadata[b"xfer.classes"])
+    classes = classes_of(table.schema.metadata)
     probs = np.stack(
         [table.column(c).to_numpy(zero_copy_only=False) for c in class_columns(classes)], axis=1
     )
-    return probs.reshape(table.num_rows, len(classes)), table.column("true_index").to_numpy()
+    return probs.reshape(table.num_rows, len(classes)), table.column(TRUE_INDEX).to_numpy()
 
 
 def score_test_split(
@@ -361,7 +359,9 @@ def score_test_split(
     )
     import pyarrow.compute as pc
 
-    test["mistakes"] = mistakes(table.filter(pc.is_null(table.column("error"))))
+    from xfer.predictions import ERROR
+
+    test["mistakes"] = mistakes(table.filter(pc.is_null(table.column(ERROR))))
     return thumbnails(manifest.shard_uris("test"), {m["key"] for m in test["mistakes"]})
 
 
