@@ -61,7 +61,7 @@ def commit_version(proxy: FaultProxy, kind: str, final: str, fault: tuple | None
 
 def run_child(proxy: FaultProxy, args: list[str], fault: tuple | None) -> int:
     env = proxy.env()
-    env["XFER_STORE_RETRY_SECONDS"] = "0"  # no budget: an error reply ends the command
+    # No store-outage budget in the child (it sets none): an error reply ends the command.
     env["XFER_S3_MAX_ATTEMPTS"] = "2"
     child = subprocess.Popen(
         [sys.executable, str(SCRIPT), *args],

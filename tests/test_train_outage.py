@@ -84,7 +84,6 @@ def test_a_store_away_past_the_budget_stops_training_with_exit_75(
     )
     env = fault_proxy.env()
     env.update({"RAY_ADDRESS": "", "XFER_S3_MAX_ATTEMPTS": "2", "PYTHONPATH": str(REPO / "src")})
-    env.pop("XFER_STORE_RETRY_SECONDS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "xfer", "train", *overrides],
         env=env,
