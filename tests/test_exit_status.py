@@ -105,12 +105,10 @@ def test_a_store_away_past_the_budget_exits_75(
     family: str, bucket: str, fault_proxy: FaultProxy
 ) -> None:
     """On the driver, first thing: train's preflight, score's model, shard's listing,
-    runs' listing. (`xfer runs` has no budget of its own: the S3 client's retries.)"""
+    runs' listing."""
     away = fault_proxy.add("*", ".", "slowdown", seconds=600)
     args = commands(bucket, "storage.outage_seconds=1")[family]
-    env = fault_proxy.env()
-    env.pop("XFER_STORE_RETRY_SECONDS", None)
-    code, err = finish(xfer(args, env))
+    code, err = finish(xfer(args, fault_proxy.env()))
     assert code == 75, err[-3000:]
     assert away.hits >= 1
     assert_one_error_line(err, fault_proxy.endpoint)
@@ -132,8 +130,7 @@ def test_a_stop_while_waiting_for_the_store_exits_130_or_143(
     """Stopped mid-command (riding out an outage within its budget): the status says
     by what, whatever the command was doing."""
     away = fault_proxy.add("*", ".", "slowdown", seconds=600)
-    # `xfer runs` has no storage.outage_seconds: it waits for the variable under it.
-    env = fault_proxy.env({**os.environ, "XFER_STORE_RETRY_SECONDS": "600"})
+    env = fault_proxy.env({**os.environ})
     proc = xfer(commands(bucket, "storage.outage_seconds=600")[family], env)
     deadline = time.monotonic() + 60
     while away.hits < 2 and proc.poll() is None and time.monotonic() < deadline:

@@ -61,7 +61,7 @@ class Night:
             "XFER_S3_MAX_ATTEMPTS": "2",
             "PYTHONPATH": str(REPO / "src"),
         }
-        for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "XFER_STORE_RETRY_SECONDS"):
+        for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
             env.pop(key, None)
         cmd = [
             sys.executable,

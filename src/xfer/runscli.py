@@ -19,14 +19,17 @@ def _positive(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config for its storage settings (no warning for the other sections: a
-    training config serves), then list, show, compare, promote or roll back."""
+    training config serves), then list, show, compare, promote or roll back, riding out
+    a store that is away for ``storage.outage_seconds`` like every command."""
     from xfer.config import load_config
+    from xfer.retry import budget
 
     cfg = load_config(args.config, args.overrides)
     cfg.apply_storage_env()
-    if args.verb in ("list", "show", "compare"):
-        return _look_at_runs(args, cfg.storage.root)
-    return _publish(args, cfg.storage.root)
+    with budget(cfg.storage.outage_seconds):
+        if args.verb in ("list", "show", "compare"):
+            return _look_at_runs(args, cfg.storage.root)
+        return _publish(args, cfg.storage.root)
 
 
 def _look_at_runs(args: argparse.Namespace, root: str) -> int:
