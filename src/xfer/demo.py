@@ -173,7 +173,7 @@ def run_demo(settings: DemoSettings) -> int:
             source = train(source_cfg)
             export_base_weights(source.run_uri, SOURCE_WEIGHTS)
             print(
-                f"source task test accuracy {_pct(source.test_accuracy)}; base weights -> {SOURCE_WEIGHTS}"
+                f"source task test accuracy {console.percent(source.test_accuracy)}; base weights -> {SOURCE_WEIGHTS}"
             )
 
         next_step("transfer learning on the target task: head, then fine-tuning (2 Ray workers)")
@@ -195,7 +195,10 @@ def run_demo(settings: DemoSettings) -> int:
         )
         baseline = train(baseline_cfg)
         baseline_head = baseline.metrics["phases"].get("head", {}).get("val_accuracy")
-        print(f"baseline: val accuracy after the head phase {_pct(baseline_head)}", flush=True)
+        print(
+            f"baseline: val accuracy after the head phase {console.percent(baseline_head)}",
+            flush=True,
+        )
 
         next_step("nightly scoring of new images with the published model (xfer score)")
         model = model_uri(ROOT, "shapes")
@@ -231,10 +234,6 @@ def run_demo(settings: DemoSettings) -> int:
         server.stop()
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
-
-
 def print_summary(
     settings: DemoSettings,
     server: Any,
@@ -254,13 +253,13 @@ def print_summary(
         "=" * 72,
         f"xfer demo finished in {seconds / 60:.1f} min",
         "",
-        f"  validation accuracy after the head phase   {_pct(head.get('val_accuracy'))}   ({pretrained} base, frozen)",
-        f"  validation accuracy after fine-tuning      {_pct(ft.get('val_accuracy'))}",
-        f"  test accuracy                              {_pct(result.test_accuracy)}",
+        f"  validation accuracy after the head phase   {console.percent(head.get('val_accuracy'))}   ({pretrained} base, frozen)",
+        f"  validation accuracy after fine-tuning      {console.percent(ft.get('val_accuracy'))}",
+        f"  test accuracy                              {console.percent(result.test_accuracy)}",
         "",
         "  what the pretrained base bought, head phase with the same head and epochs:",
-        f"    pretrained frozen base {_pct(head.get('val_accuracy'))}"
-        f" vs random frozen base {_pct(b['phases'].get('head', {}).get('val_accuracy'))}",
+        f"    pretrained frozen base {console.percent(head.get('val_accuracy'))}"
+        f" vs random frozen base {console.percent(b['phases'].get('head', {}).get('val_accuracy'))}",
         "",
         f"  run        {result.run_uri}  (metrics.json, predictions/, logs/)",
         f"  model      {result.run_uri}/{MODEL_DIR}/{MODEL_FILE}  (loads with tf_keras alone)",
