@@ -174,6 +174,10 @@ class TrainConfig(Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap (quick runs only)")
     verbose: int = Field(2, ge=0, le=2, description="Keras verbosity on rank 0")
 
+    def phase(self, name: str) -> Phase:
+        """A training phase's settings by its name: ``head`` or ``fine_tune``."""
+        return {"head": self.head, "fine_tune": self.fine_tune}[name]
+
 
 class ClusterConfig(Strict):
     address: str | None = Field(None, description="Ray address; default RAY_ADDRESS or local")

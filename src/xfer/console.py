@@ -78,6 +78,11 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0") == "1"
 
 
+def percent(value: float | None, missing: str = "n/a") -> str:
+    """A fraction as the console shows it: ``0.9134`` -> ``91.3%``; None -> ``missing``."""
+    return missing if value is None else f"{100 * value:.1f}%"
+
+
 def log_path() -> str:
     """This process's log file (created on first use; ``XFER_LOG_FILE`` to choose)."""
     path = os.environ.get(LOG_ENV)

@@ -219,7 +219,7 @@ def _pretrain_base(settings: DemoSettings) -> None:
     source = train(source_cfg)
     export_base_weights(source.run_uri, SOURCE_WEIGHTS)
     print(
-        f"source task test accuracy {_pct(source.test_accuracy)}; base weights -> {SOURCE_WEIGHTS}"
+        f"source task test accuracy {console.percent(source.test_accuracy)}; base weights -> {SOURCE_WEIGHTS}"
     )
 
 
@@ -239,7 +239,9 @@ def _baseline(settings: DemoSettings) -> Any:
     )
     baseline = train(baseline_cfg)
     baseline_head = baseline.metrics["phases"].get("head", {}).get("val_accuracy")
-    print(f"baseline: val accuracy after the head phase {_pct(baseline_head)}", flush=True)
+    print(
+        f"baseline: val accuracy after the head phase {console.percent(baseline_head)}", flush=True
+    )
     return baseline
 
 
@@ -271,10 +273,6 @@ def _keep_serving(server: Any) -> None:
         pass
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
-
-
 def print_summary(
     settings: DemoSettings,
     server: Any,
@@ -294,13 +292,13 @@ def print_summary(
         "=" * 72,
         f"xfer demo finished in {seconds / 60:.1f} min",
         "",
-        f"  validation accuracy after the head phase   {_pct(head.get('val_accuracy'))}   ({pretrained} base, frozen)",
-        f"  validation accuracy after fine-tuning      {_pct(ft.get('val_accuracy'))}",
-        f"  test accuracy                              {_pct(result.test_accuracy)}",
+        f"  validation accuracy after the head phase   {console.percent(head.get('val_accuracy'))}   ({pretrained} base, frozen)",
+        f"  validation accuracy after fine-tuning      {console.percent(ft.get('val_accuracy'))}",
+        f"  test accuracy                              {console.percent(result.test_accuracy)}",
         "",
         "  what the pretrained base bought, head phase with the same head and epochs:",
-        f"    pretrained frozen base {_pct(head.get('val_accuracy'))}"
-        f" vs random frozen base {_pct(b['phases'].get('head', {}).get('val_accuracy'))}",
+        f"    pretrained frozen base {console.percent(head.get('val_accuracy'))}"
+        f" vs random frozen base {console.percent(b['phases'].get('head', {}).get('val_accuracy'))}",
         "",
         f"  run        {result.run_uri}  (metrics.json, predictions/, logs/)",
         f"  model      {result.run_uri}/{MODEL_DIR}/{MODEL_FILE}  (loads with tf_keras alone)",

@@ -37,7 +37,7 @@ def build_base(cfg: ModelConfig, image_size: int, weights_path: str | None) -> A
                 f"({type(exc).__name__}: {str(exc)[:200]}). Without internet, point model.weights "
                 "at an .h5 file (local path or s3:// URI)"
             ) from None
-    base = spec.build(shape, None, cfg.alpha)
+    base = untrained_base(cfg, image_size)
     if weights_path:
         try:
             base.load_weights(weights_path)
@@ -47,6 +47,12 @@ def build_base(cfg: ModelConfig, image_size: int, weights_path: str | None) -> A
                 f"{image_size}px ({type(exc).__name__}: {str(exc)[:300]})"
             ) from None
     return base
+
+
+def untrained_base(cfg: ModelConfig, image_size: int) -> Any:
+    """The base's architecture with fresh weights (nothing downloaded or read): for
+    checks of its layers, or to copy a trained model's weights into."""
+    return REGISTRY[cfg.base].build((image_size, image_size, 3), None, cfg.alpha)
 
 
 def build_model(

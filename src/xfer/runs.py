@@ -24,6 +24,7 @@ from typing import Any
 
 from xfer import layout, storage
 from xfer.commit import SUCCESS
+from xfer.console import percent
 from xfer.errors import NotFoundError, XferError
 from xfer.layout import (
     CALIBRATION,
@@ -71,10 +72,6 @@ def not_shown(found: RunList) -> str:
     )
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
 def format_table(runs: list[RunSummary]) -> str:
     header = (
         "RUN",
@@ -99,9 +96,9 @@ def format_table(runs: list[RunSummary]) -> str:
                 storage.basename(r.dataset.rstrip("/")) or "-",
                 r.base,
                 status,
-                _pct(r.head_val),
-                _pct(r.fine_tune_val),
-                _pct(r.test_accuracy),
+                percent(r.head_val, "-"),
+                percent(r.fine_tune_val, "-"),
+                percent(r.test_accuracy, "-"),
                 "yes" if r.published else "",
                 r.started.replace("+00:00", "Z"),
                 "-" if r.wall_s is None else f"{r.wall_s / 60:.1f}m",
@@ -132,13 +129,13 @@ def show(root: str, run: str) -> str:
         m = storage.read_json(storage.join(uri, METRICS))
         for phase, p in m.get("phases", {}).items():
             lines.append(
-                f"  {phase:<9} {p.get('epochs')} epoch(s), val accuracy {_pct(p.get('val_accuracy'))}, "
+                f"  {phase:<9} {p.get('epochs')} epoch(s), val accuracy {percent(p.get('val_accuracy'), '-')}, "
                 f"{p.get('images_per_s', 0):.1f} images/s"
             )
-        lines.append(f"  test accuracy {_pct(r.test_accuracy)}")
+        lines.append(f"  test accuracy {percent(r.test_accuracy, '-')}")
         gate = m.get("gate", {})
         lines.append(
-            f"  gate: {gate.get('metric')} {_pct(gate.get('value'))} >= {gate.get('min_test_accuracy')}: "
+            f"  gate: {gate.get('metric')} {percent(gate.get('value'), '-')} >= {gate.get('min_test_accuracy')}: "
             + ("passed" if gate.get("passed") else "not passed")
             + ("; published (latest)" if r.published else "")
         )
@@ -184,9 +181,13 @@ def compare(root: str, a: str, b: str) -> str:
     lines = [f"{'':<32} {ra.run_id:<{width}} {rb.run_id:<{width}}"]
     for label, va, vb in (
         ("status", ra.status, rb.status),
-        ("val accuracy after head", _pct(ra.head_val), _pct(rb.head_val)),
-        ("val accuracy after fine-tune", _pct(ra.fine_tune_val), _pct(rb.fine_tune_val)),
-        ("test accuracy", _pct(ra.test_accuracy), _pct(rb.test_accuracy)),
+        ("val accuracy after head", percent(ra.head_val, "-"), percent(rb.head_val, "-")),
+        (
+            "val accuracy after fine-tune",
+            percent(ra.fine_tune_val, "-"),
+            percent(rb.fine_tune_val, "-"),
+        ),
+        ("test accuracy", percent(ra.test_accuracy, "-"), percent(rb.test_accuracy, "-")),
         ("published", "yes" if ra.published else "no", "yes" if rb.published else "no"),
     ):
         lines.append(f"{label:<32} {va:<{width}} {vb:<{width}}")

@@ -12,13 +12,12 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
-from xfer.bases import REGISTRY
 from xfer.config import XferConfig
 from xfer.exclude import SplitExclusion
 from xfer.featurebuild import build_part
 from xfer.features import CachePlan, commit_cache, committed_by
 from xfer.manifest import load_manifest
-from xfer.model import build_model, feature_extractor
+from xfer.model import build_model, feature_extractor, untrained_base
 from xfer.reader import NO_AUGMENT, ReaderSpec
 from xfer.train.faults import maybe_fail
 
@@ -54,9 +53,7 @@ def ensure_cache(w: Worker, cache: CachePlan) -> dict[str, Any]:
     # collectives (reading a mirrored BatchNorm statistic is one, so the distributed
     # model itself cannot be called a different number of times on each rank).
     cfg = w.cfg
-    plain_base = REGISTRY[cfg.model.base].build(
-        (cfg.data.image_size,) * 2 + (3,), None, cfg.model.alpha
-    )
+    plain_base = untrained_base(cfg.model, cfg.data.image_size)
     plain, _ = build_model(cfg.model, cfg.data.image_size, w.manifest.num_classes, base=plain_base)
     plain.set_weights(w.model.get_weights())  # the same on every rank: one collective each
     extractor = feature_extractor(plain, cfg.model)

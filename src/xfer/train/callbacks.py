@@ -11,88 +11,43 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xfer import storage
-from xfer.config import XferConfig
 from xfer.layout import TENSORBOARD
-from xfer.train.checkpoint import TrainState, optimizer_state, save_checkpoint
+from xfer.train.checkpoint import optimizer_state, save_checkpoint
 from xfer.train.faults import maybe_fail
-from xfer.train.journal import Journal
+
+if TYPE_CHECKING:
+    from xfer.train.rank import Worker
 
 
 class EpochEnd:
-    """Keras callback: time epochs, checkpoint + report every epoch, TensorBoard, faults."""
+    """Keras callback: time epochs, checkpoint + report every epoch, TensorBoard, faults.
+
+    ``position`` is the epochs done across phases before this phase begins.
+    """
 
     def __init__(
         self,
-        ctx: Any,
+        w: Worker,
         *,
         phase: str,
-        state: TrainState,
-        model: Any,
         optimizer: Any,
-        rank: int,
         train_rows: int,
-        cfg: XferConfig,
-        run_uri: str,
         tb_dir: str | None,
-        journal: Journal | None,
         position: int,
     ):
-        import tf_keras
-
-        outer = self
-
-        class _Callback(tf_keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                outer.begin(epoch)
-
-            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                outer.end(epoch, logs or {})
-
-            def on_test_begin(self, logs: Any = None) -> None:
-                outer.validation_begins()
-                outer.ema.swap_in(self.model)
-
-            def on_test_end(self, logs: Any = None) -> None:
-                outer.ema.swap_out(self.model)
-
-        class _BatchFault(_Callback):
-            def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-                maybe_fail(
-                    outer.cfg.fault,
-                    outer.run_uri,
-                    outer.rank,
-                    "batch",
-                    outer.phase,
-                    outer.epoch,
-                    batch,
-                )
-
-        wants_batches = cfg.fault.point == "batch" and cfg.fault.rank == rank
-        self.callback = _BatchFault() if wants_batches else _Callback()
-        self.ctx, self.phase, self.state, self.model, self.optimizer = (
-            ctx,
-            phase,
-            state,
-            model,
-            optimizer,
-        )
-        self.rank, self.train_rows, self.cfg, self.run_uri, self.tb_dir = (
-            rank,
-            train_rows,
-            cfg,
-            run_uri,
-            tb_dir,
-        )
-        self.journal, self.position = journal, position  # epochs done before this phase
+        self.w, self.phase, self.optimizer = w, phase, optimizer
+        self.train_rows, self.tb_dir, self.position = train_rows, tb_dir, position
         self.ema = EmaForValidation(optimizer)
         self.epoch = 0
         self._t0 = 0.0
         self._t_val: float | None = None
         self._lr = 0.0
         self._writer: Any = None
+        wants_batches = w.cfg.fault.point == "batch" and w.cfg.fault.rank == w.rank
+        self.callback = _keras_callback(self, wants_batches)
 
     def write_tensorboard(self, row: dict[str, float]) -> None:
         """Per-epoch scalars for TensorBoard, uploaded as they come (live progress)."""
@@ -110,13 +65,13 @@ class EpochEnd:
         for name in os.listdir(local):
             storage.upload_file(
                 os.path.join(local, name),
-                storage.join(self.run_uri, TENSORBOARD, self.phase, name),
+                storage.join(self.w.run_uri, TENSORBOARD, self.phase, name),
             )
 
     def progress_line(self, row: dict[str, float]) -> str:
         """The console's one line per epoch."""
-        total = getattr(self.cfg.train, self.phase).epochs
-        rows = [r for r in self.state.history[self.phase] if "seconds" in r]
+        total = self.w.cfg.train.phase(self.phase).epochs
+        rows = [r for r in self.w.state.history[self.phase] if "seconds" in r]
         left = (total - int(row["epoch"])) * sum(r["seconds"] for r in rows) / max(len(rows), 1)
         parts = [f"loss {row.get('loss', float('nan')):.4f}"]
         for key, name in (("accuracy", "accuracy"), ("val_accuracy", "val accuracy")):
@@ -128,11 +83,11 @@ class EpochEnd:
 
     def begin(self, epoch: int) -> None:
         self.epoch = epoch
-        if self.journal is not None:
-            self.journal.stage(
+        if self.w.journal is not None:
+            self.w.journal.stage(
                 "train", phase=self.phase, epoch=epoch + 1, position=self.position + epoch
             )
-        maybe_fail(self.cfg.fault, self.run_uri, self.rank, "epoch", self.phase, epoch)
+        maybe_fail(self.w.cfg.fault, self.w.run_uri, self.w.rank, "epoch", self.phase, epoch)
         self._lr = optimizer_state(self.optimizer)["learning_rate"]
         self._t0 = time.monotonic()
         self._t_val = None
@@ -155,16 +110,43 @@ class EpochEnd:
             images_per_s=self.train_rows / max(train_seconds, 1e-9),
             learning_rate=self._lr,
         )
-        self.state.history[self.phase].append(row)
-        self.state.phase, self.state.epoch = self.phase, epoch + 1
-        directory = save_checkpoint(self.model, self.optimizer, self.state)
-        if self.rank == 0 and self.tb_dir:
+        self.w.state.history[self.phase].append(row)
+        self.w.state.phase, self.w.state.epoch = self.phase, epoch + 1
+        directory = save_checkpoint(self.w.model, self.optimizer, self.w.state)
+        if self.w.rank == 0 and self.tb_dir:
             self.write_tensorboard(row)
-        if self.rank == 0 and self.cfg.train.verbose > 0:
+        if self.w.rank == 0 and self.w.cfg.train.verbose > 0:
             print(self.progress_line(row), flush=True)
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if self.w.rank == 0 else None
         ray.train.report({"phase": self.phase, **row}, checkpoint=checkpoint)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _keras_callback(outer: EpochEnd, wants_batches: bool) -> Any:
+    """The tf_keras callback that calls ``outer``; with ``wants_batches``, the batch
+    fault hook too (only then: a per-batch hook slows every step)."""
+    import tf_keras
+
+    class _Callback(tf_keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            outer.begin(epoch)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            outer.end(epoch, logs or {})
+
+        def on_test_begin(self, logs: Any = None) -> None:
+            outer.validation_begins()
+            outer.ema.swap_in(self.model)
+
+        def on_test_end(self, logs: Any = None) -> None:
+            outer.ema.swap_out(self.model)
+
+    class _BatchFault(_Callback):
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            w = outer.w
+            maybe_fail(w.cfg.fault, w.run_uri, w.rank, "batch", outer.phase, outer.epoch, batch)
+
+    return _BatchFault() if wants_batches else _Callback()
 
 
 class EmaForValidation:

@@ -20,6 +20,7 @@ from typing import Any
 
 from xfer import __version__, storage
 from xfer.config import XferConfig, resolved_dict
+from xfer.console import percent
 from xfer.exclude import Exclusion
 from xfer.layout import (
     CALIBRATION,
@@ -53,13 +54,13 @@ class TrainResult:
         lines = [f"run {self.run_id} complete: {self.run_uri}"]
         for phase, info in self.metrics["phases"].items():
             lines.append(
-                f"  {phase:9s} {info['epochs']} epoch(s), val accuracy {_pct(info.get('val_accuracy'))}, "
+                f"  {phase:9s} {info['epochs']} epoch(s), val accuracy {percent(info.get('val_accuracy'))}, "
                 f"{info['seconds']:.0f}s, {info['images_per_s']:.1f} images/s"
             )
         if self.test_accuracy is not None:
             examples = self.metrics["test"].get("examples")
             on = f" on {examples} images" if examples is not None else ""
-            lines.append(f"  test accuracy {_pct(self.test_accuracy)}{on}")
+            lines.append(f"  test accuracy {percent(self.test_accuracy)}{on}")
         cal = (self.metrics.get("test") or {}).get("calibration") or {}
         if cal.get("calibrated"):
             lines.append(
@@ -107,10 +108,6 @@ def completed_run(run_id: str, run_uri: str) -> TrainResult:
     """A run that is already committed, as its metrics say."""
     metrics = storage.read_json(storage.join(run_uri, METRICS))
     return TrainResult(run_id, run_uri, metrics, bool(metrics["gate"].get("published")))
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
 def _where(failure: dict[str, Any]) -> str:

@@ -1,9 +1,10 @@
-"""One rank's view of a training run: who it is, its data, and where it resumes from.
+"""One rank's view of a training run: who it is, its data, its model, where it resumes from.
 
-:func:`start` runs first in every attempt of every worker. The strategy comes before
-anything else touches TensorFlow's devices (docs/design.md, decision 2); then the
-rank checks that it runs the driver's code, loads the manifest, the weights and the
-latest checkpoint, and (rank 0) opens the attempt in the run's journal.
+:func:`start` runs first in every attempt of every worker and builds the
+:class:`Worker`, every field set. The strategy comes before anything else touches
+TensorFlow's devices (docs/design.md, decision 2); then the rank checks that it runs
+the driver's code, loads the manifest, the weights and the latest checkpoint, (rank 0)
+opens the attempt in the run's journal, and builds the model in the strategy's scope.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from xfer.config import XferConfig
 from xfer.devices import communication_options, enable_memory_growth
 from xfer.exclude import Exclusion, SplitExclusion
 from xfer.manifest import Manifest, load_manifest
+from xfer.model import build_model
 from xfer.provenance import check_same_code, describe
 from xfer.train.checkpoint import PHASES, TrainState, load_checkpoint
 from xfer.train.faults import maybe_fail
@@ -25,24 +27,39 @@ from xfer.weights import WeightsSource, fetch_weights
 
 
 @dataclass
+class PendingCheckpoint:
+    """The checkpoint this attempt resumes from, until it is loaded into the model:
+    it is loaded once, by the first phase (or evaluation) that compiles the model."""
+
+    directory: str | None
+
+    @property
+    def pending(self) -> bool:
+        return self.directory is not None
+
+    def take(self) -> str | None:
+        """The checkpoint's directory the first time; None after."""
+        directory, self.directory = self.directory, None
+        return directory
+
+
+@dataclass(frozen=True)
 class Worker:
-    """One rank's view of the run, shared by the stages below."""
+    """One rank's view of the run, shared by the stages of :mod:`xfer.train.worker`."""
 
     cfg: XferConfig
     run_uri: str
     strategy: Any
-    ctx: Any
     rank: int
     world: int
     manifest: Manifest
     weights: WeightsSource
-    state: TrainState
-    restored_dir: str | None  # a checkpoint not yet loaded into the model
+    state: TrainState  # where the run is; the epoch callback moves it on
+    checkpoint: PendingCheckpoint
     journal: Journal | None  # rank 0 only
-    model: Any = None
-    base: Any = None
-    unfrozen: int = 0  # layers of the base that train in the fine-tuning phase
-    exclusion: Exclusion | None = None  # data.exclude, resolved by the driver
+    model: Any
+    base: Any
+    exclusion: Exclusion | None  # data.exclude, resolved by the driver
 
     def excluded(self, split: str) -> SplitExclusion | None:
         return self.exclusion.of(split) if self.exclusion is not None else None
@@ -53,7 +70,7 @@ class Worker:
 
     @property
     def epochs(self) -> dict[str, int]:
-        return {"head": self.cfg.train.head.epochs, "fine_tune": self.cfg.train.fine_tune.epochs}
+        return phase_epochs(self.cfg)
 
     def position(self, phase: str, epoch: int) -> int:
         """Epochs finished across phases when ``epoch`` epochs of ``phase`` are done."""
@@ -66,14 +83,21 @@ class Worker:
 
     def say(self, message: str) -> None:
         """Rank 0's console line (with ``train.verbose: 0``, the log file's only)."""
-        if self.rank == 0:
-            tag = "[xfer]" if self.cfg.train.verbose > 0 else "[xfer-detail]"
-            print(f"{tag} {message}", flush=True)
+        say(self.cfg, self.rank, message)
+
+
+def phase_epochs(cfg: XferConfig) -> dict[str, int]:
+    return {p: cfg.train.phase(p).epochs for p in PHASES}
+
+
+def say(cfg: XferConfig, rank: int, message: str) -> None:
+    if rank == 0:
+        tag = "[xfer]" if cfg.train.verbose > 0 else "[xfer-detail]"
+        print(f"{tag} {message}", flush=True)
 
 
 def start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
-    """The strategy first, then the data, weights, checkpoint and journal of this attempt."""
-    import ray
+    """The strategy first, then the code check, data, weights, checkpoint, journal, model."""
     import ray.train
     import tensorflow as tf
 
@@ -84,35 +108,61 @@ def start(cfg: XferConfig, config: dict[str, Any]) -> Worker:
     )
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    node = ray.get_runtime_context().get_node_id()[:12]
-    where = f"rank {rank} on node {node} ({socket.gethostname()}, pid {os.getpid()})"
-    identity = check_same_code(config.get("code"), where)
-    # Rank 0's line on the console; every rank's in the log file and the run's lineage.
-    shown = rank == 0 and cfg.train.verbose > 0
-    print(f"[xfer{'' if shown else '-detail'}] {where}: {describe(identity)}", flush=True)
     run_uri: str = config["run_uri"]
-    record_code(run_uri, rank, {**identity, "node": node, "host": socket.gethostname()})
+    _check_code(cfg, config, run_uri, rank)
     restored = load_checkpoint(ray.train.get_checkpoint())
     state = restored[0] if restored else TrainState()
     journal = Journal(run_uri, config.get("driver", "")) if rank == 0 else None
-    w = Worker(
+    manifest = load_manifest(cfg.dataset_uri())
+    weights = fetch_weights(cfg.model.weights, config.get("weights_sha256"))
+    if journal is not None:
+        _begin_attempt(cfg, journal, state, resumed=restored is not None)
+    model, base = _build(cfg, strategy, manifest, weights)
+    return Worker(
         cfg=cfg,
         run_uri=run_uri,
         strategy=strategy,
-        ctx=ctx,
         rank=rank,
         world=ctx.get_world_size(),
-        manifest=load_manifest(cfg.dataset_uri()),
-        weights=fetch_weights(cfg.model.weights, config.get("weights_sha256")),
+        manifest=manifest,
+        weights=weights,
         state=state,
-        restored_dir=restored[1] if restored else None,
+        checkpoint=PendingCheckpoint(restored[1] if restored else None),
         journal=journal,
+        model=model,
+        base=base,
         exclusion=Exclusion.from_dict(config["exclude"]) if config.get("exclude") else None,
     )
-    if journal is not None:
-        resumed = {"phase": state.phase, "epoch": state.epoch} if restored else None
-        attempt = journal.begin(resumed, position=state.position(w.epochs))
-        if attempt > 1:
-            where = f"{state.phase} phase, {state.epoch} epoch(s) done" if restored else "the start"
-            w.say(f"attempt {attempt} of this run: resuming from {where}")
-    return w
+
+
+def _check_code(cfg: XferConfig, config: dict[str, Any], run_uri: str, rank: int) -> None:
+    """This rank runs the driver's code (or fails, naming the difference); its identity
+    goes to the console (rank 0), the log file and the run's lineage."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()[:12]
+    where = f"rank {rank} on node {node} ({socket.gethostname()}, pid {os.getpid()})"
+    identity = check_same_code(config.get("code"), where)
+    shown = rank == 0 and cfg.train.verbose > 0
+    print(f"[xfer{'' if shown else '-detail'}] {where}: {describe(identity)}", flush=True)
+    record_code(run_uri, rank, {**identity, "node": node, "host": socket.gethostname()})
+
+
+def _begin_attempt(cfg: XferConfig, journal: Journal, state: TrainState, resumed: bool) -> None:
+    """Rank 0 opens this attempt in the journal, saying where a later attempt resumes."""
+    at = {"phase": state.phase, "epoch": state.epoch} if resumed else None
+    attempt = journal.begin(at, position=state.position(phase_epochs(cfg)))
+    if attempt > 1:
+        where = f"{state.phase} phase, {state.epoch} epoch(s) done" if resumed else "the start"
+        say(cfg, 0, f"attempt {attempt} of this run: resuming from {where}")
+
+
+def _build(
+    cfg: XferConfig, strategy: Any, manifest: Manifest, weights: WeightsSource
+) -> tuple[Any, Any]:
+    """The model and its base, in the strategy's scope, from the same seed on every rank."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(cfg.train.seed)
+    with strategy.scope():
+        return build_model(cfg.model, cfg.data.image_size, manifest.num_classes, weights.local_path)

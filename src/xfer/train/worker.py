@@ -18,6 +18,8 @@ up where the checkpoint says:
 
 Rank 0 keeps the run's journal (:mod:`xfer.train.journal`): where each attempt
 started and which stage it is in, so that every failure ends up in the metrics.
+Each worker rides out a store outage of ``storage.outage_seconds`` (:mod:`xfer.retry`),
+as the driver does: the budget comes with the config, not from the environment.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from xfer.features import CachePlan
 from xfer.images import preparation_record
 from xfer.layout import save_model
 from xfer.model import (
-    build_model,
     compile_model,
     freeze_base,
     head_only_model,
@@ -47,6 +48,7 @@ from xfer.model import (
 )
 from xfer.preprocess import AugmentSettings
 from xfer.reader import ReaderSpec, make_dataset
+from xfer.retry import budget
 from xfer.train.cachestage import ensure_cache, feature_specs
 from xfer.train.callbacks import EpochEnd
 from xfer.train.checkpoint import (
@@ -63,9 +65,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for key, value in config.get("env", {}).items():
         os.environ[key] = value
     cfg = XferConfig.model_validate(config["cfg"])
+    with budget(cfg.storage.outage_seconds):  # this worker rides out the store's outages
+        _run(cfg, config)
+
+
+def _run(cfg: XferConfig, config: dict[str, Any]) -> None:
     policy = set_mixed_precision(cfg.train.mixed_precision, enable_memory_growth() > 0)
     w = start(cfg, config)
-    _build(w)
     cache_stats = _train(w, config)
     optimizer = _restore_finished(w)
     w.stage("test_evaluation")
@@ -84,17 +90,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "feature_cache": cache_stats,
         },
     )
-
-
-def _build(w: Worker) -> None:
-    """The model, in the strategy's scope, from the same seed on every rank."""
-    import tf_keras
-
-    tf_keras.utils.set_random_seed(w.cfg.train.seed)
-    with w.strategy.scope():
-        w.model, w.base = build_model(
-            w.cfg.model, w.cfg.data.image_size, w.manifest.num_classes, w.weights.local_path
-        )
 
 
 def _train(w: Worker, config: dict[str, Any]) -> dict[str, Any]:
@@ -133,19 +128,21 @@ def _final_report(w: Worker, optimizer: Any, figures: dict[str, Any]) -> None:
 
 def _compile_phase(
     w: Worker, phase: str, feature_dim: int | None, steps_per_epoch: int
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, int]:
     """Trainable flags, a new optimizer at the phase's learning rate, compile.
 
-    Returns ``(fit_model, optimizer)``: the model that ``fit`` trains (the head alone
-    on cached features, sharing the full model's variables) and its optimizer.
+    Returns ``(fit_model, optimizer, unfrozen)``: the model that ``fit`` trains (the
+    head alone on cached features, sharing the full model's variables), its optimizer,
+    and how many layers of the base train (0 in the head phase).
     """
     cfg = w.cfg
-    pcfg = cfg.train.head if phase == "head" else cfg.train.fine_tune
+    pcfg = cfg.train.phase(phase)
+    unfrozen = 0
     if phase == "head":
         freeze_base(w.base)
     else:
         ft = cfg.train.fine_tune
-        w.unfrozen = unfreeze_top(w.base, ft.unfreeze_from, ft.unfreeze_top)
+        unfrozen = unfreeze_top(w.base, ft.unfreeze_from, ft.unfreeze_top)
     lr_scale = w.replicas if cfg.train.scale_lr else 1
     lr = phase_learning_rate(
         pcfg.learning_rate * lr_scale,
@@ -161,15 +158,15 @@ def _compile_phase(
     if feature_dim:
         fit_model = head_only_model(w.model, cfg.model, feature_dim)
         compile_model(fit_model, w.model.optimizer, classes, smoothing, jit)
-    return fit_model, fit_model.optimizer
+    return fit_model, fit_model.optimizer, unfrozen
 
 
 def _restore(w: Worker, optimizer: Any, with_optimizer: bool) -> None:
-    """Load a pending checkpoint (once), and note the optimizer the attempt goes on with."""
-    if w.restored_dir:
-        restore(w.restored_dir, w.model, optimizer if with_optimizer else None)
-        shutil.rmtree(w.restored_dir, ignore_errors=True)
-        w.restored_dir = None
+    """Load the pending checkpoint (once), and note the optimizer the attempt goes on with."""
+    directory = w.checkpoint.take()
+    if directory:
+        restore(directory, w.model, optimizer if with_optimizer else None)
+        shutil.rmtree(directory, ignore_errors=True)
         if w.journal is not None:
             w.journal.note(optimizer=optimizer_state(optimizer))
     elif w.journal is not None and w.journal.record.get("optimizer") is None:
@@ -184,8 +181,50 @@ def _steps(cfg: XferConfig, spec: ReaderSpec | None, replicas: int) -> int:
 def _run_phase(w: Worker, phase: str, cache: CachePlan | None, tb_dir: str | None) -> None:
     """Train one phase from where the state says."""
     cfg = w.cfg
-    pcfg = cfg.train.head if phase == "head" else cfg.train.fine_tune
+    pcfg = cfg.train.phase(phase)
     start = w.state.start_epoch(phase)
+    spec, val_spec = _phase_specs(w, cache)
+    with w.strategy.scope():
+        fit_model, optimizer, unfrozen = _compile_phase(
+            w, phase, spec.feature_dim, _steps(cfg, spec, w.replicas)
+        )
+        # Mid-phase: this phase's optimizer state too; at a boundary, weights only.
+        _restore(w, optimizer, with_optimizer=start > 0 and w.state.phase == phase)
+    # Data epochs count across phases, so that every epoch reshuffles differently.
+    position = w.position(phase, 0)
+    spec = dataclasses.replace(spec, start_epoch=position + start)
+    steps = _steps(cfg, spec, w.replicas)
+    callback = EpochEnd(
+        w,
+        phase=phase,
+        optimizer=optimizer,
+        train_rows=spec.num_rows,
+        tb_dir=tb_dir,
+        position=position,
+    )
+    source = "cached features" if spec.feature_dim else "images"
+    layers = f" ({unfrozen} layers of {cfg.model.base} unfrozen)" if phase != "head" else ""
+    w.say(
+        f"{phase} phase on {source}{layers}: epochs {start + 1}..{pcfg.epochs}, "
+        f"{steps} steps/epoch, global batch {cfg.train.batch_size * w.replicas} on "
+        f"{w.world} worker(s)"
+    )
+    fit_model.fit(
+        _distributed(w, spec),
+        epochs=pcfg.epochs,
+        initial_epoch=start,
+        steps_per_epoch=steps,
+        validation_data=_distributed(w, val_spec) if val_spec else None,
+        validation_steps=val_spec.steps_per_epoch(w.replicas) if val_spec else None,
+        callbacks=[callback.callback],
+        verbose=cfg.train.verbose if w.rank == 0 else 0,
+    )
+
+
+def _phase_specs(w: Worker, cache: CachePlan | None) -> tuple[ReaderSpec, ReaderSpec | None]:
+    """The phase's training and validation input: images (augmented, shuffled), or
+    the feature cache when the head phase trains on it."""
+    cfg = w.cfg
     aug = cfg.data.augment
     spec = ReaderSpec(
         w.manifest,
@@ -199,68 +238,25 @@ def _run_phase(w: Worker, phase: str, cache: CachePlan | None, tb_dir: str | Non
         parallel_reads=cfg.data.parallel_reads,
         exclude=w.excluded("train"),
     )
-    val_spec = _eval_spec(w, "val")
     if cache is not None:
-        spec, val_spec = feature_specs(cfg, cache, spec, w.excluded("val"))
-    with w.strategy.scope():
-        fit_model, optimizer = _compile_phase(
-            w, phase, spec.feature_dim, _steps(cfg, spec, w.replicas)
-        )
-        # Mid-phase: this phase's optimizer state too; at a boundary, weights only.
-        _restore(w, optimizer, with_optimizer=start > 0 and w.state.phase == phase)
-    # Data epochs count across phases, so that every epoch reshuffles differently.
-    position = w.position(phase, 0)
-    spec = dataclasses.replace(spec, start_epoch=position + start)
-    steps = _steps(cfg, spec, w.replicas)
-    dist = w.strategy.distribute_datasets_from_function(lambda c, s=spec: make_dataset(s, c))
-    val = None
-    if val_spec is not None:
-        val_dist = w.strategy.distribute_datasets_from_function(
-            lambda c, s=val_spec: make_dataset(s, c)
-        )
-        val = (val_dist, val_spec.steps_per_epoch(w.replicas))
-    callback = EpochEnd(
-        w.ctx,
-        phase=phase,
-        state=w.state,
-        model=w.model,
-        optimizer=optimizer,
-        rank=w.rank,
-        train_rows=spec.num_rows,
-        cfg=cfg,
-        run_uri=w.run_uri,
-        tb_dir=tb_dir,
-        journal=w.journal,
-        position=position,
-    )
-    source = "cached features" if spec.feature_dim else "images"
-    unfrozen = f" ({w.unfrozen} layers of {cfg.model.base} unfrozen)" if phase != "head" else ""
-    w.say(
-        f"{phase} phase on {source}{unfrozen}: epochs {start + 1}..{pcfg.epochs}, "
-        f"{steps} steps/epoch, global batch {cfg.train.batch_size * w.replicas} on "
-        f"{w.world} worker(s)"
-    )
-    fit_model.fit(
-        dist,
-        epochs=pcfg.epochs,
-        initial_epoch=start,
-        steps_per_epoch=steps,
-        validation_data=val[0] if val else None,
-        validation_steps=val[1] if val else None,
-        callbacks=[callback.callback],
-        verbose=cfg.train.verbose if w.rank == 0 else 0,
-    )
+        return feature_specs(cfg, cache, spec, w.excluded("val"))
+    return spec, _eval_spec(w, "val")
+
+
+def _distributed(w: Worker, spec: ReaderSpec) -> Any:
+    """``spec``'s dataset, each worker reading its own part (``make_dataset``)."""
+    return w.strategy.distribute_datasets_from_function(lambda c: make_dataset(spec, c))
 
 
 def _restore_finished(w: Worker) -> Any:
     """The model compiled for evaluation; on a resume with every phase done, the
     checkpoint's weights and the last phase's optimizer. Returns that optimizer."""
-    if w.model.optimizer is not None and not w.restored_dir:
+    if w.model.optimizer is not None and not w.checkpoint.pending:
         return w.model.optimizer
     last = "fine_tune" if w.epochs["fine_tune"] else "head"
     train_steps = _steps(w.cfg, _eval_spec(w, "train"), w.replicas)
     with w.strategy.scope():
-        _, optimizer = _compile_phase(w, last, None, train_steps)
+        _, optimizer, _ = _compile_phase(w, last, None, train_steps)
         _restore(w, optimizer, with_optimizer=w.state.phase == last)
         if w.state.phase == last and uses_ema(optimizer):
             # The last epoch's checkpoint holds the trained weights, not yet their
@@ -274,9 +270,11 @@ def _evaluate(w: Worker) -> dict[str, float]:
     test_spec = _eval_spec(w, "test")
     if test_spec is None:
         return {}
-    test = w.strategy.distribute_datasets_from_function(lambda c: make_dataset(test_spec, c))
     values = w.model.evaluate(
-        test, steps=test_spec.steps_per_epoch(w.replicas), verbose=0, return_dict=True
+        _distributed(w, test_spec),
+        steps=test_spec.steps_per_epoch(w.replicas),
+        verbose=0,
+        return_dict=True,
     )
     return {k: float(v) for k, v in values.items()}
 
