@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from xfer import console
 from xfer.images import MAX_PIXELS
 from xfer.layout import ModelRef
 
@@ -80,4 +81,4 @@ class ScoringJob:
     @property
     def tag(self) -> str:
         """The prefix of progress lines: ``[xfer]`` reaches the console, the other the log."""
-        return "[xfer-detail]" if self.quiet else "[xfer]"
+        return console.tag(shown=not self.quiet)

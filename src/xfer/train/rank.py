@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from xfer import console
 from xfer.config import XferConfig
 from xfer.devices import communication_options, enable_memory_growth
 from xfer.exclude import Exclusion, SplitExclusion
@@ -92,7 +93,7 @@ def phase_epochs(cfg: XferConfig) -> dict[str, int]:
 
 def say(cfg: XferConfig, rank: int, message: str) -> None:
     if rank == 0:
-        tag = "[xfer]" if cfg.train.verbose > 0 else "[xfer-detail]"
+        tag = console.tag(shown=cfg.train.verbose > 0)
         print(f"{tag} {message}", flush=True)
 
 
