@@ -257,9 +257,11 @@ def train_overrides(root: str, weights: str, **extra: object) -> list[str]:
         "cluster.num_workers": 2,
         "output.model_name": "shapes",
         "output.gate.min_test_accuracy": 0.8,
-        # The SavedModel export costs a Ray task per run: trained_run and the export
-        # tests have it, the other runs of the suite do not need it.
+        # The SavedModel export costs a Ray task per run, and calibration a scoring pass
+        # over the validation split (Ray Data actors): trained_run has both, for the
+        # tests of export and calibration; the other runs of the suite do not need them.
         "output.export": "false",
+        "output.calibrate": "false",
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
@@ -270,5 +272,6 @@ def trained_run(session_root: str, pretrained_weights: str, target_dataset: str)
     """One complete two-phase training run with 2 Ray workers (shared by tests)."""
     from xfer.train.driver import train
 
-    overrides = train_overrides(session_root, pretrained_weights, **{"output.export": "true"})
+    full = {"output.export": "true", "output.calibrate": "true"}
+    overrides = train_overrides(session_root, pretrained_weights, **full)
     return train(load_config(None, overrides))

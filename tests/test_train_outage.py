@@ -23,6 +23,7 @@ SHORT = {
     "train.fine_tune.epochs": 0,
     "cluster.num_workers": 1,
     "cluster.max_failures": 0,  # a failed worker fails the run: no restart hides it
+    "output.predictions": "false",  # no scoring pass after training: nothing reads it
     "output.gate.min_test_accuracy": 0.0,
 }
 SHARDS = r"/datasets/shapes/.*\.parquet"
