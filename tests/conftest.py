@@ -7,15 +7,66 @@ variables pointing at the server, so tests do not see each other's objects.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 import xfer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from xfer.config import XferConfig, load_config
 from xfer.s3server import EmbeddedS3
 
 from .faultproxy import FaultProxy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config_for(root: str, *overrides: str) -> XferConfig:
+    """The default config on storage root ``root``, with ``key=value`` overrides."""
+    return load_config(None, [f"storage.root={root}", *overrides])
+
+
+def xfer_argv(*args: str) -> list[str]:
+    """``python -m xfer ARGS`` with this interpreter (for a process the test drives)."""
+    return [sys.executable, "-m", "xfer", *args]
+
+
+def run_xfer(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 300, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    """``python -m xfer ARGS`` run to its end from the checkout, its output as text.
+
+    ``env`` replaces the environment (default: this process's). The exit status is the
+    test's to check.
+    """
+    return subprocess.run(
+        xfer_argv(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else dict(env),
+        cwd=cwd,
+    )
+
+
+def s3_client(env: Mapping[str, str], **overrides: str) -> Any:
+    """A boto3 S3 client for the server that ``env`` points at (``EmbeddedS3.env()``, or
+    what ``xfer s3-server`` prints); ``key`` and ``secret`` replace its credentials."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+        region_name=env["AWS_REGION"],
+        aws_access_key_id=overrides.get("key", env["AWS_ACCESS_KEY_ID"]),
+        aws_secret_access_key=overrides.get("secret", env["AWS_SECRET_ACCESS_KEY"]),
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +180,6 @@ def pretrained_weights(session_root: str, tmp_path_factory: pytest.TempPathFacto
     import numpy as np
     import tensorflow as tf
 
-    from xfer.config import load_config
     from xfer.model import build_model, compile_model, make_optimizer, unfreeze_top
     from xfer.synth import render
 
@@ -207,9 +257,11 @@ def train_overrides(root: str, weights: str, **extra: object) -> list[str]:
         "cluster.num_workers": 2,
         "output.model_name": "shapes",
         "output.gate.min_test_accuracy": 0.8,
-        # The SavedModel export costs a Ray task per run: trained_run and the export
-        # tests have it, the other runs of the suite do not need it.
+        # The SavedModel export costs a Ray task per run, and calibration a scoring pass
+        # over the validation split (Ray Data actors): trained_run has both, for the
+        # tests of export and calibration; the other runs of the suite do not need them.
         "output.export": "false",
+        "output.calibrate": "false",
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
@@ -218,8 +270,8 @@ def train_overrides(root: str, weights: str, **extra: object) -> list[str]:
 @pytest.fixture(scope="session")
 def trained_run(session_root: str, pretrained_weights: str, target_dataset: str):
     """One complete two-phase training run with 2 Ray workers (shared by tests)."""
-    from xfer.config import load_config
     from xfer.train.driver import train
 
-    overrides = train_overrides(session_root, pretrained_weights, **{"output.export": "true"})
+    full = {"output.export": "true", "output.calibrate": "true"}
+    overrides = train_overrides(session_root, pretrained_weights, **full)
     return train(load_config(None, overrides))

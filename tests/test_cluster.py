@@ -103,6 +103,8 @@ def train_args(root: str, weights: str, **extra: object) -> list[str]:
         "model.head.dense": "[{units: 16}]",
         "train.head.epochs": 3,
         "train.fine_tune.epochs": 1,
+        # No scoring pass over the validation split (conftest.train_overrides neither).
+        "output.calibrate": "false",
         "train.verbose": 1,  # the identity lines on the console (Keras': the log file)
         "cluster.local_num_cpus": "null",
         "output.model_name": "submitted",
@@ -214,6 +216,7 @@ def test_a_node_killed_mid_training_is_replaced_and_the_run_recovers(
         session_root,
         pretrained_weights,
         **{
+            "output.predictions": "false",  # not scored: what it proves is the recovery
             "cluster.max_failures": 1,
             "fault.rank": 1,
             "fault.point": "batch",

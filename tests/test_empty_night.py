@@ -8,9 +8,6 @@ trained model. A night of 0 images starts no scoring actor, so these tests are q
 from __future__ import annotations
 
 import datetime as dt
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -22,11 +19,11 @@ from xfer.score import partition_date, score
 from xfer.scoreplan import table_manifest_uri
 from xfer.synth import synthesize
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .conftest import config_for, run_xfer
 
 
 def config(root: str, *overrides: str):
-    return load_config(None, [f"storage.root={root}", "score.batch_size=4", *overrides])
+    return config_for(root, "score.batch_size=4", *overrides)
 
 
 def test_an_empty_folder_commits_an_empty_night_flagged_in_its_report(
@@ -70,13 +67,7 @@ def test_a_missing_folder_of_the_night_before_exits_0_with_a_warning(
     inputs, out = f"{bucket}/incoming/{{date}}/", f"{bucket}/preds"
     overrides = [f"storage.root={session_root}", "score.date_offset_days=-1"]
     command = ["score", "--model", trained_run.run_uri, "--input", inputs, "--output", out]
-    proc = subprocess.run(
-        [sys.executable, "-m", "xfer", *command, *overrides],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    proc = run_xfer(*command, *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     day = [d for d in storage.list_dirs(out) if d.startswith("dt=")]
     assert day in (["dt=" + before.isoformat()], ["dt=" + partition_date(None, -1)]), day

@@ -16,13 +16,14 @@ import math
 import pyarrow as pa
 import pytest
 
-from tests.conftest import IMAGE_SIZE, train_overrides
 from xfer import storage
 from xfer.config import load_config, resolved_dict
 from xfer.errors import ConfigError, DataError
 from xfer.exclude import Exclusion, load_exclusion, parse_keys
 from xfer.manifest import load_manifest
 from xfer.reader import ReaderSpec, make_dataset
+
+from .conftest import IMAGE_SIZE, config_for, train_overrides
 
 AUDIT_COLUMNS = ["key", "split", "given_label", "suggested_label", "score", "reason"]
 GLOBAL_BATCH = 16  # train_overrides: batch 8 per replica, 2 workers
@@ -148,7 +149,7 @@ def test_resume_refused_when_the_list_changed(session_root, pretrained_weights, 
     record_dataset(run_uri, manifest.uri, manifest.checksum, load_exclusion(uri, manifest))
     storage.write_bytes(uri, audit_csv([(k, "train") for k in keys[:2]]))
     with pytest.raises(DataError, match=r"data.exclude list .* changed since the run started"):
-        train(load_config(None, [f"storage.root={session_root}", "output.run_id=exclude-resume"]))
+        train(config_for(session_root, "output.run_id=exclude-resume"))
 
 
 # ------------------------------------------------------------------ a real run

@@ -39,11 +39,9 @@ from xfer.errors import (
     StoreUnavailable,
 )
 
-from .conftest import train_overrides
+from .conftest import REPO, train_overrides, xfer_argv
 from .faultproxy import FaultProxy
 from .test_stops import descendants
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def commands(bucket: str, *overrides: str) -> dict[str, list[str]]:
@@ -69,7 +67,7 @@ FAMILIES = ["train", "score", "shard", "runs"]
 
 def xfer(args: list[str], env: dict[str, str], **kwargs: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "xfer", *args],
+        xfer_argv(*args),
         env={**env, "RAY_ADDRESS": "", "XFER_S3_MAX_ATTEMPTS": "1", "PYTHONUNBUFFERED": "1"},
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -22,13 +22,12 @@ import pytest
 from PIL import Image
 
 from xfer import storage
-from xfer.config import load_config
 from xfer.export import SAVED_MODEL_DIR, export_on_ray, export_saved_model
 from xfer.layout import MODEL_FILE, MODEL_INFO, write_success
 from xfer.score import score
 from xfer.synth import render
 
-from .conftest import IMAGE_SIZE
+from .conftest import IMAGE_SIZE, config_for
 
 # Images prepared by the same decode and resize in both: float32 rounding only.
 EXACT = 1e-4
@@ -104,7 +103,7 @@ def make_inputs(session_root: str) -> tuple[dict[str, bytes], dict[str, bytes]]:
 
 
 def xfer_scores(session_root: str, inputs: str, run_uri: str, out: str) -> dict[str, Any]:
-    cfg = load_config(None, [f"storage.root={session_root}", "score.batch_size=8"])
+    cfg = config_for(session_root, "score.batch_size=8")
     result = score(cfg, run_uri, inputs, out, date="2026-11-30")
     marker = storage.read_json(f"{result.output}/_SUCCESS")
     rows = [

@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from xfer import inputs, listing, retry, s3, storage
-from xfer.config import load_config
 from xfer.errors import DataError
 from xfer.score import score
 from xfer.synth import synthesize
 
+from .conftest import config_for
 from .faultproxy import FaultProxy
 
 # An awkward tree: keys at the top, names sharing a start (a.jpg / a-b/ / a/: key order
@@ -277,7 +277,7 @@ def test_an_inventory_manifest_as_input_scores_exactly_the_objects_it_lists(
     rows, scored = inventory_night(bucket)
     manifest = inventory_report(bucket, fmt, rows)
     assert {i.key for i in inputs.from_inventory(manifest)} == scored
-    cfg = load_config(None, [f"storage.root={session_root}", "score.block_size=3"])
+    cfg = config_for(session_root, "score.block_size=3")
     result = score(
         cfg,
         model=trained_run.run_uri,

@@ -6,8 +6,6 @@ publication failed finishing it when resumed."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 from typing import Any
 
@@ -23,6 +21,7 @@ from xfer.runs import promote, rollback, show, summarize
 from xfer.train.gate import gate_and_publish
 from xfer.train.journal import JOURNAL, recorded_dataset
 
+from .conftest import config_for, run_xfer
 from .test_runs import xfer_runs
 
 MODEL = "ptr"
@@ -128,14 +127,11 @@ def test_a_first_publication_does_not_overwrite_one_made_meanwhile(root):
 
 
 def gate_config(root: str, vs_published: bool):
-    return load_config(
-        None,
-        [
-            f"storage.root={root}",
-            f"output.model_name={MODEL}",
-            "output.gate.min_test_accuracy=0.5",
-            f"output.gate.vs_published={str(vs_published).lower()}",
-        ],
+    return config_for(
+        root,
+        f"output.model_name={MODEL}",
+        "output.gate.min_test_accuracy=0.5",
+        f"output.gate.vs_published={str(vs_published).lower()}",
     )
 
 
@@ -290,12 +286,7 @@ def test_a_resume_on_a_changed_dataset_is_refused(root):
     storage.write_yaml(f"{run}/{layout.CONFIG}", resolved_dict(load_config(None, overrides)))
     record_dataset(run, first.uri, first.checksum)  # as the run's first attempt did
     changed = write_tiny_dataset(root, rows=6)
-    out = subprocess.run(
-        [sys.executable, "-m", "xfer", "train", *overrides, "output.run_id=R"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_xfer("train", *overrides, "output.run_id=R")
     assert out.returncode == 2, out.stderr[-2000:]
     [line] = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert "the dataset" in line and "changed since the run started" in line

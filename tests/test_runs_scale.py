@@ -22,13 +22,15 @@ import pytest
 
 from xfer import storage
 from xfer.cli import main
-from xfer.config import load_config, resolved_dict
+from xfer.config import resolved_dict
 from xfer.layout import CONFIG, METRICS, write_success
 from xfer.runindex import IndexWriter, index_prefix
 from xfer.runs import find_runs, list_runs
 from xfer.runstatus import iso
 from xfer.train import journal
 from xfer.train.outputs import phase_summary
+
+from .conftest import config_for
 
 RUNS = 300
 T0 = 1_780_000_000.0  # the oldest run's start; run i starts i minutes later
@@ -73,7 +75,7 @@ def _metrics(run_id: str, model: str, i: int) -> dict[str, object]:
 def _write_run(root: str, i: int, run_id: str, model: str) -> None:
     """One run as the driver leaves it (xfer.train.driver, outputs)."""
     fate = FATES.get(i, "complete")
-    cfg = load_config(None, [f"storage.root={root}", f"output.model_name={model}"])
+    cfg = config_for(root, f"output.model_name={model}")
     run_uri = cfg.run_uri(run_id)
     _clock.now = T0 + 60 * i
     storage.write_yaml(storage.join(run_uri, CONFIG), resolved_dict(cfg))
@@ -178,7 +180,7 @@ def test_an_index_write_the_store_refuses_is_a_warning_and_the_run_still_lists(
     """The driver's every index write goes through IndexWriter: refused (403) or not,
     it returns, and the run (with no entry) is listed from its own files."""
     root = f"{bucket}/root"
-    cfg = load_config(None, [f"storage.root={root}", "output.model_name=alpha"])
+    cfg = config_for(root, "output.model_name=alpha")
     run_id = "raysubmit_refused"
     run_uri = cfg.run_uri(run_id)
     fault_proxy.add("PUT", r"/runs/_index/", "denied")
@@ -201,7 +203,7 @@ def test_a_resumed_run_keeps_one_entry_at_its_first_start(bucket, monkeypatch):
     """A failed run resumed by id: the driver's second start rewrites the same entry
     (running again), keyed by the run's first start."""
     root = f"{bucket}/root"
-    cfg = load_config(None, [f"storage.root={root}", "output.model_name=alpha"])
+    cfg = config_for(root, "output.model_name=alpha")
     run_id = "raysubmit_resumed"
     run_uri = cfg.run_uri(run_id)
     monkeypatch.setattr(journal, "_now", lambda: _clock.now)

@@ -6,8 +6,8 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -16,6 +16,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from xfer.s3server import EmbeddedS3
+
+from .conftest import s3_client, xfer_argv
 
 
 def weed_pids(data_dir: str) -> list[int]:
@@ -36,7 +38,7 @@ def weed_pids(data_dir: str) -> list[int]:
 
 def start_cli(data_dir: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xfer", "s3-server", "--data-dir", data_dir],
+        xfer_argv("s3-server", "--data-dir", data_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -53,17 +55,6 @@ def start_cli(data_dir: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
     return proc, exports
 
 
-def client(exports: dict[str, str], **overrides: str):
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=exports["AWS_ENDPOINT_URL_S3"],
-        region_name=exports["AWS_REGION"],
-        aws_access_key_id=overrides.get("key", exports["AWS_ACCESS_KEY_ID"]),
-        aws_secret_access_key=overrides.get("secret", exports["AWS_SECRET_ACCESS_KEY"]),
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
-    )
-
-
 def test_cli_server_exports_work_keys_enforced_and_ctrl_c_stops_everything(tmp_path):
     """Ctrl-C ends it with 130 and SIGTERM with 143, as every command (on main: 0)."""
     data_dir = str(tmp_path / "s3data")
@@ -73,15 +64,15 @@ def test_cli_server_exports_work_keys_enforced_and_ctrl_c_stops_everything(tmp_p
         assert exports["AWS_ENDPOINT_URL_S3"].startswith("http://127.0.0.1:")
         assert weed_pids(data_dir), "no weed process is running"
 
-        s3 = client(exports)
+        s3 = s3_client(exports)
         s3.put_object(Bucket="xfer", Key="hello.txt", Body=b"hi")  # the default bucket
         assert s3.get_object(Bucket="xfer", Key="hello.txt")["Body"].read() == b"hi"
 
         with pytest.raises(ClientError) as err:
-            client(exports, key="WRONGKEY0000").get_object(Bucket="xfer", Key="hello.txt")
+            s3_client(exports, key="WRONGKEY0000").get_object(Bucket="xfer", Key="hello.txt")
         assert err.value.response["Error"]["Code"] == "InvalidAccessKeyId"
         with pytest.raises(ClientError) as err:
-            client(exports, secret="wrong-secret").get_object(Bucket="xfer", Key="hello.txt")
+            s3_client(exports, secret="wrong-secret").get_object(Bucket="xfer", Key="hello.txt")
         assert err.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
         anonymous = boto3.session.Session().client(
             "s3",
@@ -103,7 +94,9 @@ def test_cli_server_exports_work_keys_enforced_and_ctrl_c_stops_everything(tmp_p
     proc2, exports2 = start_cli(data_dir)
     try:
         assert exports2["AWS_ACCESS_KEY_ID"] == exports["AWS_ACCESS_KEY_ID"]
-        assert client(exports2).get_object(Bucket="xfer", Key="hello.txt")["Body"].read() == b"hi"
+        assert (
+            s3_client(exports2).get_object(Bucket="xfer", Key="hello.txt")["Body"].read() == b"hi"
+        )
     finally:
         proc2.terminate()
         proc2.communicate(timeout=60)
@@ -161,7 +154,7 @@ def test_a_port_taken_before_weed_binds_it_is_retried_with_new_ports(tmp_path, m
             assert f":{taken_port}" not in server.endpoint
             log = (tmp_path / "race" / "weed.log").read_text()
             assert "Port allocation failed" in log or "address already in use" in log
-            assert [b["Name"] for b in server._client().list_buckets()["Buckets"]] == ["abc"]
+            assert [b["Name"] for b in s3_client(server.env()).list_buckets()["Buckets"]] == ["abc"]
     finally:
         busy.close()
 
@@ -169,9 +162,10 @@ def test_a_port_taken_before_weed_binds_it_is_retried_with_new_ports(tmp_path, m
 def test_chosen_ports_stay_out_of_the_ephemeral_range():
     """Outgoing connections take their local ports from the kernel's ephemeral range at
     any moment; weed's ports (and their gRPC twins) are chosen below it."""
-    from xfer.s3server import GRPC_OFFSET, _ephemeral_ports, free_port_pair
+    from xfer.s3server import GRPC_OFFSET, free_port_pair
 
-    lo, hi = _ephemeral_ports()
+    # The kernel's range, read here rather than through s3server's own reading of it.
+    lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     taken: set[int] = set()
     for _ in range(20):
         port = free_port_pair(taken)
@@ -183,8 +177,8 @@ def test_a_few_hundred_buckets_each_take_writes(tmp_path):
     volumes out of free disk / 128 MB: with 77 GB free the 77th bucket's first PUT got
     InternalError, and the full suite failed at random places once it made that many."""
     with EmbeddedS3(tmp_path) as server:
-        client = server._client()
+        s3 = s3_client(server.env())
         for i in range(100):
-            client.create_bucket(Bucket=f"many-{i:03d}")
-            client.put_object(Bucket=f"many-{i:03d}", Key="k", Body=b"x")
-        assert client.get_object(Bucket="many-099", Key="k")["Body"].read() == b"x"
+            s3.create_bucket(Bucket=f"many-{i:03d}")
+            s3.put_object(Bucket=f"many-{i:03d}", Key="k", Body=b"x")
+        assert s3.get_object(Bucket="many-099", Key="k")["Body"].read() == b"x"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +22,13 @@ from xfer import storage
 from xfer.s3server import EmbeddedS3
 from xfer.synth import synthesize
 
+from .conftest import REPO, s3_client, xfer_argv
+
 pytestmark = pytest.mark.slow
 
 BUCKET = "night"
 IMAGES = 480
 BLOCK = 8  # 60 blocks: the night is well under way, not over, when the store goes
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Night:
@@ -38,7 +38,7 @@ class Night:
         self.data_dir = data_dir
         self.server = EmbeddedS3(data_dir).start()
         self.port = int(self.server.endpoint.rsplit(":", 1)[1])
-        client = self.server._client()
+        client = s3_client(self.server.env())
         client.create_bucket(Bucket=BUCKET)
         # The trained run, copied from the session's server (read with its variables).
         for info in storage.list_files(run_uri):
@@ -63,10 +63,7 @@ class Night:
         }
         for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
             env.pop(key, None)
-        cmd = [
-            sys.executable,
-            "-m",
-            "xfer",
+        cmd = xfer_argv(
             "score",
             "--model",
             f"s3://{BUCKET}/xfer/runs/night-model",
@@ -82,13 +79,13 @@ class Night:
             "score.num_actors=1",
             "cluster.local_num_cpus=2",
             *overrides,
-        ]
+        )
         return subprocess.Popen(
             cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
 
     def keys(self, prefix: str) -> list[str]:
-        client = self.server._client()
+        client = s3_client(self.server.env())
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
@@ -120,7 +117,7 @@ class Night:
 
         import pyarrow.parquet as pq
 
-        client = self.server._client()
+        client = s3_client(self.server.env())
         part = f"preds/dt={date}"
         marker = json.loads(client.get_object(Bucket=BUCKET, Key=f"{part}/_SUCCESS")["Body"].read())
         rows = []

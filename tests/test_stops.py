@@ -9,11 +9,12 @@ import queue
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 from xfer.s3server import free_port_pair
+
+from .conftest import run_xfer, xfer_argv
 
 
 def _ppids() -> dict[int, int]:
@@ -64,7 +65,7 @@ class Command:
     def __init__(self, *args: str, cwd: str | None = None):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xfer", *args],
+            xfer_argv(*args),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -159,12 +160,7 @@ def test_sigterm_stops_the_s3_server_and_the_port_is_free_again_at_once(tmp_path
 
 
 def test_a_port_without_room_for_its_grpc_twin_is_one_line(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "xfer", "s3-server", "--data-dir", str(tmp_path), "--port", "60000"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_xfer("s3-server", "--data-dir", str(tmp_path), "--port", "60000", timeout=60)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [
         "xfer: error: S3 port 60000: must be between 1 and 55535 "

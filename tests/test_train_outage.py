@@ -8,26 +8,22 @@ failed the whole training run (exit 2, "training run ... failed").
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from xfer import storage
 from xfer.commit import SUCCESS
 from xfer.config import load_config
 
-from .conftest import train_overrides
+from .conftest import REPO, run_xfer, train_overrides
 from .faultproxy import FaultProxy
 
-REPO = Path(__file__).resolve().parents[1]
 # One short head phase on one worker: enough reads of every shard, little training.
 SHORT = {
     "train.head.epochs": 1,
     "train.fine_tune.epochs": 0,
     "cluster.num_workers": 1,
     "cluster.max_failures": 0,  # a failed worker fails the run: no restart hides it
+    "output.predictions": "false",  # no scoring pass after training: nothing reads it
     "output.gate.min_test_accuracy": 0.0,
 }
 SHARDS = r"/datasets/shapes/.*\.parquet"
@@ -84,14 +80,7 @@ def test_a_store_away_past_the_budget_stops_training_with_exit_75(
     )
     env = fault_proxy.env()
     env.update({"RAY_ADDRESS": "", "XFER_S3_MAX_ATTEMPTS": "2", "PYTHONPATH": str(REPO / "src")})
-    proc = subprocess.run(
-        [sys.executable, "-m", "xfer", "train", *overrides],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_xfer("train", *overrides, env=env, timeout=600)
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("xfer: error:")]
     assert proc.returncode == 75, proc.stderr[-4000:]
     assert len(errors) == 1, proc.stderr[-4000:]

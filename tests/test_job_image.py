@@ -1,6 +1,6 @@
 """The job image (infra/Dockerfile), and the secrets that stay out of it and out of git.
 
-    .venv/bin/pytest -q tests/test_image.py
+    .venv/bin/pytest -q tests/test_job_image.py
 
 These tests read the Dockerfile, the lock and the build context filter;
 tests/test_image_build.py builds the image and runs a smoke test inside it
