@@ -273,11 +273,11 @@ def test_pre_resize_is_within_one_level_of_pils():
     above max_side to PIL's block-averaging ``reduce`` (4x and more) and thin images."""
     import tensorflow as tf
 
-    from xfer.export import _pil_resize
+    from xfer.export import pil_resize
     from xfer.images import normalise
 
     resize = tf.function(
-        _pil_resize,
+        pil_resize,
         input_signature=[
             tf.TensorSpec([None, None, 3], tf.uint8),
             tf.TensorSpec([], tf.int32),

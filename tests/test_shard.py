@@ -314,14 +314,14 @@ def test_num_tasks_bounds_the_tasks_running_at_once(ray_local, tmp_path):
 def test_shard_and_score_list_the_same_inputs(tmp_path):
     """One listing module: a prefix and a uri list give both jobs the same keys and URIs."""
     from xfer import inputs
-    from xfer.scoreplan import _list_objects
+    from xfer.scoreplan import list_objects
 
     raw = tmp_path / "raw"
     synthesize(str(raw), ["a", "b"], per_class=3, size=16)
     (raw / "a" / ".DS_Store").write_bytes(b"x")
     (raw / "a" / "Thumbs.db").write_bytes(b"x")
     tree = inputs.class_tree(str(raw))
-    scored = list(_list_objects(str(raw)))
+    scored = list(list_objects(str(raw)))
     assert [(i.key, i.uri) for i in tree] == [(r["key"], r["source_uri"]) for r in scored]
     assert len(tree) == 6 and {i.label for i in tree} == {"a", "b"}
     listing = tmp_path / "list.csv"
@@ -330,10 +330,10 @@ def test_shard_and_score_list_the_same_inputs(tmp_path):
     labelled = inputs.read_list(str(listing), labelled=True)
     assert [i.uri for i in labelled] == [i.uri for i in tree]  # relative to the list's folder
     assert [i.label for i in labelled] == [i.label for i in tree]
-    scored_list = list(_list_objects(str(listing)))
+    scored_list = list(list_objects(str(listing)))
     assert [r["source_uri"] for r in scored_list] == [i.uri for i in tree]
     (tmp_path / "bad.csv").write_text("path\nx.jpg\n")
     with pytest.raises(DataError, match=r"needs uri,label \(missing: label, uri\)"):
         inputs.read_list(str(tmp_path / "bad.csv"), labelled=True)
     with pytest.raises(DataError, match=r"--input: .* needs a uri column"):
-        list(_list_objects(str(tmp_path / "bad.csv")))
+        list(list_objects(str(tmp_path / "bad.csv")))

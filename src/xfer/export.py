@@ -16,7 +16,7 @@ SageMaker or Vertex need no xfer code:
 1. decode to RGB (``tf.io.decode_image``, as training decodes);
 2. when the longest side is above the model's recorded ``max_side``: the pre-resize
    that sharding and ``xfer score`` do with PIL (reduce + bilinear), *approximated*
-   in TensorFlow ops (:func:`_pil_resize`: pixels within 1 of PIL's; a JPEG is
+   in TensorFlow ops (:func:`pil_resize`: pixels within 1 of PIL's; a JPEG is
    decoded for it with the accurate DCT, as PIL decodes it);
 3. unless the source is a PNG or BMP: the JPEG re-encoding its shard copy got, when
    it was pre-resized or is not a JPEG (GIF, WebP);
@@ -182,7 +182,7 @@ def _shard_copy(image: Any, encoded: Any, max_side: int | None, jpeg_quality: in
             lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
             lambda: image,
         )
-        return _pil_resize(source, side(h), side(w))
+        return pil_resize(source, side(h), side(w))
 
     resized = tf.constant(False)
     if max_side:
@@ -205,7 +205,7 @@ def _shard_copy(image: Any, encoded: Any, max_side: int | None, jpeg_quality: in
     return tf.cond(tf.logical_and(converted, tf.logical_not(lossless)), reencode, lambda: image)
 
 
-def _pil_resize(image: Any, height: Any, width: Any) -> Any:
+def pil_resize(image: Any, height: Any, width: Any) -> Any:
     """PIL's ``resize(BILINEAR, reducing_gap=2.0)`` of a uint8 image, in TensorFlow ops.
 
     PIL first averages blocks of ``int(scale / 2)`` pixels (``reduce``; a partial block

@@ -173,7 +173,7 @@ def _plan_input(
     if not inventory and (uri.endswith(MANIFEST) or storage.exists(storage.join(uri, MANIFEST))):
         _plan_dataset(plan, uri, split, block_size)
         return
-    listing = _list_objects(uri, allow_outside, inventory)
+    listing = list_objects(uri, allow_outside, inventory)
     rows = count = 0
     with ThreadPoolExecutor(8) as pool:
         pending: list[Future[None]] = []
@@ -252,7 +252,7 @@ def _write_plan_block(plan_uri: str, block: int, rows: list[dict[str, Any]]) -> 
     storage.write_parquet(table, storage.join(plan_uri, f"block-{block:05d}.parquet"))
 
 
-def _list_objects(uri: str, allow_outside: bool = False, inventory: bool | None = None) -> Any:
+def list_objects(uri: str, allow_outside: bool = False, inventory: bool | None = None) -> Any:
     """key/source_uri/size of each image under a prefix, in a CSV/Parquet list or an S3
     Inventory report (streamed); ``inventory``: whether the caller already knows it is one."""
     if inputs.is_list(uri):
