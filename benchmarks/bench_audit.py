@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from xfer.audit import Images
+from xfer.audit.collect import Images
 
 RESULTS = Path(__file__).parent / "results" / "audit.json"
 
 
 def closest_pairs(images: Images, n: int = 3) -> dict[str, list[list[object]]]:
-    from xfer.auditfind import centred
+    from xfer.audit.find import centred
 
     fp, x = images.fingerprints, centred(images.features)
     cos = x @ x.T
@@ -45,7 +45,7 @@ def closest_pairs(images: Images, n: int = 3) -> dict[str, list[list[object]]]:
 
 
 def flip_trial(images: Images, classes: list[str], flips: int, seed: int) -> dict[str, object]:
-    from xfer.auditfind import label_findings
+    from xfer.audit.find import label_findings
 
     fp = images.fingerprints
     rng = np.random.default_rng(seed)
@@ -72,11 +72,11 @@ def main() -> int:
     parser.add_argument("--flips", type=int, default=40)
     args = parser.parse_args()
 
-    from xfer.audit import AuditSettings, base_features, find_all, load_images
+    from xfer.audit.collect import AuditSettings, base_features, find_all, load_images
     from xfer.config import ShardConfig, load_config
-    from xfer.manifest import load_manifest
+    from xfer.data.manifest import load_manifest
+    from xfer.data.shard import shard_dataset
     from xfer.raycluster import ensure_ray
-    from xfer.shard import shard_dataset
 
     with tempfile.TemporaryDirectory(prefix="xfer-bench-audit-") as tmp:
         ensure_ray(num_cpus=2)

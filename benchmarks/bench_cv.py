@@ -127,10 +127,10 @@ def overrides(weights_uri: str, fold: int, extra: dict[str, object]) -> list[str
 
 def prepare(images: str, weights: str) -> str:
     """Shard each fold once, then write one dataset per fold; returns the weights' URI."""
-    from xfer import storage
     from xfer.config import ShardConfig
-    from xfer.manifest import Manifest, SplitInfo, load_manifest
-    from xfer.shard import shard_dataset
+    from xfer.data.manifest import Manifest, SplitInfo, load_manifest
+    from xfer.data.shard import shard_dataset
+    from xfer.store import storage
 
     weights_uri = f"{ROOT}/weights/{os.path.basename(weights)}"
     if not storage.exists(weights_uri):
@@ -373,7 +373,7 @@ def batchnorm_inputs(base: object, bns: list, images: str) -> dict[str, object]:
     import tensorflow as tf
     from tf_keras import Model
 
-    from xfer.preprocess import decode_and_resize
+    from xfer.data.preprocess import decode_and_resize
 
     paths = sorted(
         os.path.join(images, label, name)

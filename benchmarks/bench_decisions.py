@@ -26,9 +26,9 @@ HEAD_EPOCHS = 5
 
 
 def prepare(images: str, weights: str) -> str:
-    from xfer import storage
     from xfer.config import ShardConfig
-    from xfer.shard import shard_dataset
+    from xfer.data.shard import shard_dataset
+    from xfer.store import storage
 
     if not storage.exists(f"{ROOT}/datasets/decisions/manifest.json"):
         shard_dataset(
@@ -58,8 +58,8 @@ def overrides(weights_uri: str, seed: int, **extra: object) -> list[str]:
 
 def test_log_loss(run_uri: str) -> tuple[float, float]:
     """The test split's log-loss, the network's own probabilities and calibrated."""
-    from xfer import storage
-    from xfer.calibration import apply_temperature, nll
+    from xfer.models.calibration import apply_temperature, nll
+    from xfer.store import storage
     from xfer.train.outputs import labelled_probabilities
 
     table = storage.read_parquet(f"{run_uri}/predictions/test.parquet")
@@ -106,7 +106,7 @@ def run_in(images: str, weights: str) -> dict:
             + ("published" if second.published else "not published")
         )
         if second.published:  # the next mode compares with the first run again
-            from xfer.runs import promote
+            from xfer.registry.runs import promote
 
             promote(ROOT, first.run_id, force=True)
     record(

@@ -3,7 +3,7 @@
     python benchmarks/bench_input.py --images ../shared/data/cats_vs_dogs
 
 For original and for pre-resized shards (`xfer shard --max-side`), side by side:
-- the training reader (`xfer.reader.make_dataset`): Parquet row groups streamed from
+- the training reader (`xfer.data.reader.make_dataset`): Parquet row groups streamed from
   the embedded S3 server through pyarrow, decoded and resized in parallel tf.data maps;
 - the same reader on a local copy of the same shards (no server, no HTTP);
 - the in-memory limit: the same JPEG bytes, already in memory, through the same
@@ -40,7 +40,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def reader_pass(manifest, split: str) -> tuple[int, float]:
-    from xfer.reader import ReaderSpec, make_dataset
+    from xfer.data.reader import ReaderSpec, make_dataset
 
     spec = ReaderSpec(manifest, split, IMAGE_SIZE, BATCH, training=False, parallel_reads=4)
     ds = iter(make_dataset(spec, epochs=PASSES))
@@ -54,7 +54,7 @@ def reader_pass(manifest, split: str) -> tuple[int, float]:
 def memory_pass(blobs: list[bytes]) -> tuple[int, float]:
     import tensorflow as tf
 
-    from xfer.preprocess import decode_and_resize
+    from xfer.data.preprocess import decode_and_resize
 
     ds = tf.data.Dataset.from_tensor_slices(blobs * PASSES).map(
         lambda b: decode_and_resize(b, IMAGE_SIZE), num_parallel_calls=tf.data.AUTOTUNE
@@ -69,7 +69,7 @@ def memory_pass(blobs: list[bytes]) -> tuple[int, float]:
 
 
 def all_bytes(manifest, split: str) -> list[bytes]:
-    from xfer import storage
+    from xfer.store import storage
 
     out: list[bytes] = []
     for uri in manifest.shard_uris(split):
@@ -78,11 +78,11 @@ def all_bytes(manifest, split: str) -> list[bytes]:
 
 
 def run(images: str | None, max_side: int = 192) -> dict:
-    from xfer import storage
     from xfer.config import ShardConfig
-    from xfer.manifest import load_manifest
-    from xfer.shard import shard_dataset
-    from xfer.synth import synthesize
+    from xfer.data.manifest import load_manifest
+    from xfer.data.shard import shard_dataset
+    from xfer.data.synth import synthesize
+    from xfer.store import storage
 
     with environment() as work:
         source = images

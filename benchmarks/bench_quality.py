@@ -42,11 +42,11 @@ def base_forward_seconds(weights_path: str) -> dict[str, float]:
     import numpy as np
     import tensorflow as tf
 
-    from xfer import storage
     from xfer.config import load_config
-    from xfer.manifest import load_manifest
-    from xfer.model import build_model, feature_extractor
-    from xfer.preprocess import decode_and_resize
+    from xfer.data.manifest import load_manifest
+    from xfer.data.preprocess import decode_and_resize
+    from xfer.models.model import build_model, feature_extractor
+    from xfer.store import storage
 
     m = load_manifest(f"{ROOT}/datasets/photos")
     blobs = [
@@ -104,9 +104,9 @@ def run(images: str, weights: str) -> dict:
 
 def prepare(images: str, weights: str) -> str:
     """Shard the photos (80/20, pre-resized) and upload the weights; returns their URI."""
-    from xfer import storage
     from xfer.config import ShardConfig
-    from xfer.shard import shard_dataset
+    from xfer.data.shard import shard_dataset
+    from xfer.store import storage
 
     if not storage.exists(f"{ROOT}/datasets/photos/manifest.json"):
         shard_dataset(

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xfer import s3, storage
-from xfer.retry import ride_through
-from xfer.rowgroups import read_row_groups
+from xfer.data.rowgroups import read_row_groups
+from xfer.store import s3, storage
+from xfer.store.retry import ride_through
 
 GROUPS, ROWS, IMAGE_KB, BLOCK, REPEATS = 48, 64, 24, 8, 9
 COLUMNS = ["key", "image", "label"]
@@ -103,7 +103,7 @@ def best_seconds(fn: Callable[[], int], expected: int) -> float:
 
 
 def main() -> None:
-    from xfer.s3server import EmbeddedS3
+    from xfer.store.s3server import EmbeddedS3
 
     work = tempfile.mkdtemp(prefix="xfer-bench-rg-")
     with EmbeddedS3(os.path.join(work, "s3"), buckets=("bench",)) as server:

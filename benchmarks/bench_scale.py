@@ -8,14 +8,14 @@ the first 30k, ``raw/s/m/m`` the first 10k: see :func:`raw_prefixes`) on the emb
 S3 server, and every stage is measured at every size, each measurement in a fresh
 driver process of its own (attached to the benchmark's local Ray):
 
-- ``shard``: `xfer shard` (``xfer.shard.shard_dataset``) of the N images;
+- ``shard``: `xfer shard` (``xfer.data.shard.shard_dataset``) of the N images;
 - ``reader_plan``: the training reader's plan over the shards sharding wrote (the
   manifest, the row groups, the epoch's order and both pipelines' segments);
-- ``reader_epoch``: one training epoch of ``xfer.reader.make_dataset`` (decoded);
+- ``reader_epoch``: one training epoch of ``xfer.data.reader.make_dataset`` (decoded);
 - ``cache_plan``: the feature cache's plan (``features.plan_cache``, a miss) and each
   of two ranks' pieces (``featurebuild.rank_pieces``);
 - ``night_plan``: a night's plan (``scoreplan.plan_night``) over the N objects;
-- ``score``: `xfer score` (``xfer.score.score``) of the N objects with a tiny model,
+- ``score``: `xfer score` (``xfer.scoring.score.score``) of the N objects with a tiny model,
   ``score.block_size`` small enough for thousands of parts, commit and report included;
 - ``nightly_report``: ``nightly.write_nightly_report`` over that night (N rows);
 - ``runs_list``: `xfer runs list` (``xfer.cli.main``) over 100, 300, 1,000 runs: copies
@@ -23,7 +23,7 @@ driver process of its own (attached to the benchmark's local Ray):
 
 For each: wall time; the driver's peak RSS (``VmHWM``, reset after the stage's imports)
 and that peak above the process's RSS after those imports (its baseline); store requests per item counted at the
-client (a botocore ``before-call.s3`` hook on ``xfer.s3.s3_client()``, per operation,
+client (a botocore ``before-call.s3`` hook on ``xfer.store.s3.s3_client()``, per operation,
 plus Parquet files opened through pyarrow's S3 filesystem, whose own ranged reads
 are not counted). Requests and memory are the driver's only: Ray workers and actors
 (shard, score) are not counted. Per stage: the growth exponent (least-squares slope of
@@ -120,7 +120,7 @@ def raw_prefixes(sizes: list[int]) -> dict[int, str]:
 
 def upload(images: list[bytes], sizes: list[int], threads: int = 32) -> None:
     """Each image once, under the smallest size's folder that holds it."""
-    from xfer import s3
+    from xfer.store import s3
 
     client = s3.s3_client()
     prefixes = raw_prefixes(sizes)
@@ -139,8 +139,8 @@ def upload(images: list[bytes], sizes: list[int], threads: int = 32) -> None:
 def train_model() -> str:
     """A real tiny run (tiny_cnn, one head epoch) on generated shapes, published."""
     from xfer.config import ShardConfig, load_config
-    from xfer.shard import shard_dataset
-    from xfer.synth import synthesize
+    from xfer.data.shard import shard_dataset
+    from xfer.data.synth import synthesize
     from xfer.train.driver import train
 
     synthesize(f"{ROOT}/raw/model", CLASSES, per_class=40, size=MODEL_PX, seed=5)
@@ -175,7 +175,7 @@ def make_runs(run_uri: str, count: int, threads: int = 32) -> None:
     """``count`` copies of the run's folder (and its model pointer) under a root of their
     own, ids ``YYYYmmdd-HHMMSS-NNNNN`` and driver start records a minute apart, one in ten
     without ``_SUCCESS`` (running); each indexed as its driver would (:func:`index_runs`)."""
-    from xfer import s3, storage
+    from xfer.store import s3, storage
 
     client = s3.s3_client()
     src_bucket, src_key = s3.split_s3(run_uri)
@@ -208,15 +208,15 @@ def make_runs(run_uri: str, count: int, threads: int = 32) -> None:
 
 
 def index_runs(root: str, run_uri: str, runs: list[tuple[str, bool]], threads: int) -> None:
-    """The run index's entries (``xfer.runindex.IndexWriter``, where it exists): started,
+    """The run index's entries (``xfer.registry.runindex.IndexWriter``, where it exists): started,
     then committed for a complete run, as the training driver writes them."""
     try:
-        from xfer.runindex import IndexWriter
+        from xfer.registry.runindex import IndexWriter
     except ImportError:  # no index in this version: runs list reads the run folders
         return
-    from xfer import storage
     from xfer.config import load_config
-    from xfer.layout import CONFIG, METRICS
+    from xfer.registry.layout import CONFIG, METRICS
+    from xfer.store import storage
 
     cfg = load_config(storage.join(run_uri, CONFIG), [f"storage.root={root}"])
     metrics = storage.read_json(storage.join(run_uri, METRICS))
@@ -240,7 +240,7 @@ def dataset_uri(n: int) -> str:
 
 def stage_shard(a: dict[str, Any]) -> dict[str, Any]:
     from xfer.config import ShardConfig
-    from xfer.shard import shard_dataset
+    from xfer.data.shard import shard_dataset
 
     with contextlib.redirect_stdout(io.StringIO()):
         s = shard_dataset(a["src"], dataset_uri(a["n"]), ShardConfig(target_shard_mb=SHARD_MB))
@@ -248,14 +248,14 @@ def stage_shard(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spec(manifest: Any, decode: bool = False) -> Any:
-    from xfer.reader import ReaderSpec
+    from xfer.data.reader import ReaderSpec
 
     return ReaderSpec(manifest, "train", MODEL_PX, 64, training=True, decode=decode)
 
 
 def stage_reader_plan(a: dict[str, Any]) -> dict[str, Any]:
-    from xfer.manifest import load_manifest
-    from xfer.reader import epoch_order, pipeline_segments
+    from xfer.data.manifest import load_manifest
+    from xfer.data.reader import epoch_order, pipeline_segments
 
     manifest = load_manifest(dataset_uri(a["n"]))
     spec = _spec(manifest)
@@ -271,8 +271,8 @@ def stage_reader_plan(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_reader_epoch(a: dict[str, Any]) -> dict[str, Any]:
-    from xfer.manifest import load_manifest
-    from xfer.reader import make_dataset
+    from xfer.data.manifest import load_manifest
+    from xfer.data.reader import make_dataset
 
     spec = _spec(load_manifest(dataset_uri(a["n"])), decode=True)
     rows = 0
@@ -283,10 +283,10 @@ def stage_reader_epoch(a: dict[str, Any]) -> dict[str, Any]:
 
 def stage_cache_plan(a: dict[str, Any]) -> dict[str, Any]:
     from xfer.config import load_config
-    from xfer.featurebuild import rank_pieces
-    from xfer.features import SPLITS, plan_cache
-    from xfer.manifest import load_manifest
-    from xfer.weights import fetch_weights
+    from xfer.data.featurebuild import rank_pieces
+    from xfer.data.features import SPLITS, plan_cache
+    from xfer.data.manifest import load_manifest
+    from xfer.models.weights import fetch_weights
 
     cfg = load_config(
         None,
@@ -307,7 +307,7 @@ def stage_cache_plan(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_night_plan(a: dict[str, Any]) -> dict[str, Any]:
-    from xfer.scoreplan import plan_night
+    from xfer.scoring.scoreplan import plan_night
 
     final = f"{ROOT}/plans/n{a['n']}/dt={DATE}"
     night, _ = plan_night({"bench": "scale"}, a["src"], "all", final, BLOCK_SIZE)
@@ -316,7 +316,7 @@ def stage_night_plan(a: dict[str, Any]) -> dict[str, Any]:
 
 def stage_score(a: dict[str, Any]) -> dict[str, Any]:
     from xfer.config import load_config
-    from xfer.score import score
+    from xfer.scoring.score import score
 
     cfg = load_config(None, [f"storage.root={ROOT}", f"score.block_size={BLOCK_SIZE}"])
     with contextlib.redirect_stdout(io.StringIO()):
@@ -325,8 +325,8 @@ def stage_score(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_nightly_report(a: dict[str, Any]) -> dict[str, Any]:
-    from xfer.layout import resolve_model
-    from xfer.nightly import write_nightly_report
+    from xfer.registry.layout import resolve_model
+    from xfer.reports.nightly import write_nightly_report
 
     ref = resolve_model(a["model"])
     partition = f"{ROOT}/predictions/n{a['n']}/dt={DATE}"
@@ -357,14 +357,19 @@ STAGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "runs_list": stage_runs_list,
 }
 IMPORTS = {  # imported before the baseline is read: the stage's code, not its work
-    "shard": ["xfer.shard", "ray"],
-    "reader_plan": ["xfer.reader", "xfer.manifest"],
-    "reader_epoch": ["xfer.reader", "xfer.manifest", "tensorflow"],
-    "cache_plan": ["xfer.features", "xfer.featurebuild", "xfer.weights", "xfer.config"],
-    "night_plan": ["xfer.scoreplan"],
-    "score": ["xfer.score", "ray", "ray.data"],
-    "nightly_report": ["xfer.nightly", "xfer.layout"],
-    "runs_list": ["xfer.cli", "xfer.runs"],
+    "shard": ["xfer.data.shard", "ray"],
+    "reader_plan": ["xfer.data.reader", "xfer.data.manifest"],
+    "reader_epoch": ["xfer.data.reader", "xfer.data.manifest", "tensorflow"],
+    "cache_plan": [
+        "xfer.data.features",
+        "xfer.data.featurebuild",
+        "xfer.models.weights",
+        "xfer.config",
+    ],
+    "night_plan": ["xfer.scoring.scoreplan"],
+    "score": ["xfer.scoring.score", "ray", "ray.data"],
+    "nightly_report": ["xfer.reports.nightly", "xfer.registry.layout"],
+    "runs_list": ["xfer.cli", "xfer.registry.runs"],
 }
 
 
@@ -390,7 +395,7 @@ def reset_peak() -> float:
 def count_requests() -> Counter[str]:
     """Store requests made by this process: boto3 calls by operation, and Parquet files
     opened through pyarrow's filesystem (``arrow:open_input_file``)."""
-    from xfer import s3, storage
+    from xfer.store import s3, storage
 
     counts: Counter[str] = Counter()
 
@@ -472,7 +477,7 @@ class PeakSnapshots:
 def child(stage: str, a: dict[str, Any]) -> None:
     import importlib
 
-    for module in ["pyarrow", "pyarrow.parquet", "xfer.storage", *IMPORTS[stage]]:
+    for module in ["pyarrow", "pyarrow.parquet", "xfer.store.storage", *IMPORTS[stage]]:
         importlib.import_module(module)
     counts = count_requests()
     profiler = cProfile.Profile() if a.get("profile") else None

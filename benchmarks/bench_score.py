@@ -66,7 +66,7 @@ def upload_copies(
     images: str, prefix: str, copies: int, limit: int | None = None, threads: int = 16
 ) -> int:
     """The photos ``copies`` times under ``prefix/copy-{k}/<path>`` (the first ``limit``)."""
-    from xfer import storage
+    from xfer.store import storage
 
     blobs = [(os.path.relpath(p, images), Path(p).read_bytes()) for p in photo_paths(images)]
     jobs = [(f"{prefix}/copy-{k}/{rel}", data) for k in range(copies) for rel, data in blobs]
@@ -149,7 +149,7 @@ def _emit(result: dict[str, Any]) -> None:
 def child_score(a: dict[str, Any]) -> None:
     """One `xfer score` driver; reports ScoreResult's figures and this process's peak RSS."""
     from xfer.config import load_config
-    from xfer.score import score
+    from xfer.scoring.score import score
 
     rss_before = _proc_mb("self", "VmRSS")
     cfg = load_config(None, [f"storage.root={ROOT}", *SCORE_OVERRIDES, *a.get("overrides", [])])
@@ -204,7 +204,7 @@ def child_decode(a: dict[str, Any]) -> None:
     np.save(a["pixels"], np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
     # Scoring's own preparation: the same, plus what makes a raw image's pixels those of
     # its shard (the model's pre-resize, and the shard's JPEG re-encoding and decode).
-    from xfer.scorer import image_pixels
+    from xfer.scoring.scorer import image_pixels
 
     for data in blobs[:16]:
         image_pixels(data, size, a["max_side"], jpeg_quality=a["jpeg_quality"])
@@ -227,7 +227,7 @@ def child_predict(a: dict[str, Any]) -> None:
     import numpy as np
     import tf_keras
 
-    from xfer import storage
+    from xfer.store import storage
 
     with tempfile.TemporaryDirectory(prefix="xfer-bench-") as tmp:
         path = os.path.join(tmp, "model.keras")
@@ -252,7 +252,7 @@ CHILDREN = {"score": child_score, "decode": child_decode, "predict": child_predi
 def read_predictions(output: str) -> Any:
     import pyarrow as pa
 
-    from xfer import storage
+    from xfer.store import storage
 
     parts = [f.uri for f in storage.list_files(output) if f.uri.endswith(".parquet")]
     return pa.concat_tables([storage.read_parquet(u) for u in parts], promote_options="default")
@@ -299,8 +299,8 @@ def run_in(images: str, model_uri: str) -> dict:
     import ray
 
     from xfer.config import ShardConfig
-    from xfer.layout import resolve_model
-    from xfer.shard import shard_dataset
+    from xfer.data.shard import shard_dataset
+    from xfer.registry.layout import resolve_model
 
     cores = os.cpu_count() or 2
     ref = resolve_model(model_uri)
@@ -458,7 +458,7 @@ def run_in(images: str, model_uri: str) -> dict:
             f"Model: {ref.run_uri} (MobileNetV2 @{ref.image_size}, one head epoch, trained on shards "
             f"pre-resized to 256 px). Scale: the {n_big // COPIES} photos uploaded {COPIES} times under "
             f"distinct keys ({n_big} JPEG objects) and a {n_half}-object prefix on the embedded S3; each "
-            "is scored by `xfer.score.score` in a driver process of its own, attached to the benchmark's "
+            "is scored by `xfer.scoring.score.score` in a driver process of its own, attached to the benchmark's "
             f"local Ray ({cores} CPUs), overrides {', '.join(SCORE_OVERRIDES)}. Wall time and start-up "
             "(until the first actor began its first block: Ray Data, the plan, the actors, loading the "
             "model) and the steady rate (this night's images over the time from then to the last "
@@ -468,7 +468,7 @@ def run_in(images: str, model_uri: str) -> dict:
             "(bilinear) per photo, timed in one process pinned to one core; model.predict on the decoded "
             f"float32 photos (batch {BATCH}) in one process on every core, the better of two passes; "
             "limit = 1 / (1 / (cores x decode) + 1 / predict); score_vs_limit = steady rate at 10k / "
-            "limit. The second limit times scoring's own preparation (xfer.scorer.image_pixels: also "
+            "limit. The second limit times scoring's own preparation (xfer.scoring.scorer.image_pixels: also "
             "the model's 256 px pre-resize and the shard's JPEG re-encoding, which make a raw photo's "
             "pixels those of its shard). xfer score also reads every photo from the S3 server, which "
             "runs on the same cores; the limits do not. Raw vs shard: copy 0 "

@@ -19,10 +19,10 @@ CLASSES = ["circle", "square", "triangle", "star"]
 
 
 def run(count: int = 20_000, size: int = 64) -> dict:
-    from xfer import storage
     from xfer.config import ShardConfig
-    from xfer.shard import shard_dataset
-    from xfer.synth import synthesize
+    from xfer.data.shard import shard_dataset
+    from xfer.data.synth import synthesize
+    from xfer.store import storage
 
     with environment() as work:
         local = f"{work}/raw"

@@ -272,7 +272,7 @@ def measure_store(keys: int = 5000, reads: int = 200) -> dict[str, float]:
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from xfer.s3server import EmbeddedS3
+    from xfer.store.s3server import EmbeddedS3
 
     def ms(call: Callable[[], Any]) -> tuple[float, Any]:
         start = time.perf_counter()
@@ -281,7 +281,7 @@ def measure_store(keys: int = 5000, reads: int = 200) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedS3(tmp, buckets=("lat",)) as server:
         os.environ.update(server.env())
-        from xfer.s3 import s3_client
+        from xfer.store.s3 import s3_client
 
         c, body = s3_client(), os.urandom(45_000)
 
@@ -327,7 +327,7 @@ def measure_store(keys: int = 5000, reads: int = 200) -> dict[str, float]:
 
 def listing_seconds(n: int, latency_s: float, parallel: int = 1) -> float:
     """ListObjectsV2 pages of 1,000 keys one after another; with P sub-prefixes listed
-    in parallel (evenly filled; xfer.listing), the first page and one listing with a
+    in parallel (evenly filled; xfer.store.listing), the first page and one listing with a
     delimiter to find them, then pages/P each."""
     pages = math.ceil(n / PAGE)
     if parallel <= 1:

@@ -53,7 +53,7 @@ def environment(workdir: str | None = None) -> Iterator[str]:
     import ray
 
     from xfer.raycluster import ensure_ray
-    from xfer.s3server import EmbeddedS3
+    from xfer.store.s3server import EmbeddedS3
 
     work = workdir or tempfile.mkdtemp(prefix="xfer-bench-")
     with EmbeddedS3(os.path.join(work, "s3"), buckets=(BUCKET,)) as server:

@@ -6,7 +6,7 @@
 It stages N objects (each holding VERSION) the way xfer names them (a dataset's
 version folder, a partition's token in the name), prints ``staged``, waits for a
 line on stdin (so the test can aim a fault at this pid), then commits through
-:mod:`xfer.commit` with the marker written last.
+:mod:`xfer.store.commit` with the marker written last.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import sys
 
-from xfer import commit, storage
-from xfer.scoreplan import write_table_manifest
+from xfer.scoring.scoreplan import write_table_manifest
+from xfer.store import commit, storage
 
 MARKERS = {"dataset": "manifest.json", "partition": "_SUCCESS"}
 

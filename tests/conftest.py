@@ -18,7 +18,7 @@ import pytest
 
 import xfer  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from xfer.config import XferConfig, load_config
-from xfer.s3server import EmbeddedS3
+from xfer.store.s3server import EmbeddedS3
 
 from .faultproxy import FaultProxy
 
@@ -180,8 +180,8 @@ def pretrained_weights(session_root: str, tmp_path_factory: pytest.TempPathFacto
     import numpy as np
     import tensorflow as tf
 
-    from xfer.model import build_model, compile_model, make_optimizer, unfreeze_top
-    from xfer.synth import render
+    from xfer.data.synth import render
+    from xfer.models.model import build_model, compile_model, make_optimizer, unfreeze_top
 
     # Seeded: every model of the session trains on this base, and an unlucky random
     # initialisation left one session's models all near chance (0.36-0.57 test accuracy).
@@ -211,7 +211,7 @@ def pretrained_weights(session_root: str, tmp_path_factory: pytest.TempPathFacto
     path = tmp_path_factory.mktemp("weights") / "tiny_source.h5"
     base.save_weights(str(path))
     uri = f"{session_root}/weights/tiny_source.h5"
-    from xfer import storage
+    from xfer.store import storage
 
     storage.upload_file(str(path), uri)
     return uri
@@ -221,8 +221,8 @@ def pretrained_weights(session_root: str, tmp_path_factory: pytest.TempPathFacto
 def target_dataset(session_root: str, ray_local: None) -> str:
     """Generated ring/star images, sharded into ``<root>/datasets/shapes``."""
     from xfer.config import ShardConfig
-    from xfer.shard import shard_dataset
-    from xfer.synth import synthesize
+    from xfer.data.shard import shard_dataset
+    from xfer.data.synth import synthesize
 
     synthesize(f"{session_root}/raw/shapes", TARGET_CLASSES, per_class=70, size=IMAGE_SIZE, seed=7)
     shard_dataset(

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from xfer import storage
 from xfer.errors import NotFoundError
+from xfer.store import storage
 
 KILL_DELAY_S = 3.0
 

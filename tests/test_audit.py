@@ -23,12 +23,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from xfer import cli, storage
-from xfer.audit import AuditSettings
-from xfer.auditfind import Fingerprints, centred, duplicate_findings, similar_pairs
-from xfer.auditreport import COLUMNS
-from xfer.shard import _hash_unit, _split_for
-from xfer.synth import render
+from xfer import cli
+from xfer.audit.collect import AuditSettings
+from xfer.audit.find import Fingerprints, centred, duplicate_findings, similar_pairs
+from xfer.audit.report import COLUMNS
+from xfer.data.shard import _hash_unit, _split_for
+from xfer.data.synth import render
+from xfer.store import storage
 
 from .conftest import IMAGE_SIZE
 
@@ -98,7 +99,7 @@ def planted_audit(
     pretrained_weights: str,
 ):
     from xfer.config import ShardConfig
-    from xfer.shard import shard_dataset
+    from xfer.data.shard import shard_dataset
 
     raw = str(tmp_path_factory.mktemp("audit") / "raw")
     root = f"{session_root}/audit"  # the store, as in production
@@ -186,7 +187,7 @@ def test_audit_finds_planted_duplicates_and_flipped_labels(planted_audit, capsys
 def test_audit_bad_input_is_one_line(planted_audit, capsys, args, message) -> None:
     import dataclasses
 
-    from xfer.manifest import load_manifest
+    from xfer.data.manifest import load_manifest
 
     _, root, *_ = planted_audit
     planted = load_manifest(f"{root}/datasets/planted")
@@ -230,10 +231,10 @@ def test_cosine_links_near_features_and_never_chains() -> None:
 def test_a_failed_write_leaves_no_page_over_other_lists(tmp_path: Path) -> None:
     """Re-auditing into an --out that holds an audit: its page goes first, so a crash
     between the writes leaves no audit.html vouching for lists of two runs."""
-    from xfer.audit import Images
-    from xfer.auditfind import Finding
-    from xfer.auditreport import write_outputs
-    from xfer.manifest import Manifest
+    from xfer.audit.collect import Images
+    from xfer.audit.find import Finding
+    from xfer.audit.report import write_outputs
+    from xfer.data.manifest import Manifest
 
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buffer, "JPEG")

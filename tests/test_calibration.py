@@ -11,15 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xfer import layout, storage
-from xfer.calibration import (
+from xfer.config import load_config
+from xfer.models.calibration import (
     apply_temperature,
     calibrate,
     expected_calibration_error,
     fit_temperature,
     nll,
 )
-from xfer.config import load_config
+from xfer.registry import layout
+from xfer.store import storage
 from xfer.train.outputs import labelled_probabilities
 
 
@@ -68,9 +69,9 @@ def test_too_few_images_leave_the_model_uncalibrated_and_say_why():
 def test_a_run_is_calibrated_on_its_validation_split_and_scoring_applies_it(
     trained_run, target_dataset, session_root, ray_local
 ):
-    from xfer.layout import resolve_model
-    from xfer.manifest import load_manifest
-    from xfer.score import write_predictions
+    from xfer.data.manifest import load_manifest
+    from xfer.registry.layout import resolve_model
+    from xfer.scoring.score import write_predictions
 
     info = storage.read_json(f"{trained_run.run_uri}/{layout.MODEL_DIR}/{layout.MODEL_INFO}")
     record = info["calibration"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from xfer.config import load_config
-from xfer.model import build_model, compile_model, make_optimizer
+from xfer.models.model import build_model, compile_model, make_optimizer
 from xfer.train.checkpoint import TrainState, optimizer_state, restore, save_checkpoint
 from xfer.train.outputs import gate_value
 

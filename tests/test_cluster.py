@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xfer import storage
-from xfer.provenance import code_identity
-from xfer.s3server import IDENTITIES_FILE, EmbeddedS3
+from xfer.registry.provenance import code_identity
+from xfer.store import storage
+from xfer.store.s3server import IDENTITIES_FILE, EmbeddedS3
 
 from .conftest import IMAGE_SIZE
 from .faultwatch import FaultWatcher
@@ -497,7 +497,7 @@ def test_day_one_as_the_runbook_says(cluster, day_one_store, tmp_path):
     weights up and sharded from the laptop; a training run submitted, stopped and
     resumed by id from the laptop (RAY_ADDRESS=http://…); the runs listed; the first
     night and an empty night scored; a retrain published, then rolled back."""
-    from xfer.synth import synthesize
+    from xfer.data.synth import synthesize
 
     weights = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
     server, job_keys, base = day_one_store

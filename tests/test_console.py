@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from xfer import storage
+from xfer.store import storage
 
 from .conftest import train_overrides
 

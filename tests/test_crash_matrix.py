@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from xfer import commit, storage
 from xfer.errors import NotFoundError
-from xfer.scoreplan import table_manifest_uri
+from xfer.scoring.scoreplan import table_manifest_uri
+from xfer.store import commit, storage
 
 from .commitops import MARKERS, names
 from .faultproxy import FaultProxy
@@ -145,7 +145,7 @@ POINTER_STEPS = [
 def test_crash_matrix_promote(fault_proxy: FaultProxy, bucket: str) -> None:
     """`xfer runs promote B` while A is published: latest.json names A or B, never
     nothing; promoting again leaves B published; a rollback then reaches A."""
-    from xfer import layout
+    from xfer.registry import layout
 
     from .test_pointers import fake_run
 

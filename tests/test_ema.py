@@ -9,9 +9,9 @@ import tempfile
 import numpy as np
 import pytest
 
-from xfer import storage
 from xfer.config import load_config
-from xfer.manifest import load_manifest
+from xfer.data.manifest import load_manifest
+from xfer.store import storage
 from xfer.train.checkpoint import TF_PREFIX
 from xfer.train.driver import train
 
@@ -28,7 +28,7 @@ def test_two_workers_validate_and_save_the_moving_average(
     import tensorflow as tf
     import tf_keras
 
-    from xfer.preprocess import decode_and_resize
+    from xfer.data.preprocess import decode_and_resize
 
     quick = {
         "train.fine_tune.epochs": 2,

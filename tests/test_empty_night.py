@@ -11,13 +11,13 @@ import datetime as dt
 
 import pytest
 
-from xfer import storage
 from xfer.config import load_config
+from xfer.data.synth import synthesize
 from xfer.errors import ConfigError
-from xfer.nightly import REPORT, SUMMARY
-from xfer.score import partition_date, score
-from xfer.scoreplan import table_manifest_uri
-from xfer.synth import synthesize
+from xfer.reports.nightly import REPORT, SUMMARY
+from xfer.scoring.score import partition_date, score
+from xfer.scoring.scoreplan import table_manifest_uri
+from xfer.store import storage
 
 from .conftest import config_for, run_xfer
 

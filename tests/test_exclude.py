@@ -16,12 +16,12 @@ import math
 import pyarrow as pa
 import pytest
 
-from xfer import storage
 from xfer.config import load_config, resolved_dict
+from xfer.data.exclude import Exclusion, load_exclusion, parse_keys
+from xfer.data.manifest import load_manifest
+from xfer.data.reader import ReaderSpec, make_dataset
 from xfer.errors import ConfigError, DataError
-from xfer.exclude import Exclusion, load_exclusion, parse_keys
-from xfer.manifest import load_manifest
-from xfer.reader import ReaderSpec, make_dataset
+from xfer.store import storage
 
 from .conftest import IMAGE_SIZE, config_for, train_overrides
 

@@ -208,7 +208,7 @@ def test_a_failed_worker_fails_the_job_with_exit_1_and_one_line(
 def _arrow_upload_error(bucket: str, fault_proxy: FaultProxy) -> OSError:
     """What Ray Train's own checkpoint upload (pyarrow) raises when S3 keeps saying
     SlowDown past the client's retries: a real pyarrow error, through the proxy."""
-    from xfer.s3 import arrow_filesystem
+    from xfer.store.s3 import arrow_filesystem
 
     fault_proxy.add("*", "/checkpoint", "slowdown", seconds=600)
     fs, path = arrow_filesystem(f"{bucket}/runs/r1/checkpoint_000001/state")

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xfer import storage
-from xfer.export import SAVED_MODEL_DIR, export_on_ray, export_saved_model
-from xfer.layout import MODEL_FILE, MODEL_INFO, write_success
-from xfer.score import score
-from xfer.synth import render
+from xfer.data.synth import render
+from xfer.models.export import SAVED_MODEL_DIR, export_on_ray, export_saved_model
+from xfer.registry.layout import MODEL_FILE, MODEL_INFO, write_success
+from xfer.scoring.score import score
+from xfer.store import storage
 
 from .conftest import IMAGE_SIZE, config_for
 
@@ -235,7 +235,7 @@ def test_calibrated_export_applies_the_records_temperature(served):
 @pytest.mark.slow
 def test_every_run_exports_itself_with_its_own_temperature(served):
     """finish_run's export: ``model/saved_model/`` of the run, calibrated as scoring is."""
-    from xfer.calibration import apply_temperature
+    from xfer.models.calibration import apply_temperature
 
     run = served["run"]
     export = run.metrics["export"]
@@ -269,12 +269,12 @@ def test_larger_images_png_and_bad_bytes(served):
 
 
 def test_pre_resize_is_within_one_level_of_pils():
-    """The graph's pre-resize against :func:`xfer.images.normalise` (PIL), from just
+    """The graph's pre-resize against :func:`xfer.data.images.normalise` (PIL), from just
     above max_side to PIL's block-averaging ``reduce`` (4x and more) and thin images."""
     import tensorflow as tf
 
-    from xfer.export import pil_resize
-    from xfer.images import normalise
+    from xfer.data.images import normalise
+    from xfer.models.export import pil_resize
 
     resize = tf.function(
         pil_resize,

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from xfer import storage
 from xfer.config import load_config
+from xfer.data.features import plan_cache
+from xfer.data.manifest import load_manifest
 from xfer.errors import StorageError
-from xfer.features import plan_cache
-from xfer.manifest import load_manifest
+from xfer.models.weights import fetch_weights
+from xfer.store import storage
 from xfer.train.driver import train
-from xfer.weights import fetch_weights
 
 from .conftest import train_overrides
 
@@ -141,9 +141,9 @@ def test_partial_cache_is_rebuilt_by_the_next_run(
 
 def _build_in_process(cfg, plan, dataset) -> None:
     """What the workers do, in this process (one rank): encode, write, commit."""
-    from xfer.featurebuild import build_part
-    from xfer.features import commit_cache
-    from xfer.model import build_model, feature_extractor
+    from xfer.data.featurebuild import build_part
+    from xfer.data.features import commit_cache
+    from xfer.models.model import build_model, feature_extractor
 
     weights = fetch_weights(cfg.model.weights)
     model, _ = build_model(cfg.model, cfg.data.image_size, dataset.num_classes, weights.local_path)
@@ -192,8 +192,8 @@ def test_cached_features_come_from_the_base_that_is_trained(
     import tensorflow as tf
     import tf_keras
 
-    from xfer.model import feature_extractor
-    from xfer.preprocess import decode_and_resize
+    from xfer.data.preprocess import decode_and_resize
+    from xfer.models.model import feature_extractor
 
     cfg = cached_cfg(
         session_root,
@@ -221,8 +221,8 @@ def test_cached_features_come_from_the_base_that_is_trained(
 
 def test_ranks_share_the_row_groups_by_rows_not_by_shards():
     """A 1,600-row train shard and a 400-row val shard: both ranks encode ~1,000 rows."""
-    from xfer.featurebuild import rank_pieces
-    from xfer.manifest import Manifest, ShardInfo, SplitInfo
+    from xfer.data.featurebuild import rank_pieces
+    from xfer.data.manifest import Manifest, ShardInfo, SplitInfo
 
     def split(rows: int, groups: list[int]) -> SplitInfo:
         return SplitInfo(rows, [ShardInfo("s/part-00000.parquet", rows, 1, "x", groups)], {})

@@ -17,13 +17,14 @@ import pyarrow.compute as pc
 import pytest
 from scipy.stats import binomtest
 
-from xfer import layout, storage
 from xfer.config import load_config
+from xfer.data.manifest import load_manifest
 from xfer.errors import ConfigError
-from xfer.manifest import load_manifest
-from xfer.paired import compare, decide
 from xfer.raycluster import ensure_ray
-from xfer.runs import paired_lines
+from xfer.registry import layout
+from xfer.registry.paired import compare, decide
+from xfer.registry.runs import paired_lines
+from xfer.store import storage
 from xfer.train.gate import gate_and_publish, paired_verdict
 from xfer.train.outputs import versus_text
 

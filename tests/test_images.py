@@ -1,4 +1,4 @@
-"""Image preparation (:mod:`xfer.images`), directly, on real images made here by PIL.
+"""Image preparation (:mod:`xfer.data.images`), directly, on real images made here by PIL.
 
 The header's refusals, the normalisation sharding stores (EXIF orientation, alpha,
 CMYK, palette, the pre-resize) and the pixels each path gives: training's decode of
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xfer.images import (
+from xfer.data.images import (
     MAX_PIXELS,
     Accepted,
     ImageSettings,
@@ -86,8 +86,8 @@ def test_the_header_refuses_before_decoding_in_sharding_and_scoring(data, fragme
 
 
 def test_the_pixel_limit_is_one_number_and_applies_from_the_header():
-    from xfer import score
     from xfer.config import ShardConfig
+    from xfer.scoring import score
 
     assert MAX_PIXELS == ImageSettings().max_pixels == ShardConfig().max_pixels
     assert score.MAX_PIXELS is MAX_PIXELS

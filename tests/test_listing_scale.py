@@ -22,10 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from xfer import inputs, listing, retry, s3, storage
+from xfer.data import inputs
+from xfer.data.synth import synthesize
 from xfer.errors import DataError
-from xfer.score import score
-from xfer.synth import synthesize
+from xfer.scoring.score import score
+from xfer.store import listing, retry, s3, storage
 
 from .conftest import config_for
 from .faultproxy import FaultProxy

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xfer.bases import REGISTRY
 from xfer.config import load_config
 from xfer.errors import ConfigError
-from xfer.model import (
+from xfer.models.bases import REGISTRY
+from xfer.models.model import (
     build_model,
     compile_model,
     extract_base,
@@ -64,7 +64,7 @@ def test_input_scaling_matches_keras_preprocess_input(base, module):
 
     import tf_keras
 
-    from xfer.model import input_scaling
+    from xfer.models.model import input_scaling
 
     x = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     ours = input_scaling(REGISTRY[base].preprocessing)(x).numpy()
@@ -144,7 +144,7 @@ def test_all_reduce_is_nccl_exactly_when_workers_have_gpus():
 
 
 def test_phase_learning_rate_schedules():
-    from xfer.model import make_optimizer, phase_learning_rate
+    from xfer.models.model import make_optimizer, phase_learning_rate
     from xfer.train.checkpoint import optimizer_state
 
     assert phase_learning_rate(1e-3, "constant", 5, 0.0, 10) == 1e-3

@@ -21,20 +21,20 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from xfer import commit, storage
-from xfer.calibration import file_metadata
 from xfer.errors import StorageError
-from xfer.layout import PREDICTIONS, ModelRef
-from xfer.nightly import summarize_night
-from xfer.nightstats import COLUMNS, READERS
-from xfer.predictions import class_columns, predictions_table
-from xfer.scorejob import NightPlan, ScoringJob
-from xfer.scoreplan import (
+from xfer.models.calibration import file_metadata
+from xfer.registry.layout import PREDICTIONS, ModelRef
+from xfer.reports.nightly import summarize_night
+from xfer.reports.nightstats import COLUMNS, READERS
+from xfer.scoring.predictions import class_columns, predictions_table
+from xfer.scoring.scorejob import NightPlan, ScoringJob
+from xfer.scoring.scoreplan import (
     commit_night,
     night_root,
     table_manifest_uri,
     write_table_manifest,
 )
+from xfer.store import commit, storage
 
 from .faultproxy import FaultProxy
 
@@ -192,7 +192,7 @@ def test_the_report_of_200_parts_has_the_whole_tables_figures(big_night: dict[st
 MEASURE = r"""
 import json, sys, tracemalloc
 import pyarrow as pa
-from xfer.nightly import summarize_night
+from xfer.reports.nightly import summarize_night
 big, small, run, classes = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 summarize_night(small, classes, run)  # warm up: imports, clients, one part's buffers
 tracemalloc.start()

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from xfer import storage
 from xfer.config import load_config
-from xfer.score import score
-from xfer.synth import synthesize
+from xfer.data.synth import synthesize
+from xfer.scoring.score import score
+from xfer.store import storage
 
 from .test_score import make_inputs
 
 
 def test_chi_square_p_values():
-    from xfer.nightly import chi_square_p
+    from xfer.reports.nightly import chi_square_p
 
     assert chi_square_p([50, 50], [50, 50]) == 1.0
     assert abs(chi_square_p([41, 37, 42], [10, 11, 26]) - 0.052) < 0.001  # by hand
@@ -20,7 +20,7 @@ def test_chi_square_p_values():
 
 
 def test_each_night_gets_a_report_with_errors_and_a_drift_signal(trained_run, session_root, bucket):
-    from xfer.nightly import REPORT, SUMMARY
+    from xfer.reports.nightly import REPORT, SUMMARY
 
     cfg = load_config(None, [f"storage.root={session_root}", "score.batch_size=4"])
     # A night like the training data (both classes), with three unreadable files.

@@ -22,13 +22,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xfer import inputs, storage
 from xfer.config import load_config
+from xfer.data import inputs
+from xfer.data.synth import synthesize
 from xfer.errors import DataError, JobFailed, XferError
-from xfer.score import partition_date, score
-from xfer.scorelock import LOCK_FILE, NightBusy, NightLock
-from xfer.scoreplan import NIGHT_FILE, night_root
-from xfer.synth import synthesize
+from xfer.scoring.score import partition_date, score
+from xfer.scoring.scorelock import LOCK_FILE, NightBusy, NightLock
+from xfer.scoring.scoreplan import NIGHT_FILE, night_root
+from xfer.store import storage
 
 GOOD_IMAGES = 24
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -395,7 +396,7 @@ def test_list_labels_are_text_and_rows_outside_the_list_are_refused(night, tmp_p
             date="2026-01-13",
         )
     from xfer.config import ShardConfig
-    from xfer.shard import shard_dataset
+    from xfer.data.shard import shard_dataset
 
     with pytest.raises(DataError, match=r"set shard\.allow_outside_inputs=true"):
         shard_dataset(str(tmp_path / "lists" / "s.csv"), str(tmp_path / "ds"), ShardConfig())
@@ -404,8 +405,8 @@ def test_list_labels_are_text_and_rows_outside_the_list_are_refused(night, tmp_p
 def test_a_resumed_night_is_pinned_to_its_dataset(root):
     """On main a night staged from a dataset resumed on a re-sharded one: blocks
     planned from the old manifest read the new shards."""
-    from xfer.manifest import Manifest, ShardInfo, SplitInfo
-    from xfer.scoreplan import plan_night
+    from xfer.data.manifest import Manifest, ShardInfo, SplitInfo
+    from xfer.scoring.scoreplan import plan_night
 
     dataset = f"{root}/datasets/tiny"
 

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 
-from xfer import layout, storage
-from xfer.commit import SUCCESS
 from xfer.config import load_config
+from xfer.data.manifest import Manifest, SplitInfo
 from xfer.errors import XferError
-from xfer.layout import PointerMoved, publish_pointer, read_pointer_for_update
-from xfer.manifest import Manifest, SplitInfo
-from xfer.runs import promote, rollback, show, summarize
+from xfer.registry import layout
+from xfer.registry.layout import PointerMoved, publish_pointer, read_pointer_for_update
+from xfer.registry.runs import promote, rollback, show, summarize
+from xfer.store import storage
+from xfer.store.commit import SUCCESS
 from xfer.train.gate import gate_and_publish
 from xfer.train.journal import JOURNAL, recorded_dataset
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from xfer.config import ShardConfig
-from xfer.manifest import load_manifest
-from xfer.preprocess import AugmentSettings, augment, decode_and_resize
-from xfer.reader import ReaderSpec, Unit, epoch_order, make_dataset, pipeline_segments
-from xfer.shard import shard_dataset
-from xfer.synth import synthesize
+from xfer.data.manifest import load_manifest
+from xfer.data.preprocess import AugmentSettings, augment, decode_and_resize
+from xfer.data.reader import ReaderSpec, Unit, epoch_order, make_dataset, pipeline_segments
+from xfer.data.shard import shard_dataset
+from xfer.data.synth import synthesize
 
 
 @pytest.mark.parametrize(
@@ -84,9 +84,9 @@ def _probe_loop(config: dict) -> None:
     import tensorflow as tf
     from ray import train
 
-    from xfer.manifest import load_manifest
-    from xfer.preprocess import AugmentSettings
-    from xfer.reader import ReaderSpec, make_dataset
+    from xfer.data.manifest import load_manifest
+    from xfer.data.preprocess import AugmentSettings
+    from xfer.data.reader import ReaderSpec, make_dataset
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     rank = train.get_context().get_world_rank()

@@ -24,8 +24,8 @@ import signal
 
 import pytest
 
-from xfer import storage
 from xfer.config import load_config
+from xfer.store import storage
 from xfer.train.driver import train
 
 from .conftest import train_overrides

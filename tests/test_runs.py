@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from xfer import storage
 from xfer.config import load_config
 from xfer.errors import XferError
-from xfer.runstatus import iso
+from xfer.registry.runstatus import iso
+from xfer.store import storage
 from xfer.train.driver import train
 
 from .conftest import train_overrides
@@ -224,7 +224,7 @@ def test_the_report_shows_the_most_confident_mistakes_and_calibration(runs, sess
     import numpy as np
     from PIL import Image
 
-    from xfer.manifest import load_manifest
+    from xfer.data.manifest import load_manifest
 
     uri = f"{session_root}/runs/{runs['weak']}"
     metrics = storage.read_json(f"{uri}/metrics.json")
@@ -287,7 +287,7 @@ def test_a_resumed_run_is_running_again_and_old_runs_still_list(runs, session_ro
     worker begins an attempt) shows its latest state; runs written before start records
     existed still show a start (the first attempt's) and sort by it; one with neither
     lists last."""
-    from xfer.runs import format_table, list_runs
+    from xfer.registry.runs import format_table, list_runs
     from xfer.train.journal import record_start
 
     root = f"{session_root}/runs-started"

@@ -1,5 +1,5 @@
 """`xfer runs list` over hundreds of runs: its store requests grow with the runs it
-shows, not with the runs kept (xfer.runindex).
+shows, not with the runs kept (xfer.registry.runindex).
 
 The 300 runs are written by the writers the driver uses (the resolved config, the
 journal's start and error records, metrics.json, _SUCCESS, the run index), each
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from xfer import storage
 from xfer.cli import main
 from xfer.config import resolved_dict
-from xfer.layout import CONFIG, METRICS, write_success
-from xfer.runindex import IndexWriter, index_prefix
-from xfer.runs import find_runs, list_runs
-from xfer.runstatus import iso
+from xfer.registry.layout import CONFIG, METRICS, write_success
+from xfer.registry.runindex import IndexWriter, index_prefix
+from xfer.registry.runs import find_runs, list_runs
+from xfer.registry.runstatus import iso
+from xfer.store import storage
 from xfer.train import journal
 from xfer.train.outputs import phase_summary
 

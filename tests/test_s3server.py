@@ -15,7 +15,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from xfer.s3server import EmbeddedS3
+from xfer.store.s3server import EmbeddedS3
 
 from .conftest import s3_client, xfer_argv
 
@@ -134,7 +134,7 @@ def test_a_port_taken_before_weed_binds_it_is_retried_with_new_ports(tmp_path, m
     check refused it ("Port allocation failed"). The server starts again on new ports."""
     import socket
 
-    import xfer.s3server as s3server
+    import xfer.store.s3server as s3server
 
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -162,7 +162,7 @@ def test_a_port_taken_before_weed_binds_it_is_retried_with_new_ports(tmp_path, m
 def test_chosen_ports_stay_out_of_the_ephemeral_range():
     """Outgoing connections take their local ports from the kernel's ephemeral range at
     any moment; weed's ports (and their gRPC twins) are chosen below it."""
-    from xfer.s3server import GRPC_OFFSET, free_port_pair
+    from xfer.store.s3server import GRPC_OFFSET, free_port_pair
 
     # The kernel's range, read here rather than through s3server's own reading of it.
     lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())

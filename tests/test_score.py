@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xfer import storage
 from xfer.config import load_config
+from xfer.data.synth import synthesize
 from xfer.errors import XferError
-from xfer.layout import resolve_model
-from xfer.score import score
-from xfer.synth import synthesize
+from xfer.registry.layout import resolve_model
+from xfer.scoring.score import score
+from xfer.store import storage
 
 from .conftest import IMAGE_SIZE
 
@@ -48,7 +48,7 @@ def local_predictions(run_uri: str, blobs: dict[str, bytes]) -> dict[str, float]
 
     import tf_keras
 
-    from xfer.scorer import image_pixels
+    from xfer.scoring.scorer import image_pixels
 
     path = os.path.join(tempfile.mkdtemp(), "model.keras")
     storage.download_file(f"{run_uri}/model/model.keras", path)
@@ -62,8 +62,8 @@ def local_predictions(run_uri: str, blobs: dict[str, bytes]) -> dict[str, float]
 
 def calibrated(p_star: Any, run_uri: str) -> Any:
     """The model's own P(star) with the run's temperature applied, as scoring applies it."""
-    from xfer.calibration import apply_temperature
-    from xfer.layout import resolve_model
+    from xfer.models.calibration import apply_temperature
+    from xfer.registry.layout import resolve_model
 
     t = resolve_model(run_uri).temperature
     if isinstance(p_star, dict):
@@ -149,7 +149,7 @@ def test_rerun_of_a_date_leaves_exactly_one_complete_partition(trained_run, sess
 
 
 def test_dataset_and_list_inputs(trained_run, session_root, target_dataset, tmp_path):
-    from xfer.manifest import load_manifest
+    from xfer.data.manifest import load_manifest
 
     cfg = load_config(None, [f"storage.root={session_root}", "score.split=test"])
     out = str(tmp_path / "preds")
@@ -273,7 +273,7 @@ def _png(img: Image.Image, **kwargs: object) -> bytes:
 
 def photo_like_inputs(prefix: str) -> None:
     """Plain images and, of each, an EXIF-rotated, an RGBA and 5x upscaled copies."""
-    from xfer.synth import render
+    from xfer.data.synth import render
 
     for i in range(6):
         shape = ["ring", "star"][i % 2]
@@ -303,7 +303,7 @@ def test_raw_images_score_like_their_plain_and_sharded_copies(trained_run, sessi
     model's recorded pre-resize. On main the sideways copies scored sideways and the
     RGBA copies lost their alpha (transparent black instead of white)."""
     from xfer.config import ShardConfig
-    from xfer.shard import shard_dataset
+    from xfer.data.shard import shard_dataset
 
     inputs = f"{bucket}/photos"
     photo_like_inputs(inputs)
@@ -353,7 +353,7 @@ def test_nightly_inputs_by_date_and_typed_columns(trained_run, session_root, buc
     in the file's metadata; classes that would share a column are refused."""
     import pyarrow as pa
 
-    from xfer.predictions import class_columns
+    from xfer.scoring.predictions import class_columns
 
     synthesize(f"{bucket}/incoming/2026-05-02", ["ring", "star"], per_class=2, size=48, seed=3)
     synthesize(f"{bucket}/incoming/2026-05-03", ["ring", "star"], per_class=3, size=48, seed=4)
@@ -395,7 +395,7 @@ def test_test_time_augmentation_averages_the_image_and_its_mirror(
 
     import tf_keras
 
-    from xfer.scorer import image_pixels
+    from xfer.scoring.scorer import image_pixels
 
     synthesize(f"{bucket}/tta", ["ring", "star"], per_class=3, size=48, seed=11)
     cfg = load_config(None, [f"storage.root={session_root}", "score.tta=true"])
@@ -432,7 +432,7 @@ def test_a_quiet_run_keeps_the_scorers_identity_off_the_console(
     from pathlib import Path
 
     from xfer import console
-    from xfer.score import write_predictions
+    from xfer.scoring.score import write_predictions
 
     synthesize(f"{bucket}/quiet", ["ring", "star"], per_class=2, size=48, seed=8)
     cfg = load_config(None, [f"storage.root={session_root}", "score.num_actors=1"])

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from xfer import storage
-from xfer.s3server import EmbeddedS3
-from xfer.synth import synthesize
+from xfer.data.synth import synthesize
+from xfer.store import storage
+from xfer.store.s3server import EmbeddedS3
 
 from .conftest import REPO, s3_client, xfer_argv
 

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from xfer import storage
 from xfer.config import ShardConfig
+from xfer.data.manifest import SHARD_COLUMNS, load_manifest
+from xfer.data.shard import shard_dataset
+from xfer.data.synth import synthesize
 from xfer.errors import DataError
-from xfer.manifest import SHARD_COLUMNS, load_manifest
-from xfer.shard import shard_dataset
-from xfer.synth import synthesize
+from xfer.store import storage
 
 
 def jpeg(arr: np.ndarray, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
@@ -313,8 +313,8 @@ def test_num_tasks_bounds_the_tasks_running_at_once(ray_local, tmp_path):
 
 def test_shard_and_score_list_the_same_inputs(tmp_path):
     """One listing module: a prefix and a uri list give both jobs the same keys and URIs."""
-    from xfer import inputs
-    from xfer.scoreplan import list_objects
+    from xfer.data import inputs
+    from xfer.scoring.scoreplan import list_objects
 
     raw = tmp_path / "raw"
     synthesize(str(raw), ["a", "b"], per_class=3, size=16)

@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 
-from xfer.s3server import free_port_pair
+from xfer.store.s3server import free_port_pair
 
 from .conftest import run_xfer, xfer_argv
 

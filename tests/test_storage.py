@@ -9,8 +9,8 @@ import threading
 import pyarrow as pa
 import pytest
 
-from xfer import commit, s3, storage
 from xfer.errors import NotFoundError, StorageError
+from xfer.store import commit, s3, storage
 
 
 def test_round_trips(root):

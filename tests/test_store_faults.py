@@ -17,8 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from xfer import retry, storage
 from xfer.errors import StorageError, StoreUnavailable
+from xfer.store import retry, storage
 
 from .faultproxy import FaultProxy
 

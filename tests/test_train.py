@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from xfer import s3, storage
-from xfer.manifest import load_manifest
+from xfer.data.manifest import load_manifest
+from xfer.store import s3, storage
 
 # Chance is 50% (two balanced classes). The frozen base was pretrained on these
 # shapes, so a working pipeline reaches well over 90%; a broken one (labels shuffled
@@ -112,9 +112,9 @@ def test_saved_model_loads_with_tf_keras_alone_and_reproduces_predictions(
     # Decode exactly as xfer does, save the pixels, predict in a clean process.
     import tensorflow as tf
 
-    from xfer.calibration import apply_temperature
-    from xfer.layout import resolve_model
-    from xfer.preprocess import decode_and_resize
+    from xfer.data.preprocess import decode_and_resize
+    from xfer.models.calibration import apply_temperature
+    from xfer.registry.layout import resolve_model
 
     keys = test.column("key").to_pylist()
     pixels = np.stack(
@@ -283,7 +283,7 @@ def test_bad_config_fails_before_any_worker_starts(
 def _mean_bce(table, temperature: float | None = None) -> float:
     """Mean binary cross-entropy over rows, from the stored probability of class 1
     (with ``temperature``: the calibration that file applied, undone first)."""
-    from xfer.calibration import apply_temperature
+    from xfer.models.calibration import apply_temperature
 
     p = np.array(table.column("prob_star").to_pylist(), dtype="float64")
     if temperature is not None:
@@ -299,8 +299,8 @@ def test_reported_losses_are_true_means_over_real_examples(trained_run, target_d
     so their one step of 16 carries 2 padding rows (weight 0): a loss divided by the
     padded batch reads 12.5% low."""
     from xfer.config import ScoreConfig
-    from xfer.layout import resolve_model
-    from xfer.score import write_predictions
+    from xfer.registry.layout import resolve_model
+    from xfer.scoring.score import write_predictions
 
     m = trained_run.metrics
     test = storage.read_parquet(f"{trained_run.run_uri}/predictions/test.parquet")
@@ -348,7 +348,7 @@ def test_warmup_cosine_and_label_smoothing_on_two_workers(
     """The learning rate follows the phase's schedule epoch by epoch on two workers
     (recorded as the rate of each epoch's first step), and a smoothed loss trains."""
     from xfer.config import load_config
-    from xfer.model import phase_learning_rate
+    from xfer.models.model import phase_learning_rate
     from xfer.train.driver import train
 
     from .conftest import train_overrides

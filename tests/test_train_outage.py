@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from xfer import storage
-from xfer.commit import SUCCESS
 from xfer.config import load_config
+from xfer.store import storage
+from xfer.store.commit import SUCCESS
 
 from .conftest import REPO, run_xfer, train_overrides
 from .faultproxy import FaultProxy
@@ -34,7 +34,7 @@ def test_shard_tasks_ride_out_as_long_as_their_driver(ray_local: None) -> None:
     """`xfer shard` sets the budget on its driver; each task gets it, whatever the
     environment its (pooled) Ray worker process was started with."""
     from xfer.raycluster import run_tasks
-    from xfer.retry import budget, budget_seconds
+    from xfer.store.retry import budget, budget_seconds
 
     with budget(7):
         seen = run_tasks(budget_seconds, [(), ()], "probe")

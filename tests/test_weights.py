@@ -6,9 +6,9 @@ import hashlib
 
 import pytest
 
-from xfer import storage
 from xfer.errors import ConfigError
-from xfer.weights import fetch_weights
+from xfer.models.weights import fetch_weights
+from xfer.store import storage
 
 
 def test_new_bytes_under_the_same_key_and_size_are_fetched(bucket, tmp_path, monkeypatch):

@@ -64,14 +64,14 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _s3_server(args: argparse.Namespace) -> int:
-    from xfer.s3server import serve
+    from xfer.store.s3server import serve
 
     buckets = tuple(b for b in (args.bucket or "").split(",") if b)
     return serve(args.data_dir, args.port, buckets)
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from xfer.synth import synthesize
+    from xfer.data.synth import synthesize
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     n = synthesize(args.out, classes, per_class=args.per_class, size=args.size, seed=args.seed)
@@ -107,8 +107,8 @@ def _load_config(args: argparse.Namespace, command: str, flags: tuple[str, ...] 
 def _shard(args: argparse.Namespace) -> int:
     import json
 
-    from xfer.retry import budget
-    from xfer.shard import shard_dataset
+    from xfer.data.shard import shard_dataset
+    from xfer.store.retry import budget
 
     flags = []
     for flag, key in SHARD_FLAGS.items():
@@ -136,8 +136,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from xfer.score import score
-    from xfer.scorelock import NightBusy
+    from xfer.scoring.score import score
+    from xfer.scoring.scorelock import NightBusy
 
     cfg = _load_config(args, "score")
     night = cfg.score.target(cfg.storage.root, args.model, args.input, args.output, args.date)
@@ -167,7 +167,7 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help=str(kwargs.get("help", "")))
 
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
-        from xfer.provenance import version_line
+        from xfer.registry.provenance import version_line
 
         print(version_line())
         parser.exit()
@@ -261,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_score)
 
-    from xfer.auditcli import add_audit_parser  # light: flags only
+    from xfer.audit.cli import add_audit_parser  # light: flags only
 
     add_audit_parser(sub, common)
-    from xfer.runscli import add_runs_parser  # light: flags only
+    from xfer.registry.cli import add_runs_parser  # light: flags only
 
     add_runs_parser(sub)
 

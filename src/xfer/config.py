@@ -19,7 +19,6 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from xfer.bases import REGISTRY
 from xfer.configbase import (
     Strict,
     flatten_keys,
@@ -30,6 +29,7 @@ from xfer.configbase import (
 )
 from xfer.configsections import ScoreConfig, ShardConfig
 from xfer.errors import ConfigError, NotFoundError
+from xfer.models.bases import REGISTRY
 
 # ---------------------------------------------------------------- sections
 
@@ -276,24 +276,24 @@ class XferConfig(Strict):
     # ------------------------------------ thin calls: many callers take a config
 
     def dataset_uri(self) -> str:
-        """:func:`xfer.layout.dataset_location` of ``data.dataset``."""
-        from xfer import layout
+        """:func:`xfer.registry.layout.dataset_location` of ``data.dataset``."""
+        from xfer.registry import layout
 
         return layout.dataset_location(self.storage.root, self.data.dataset)
 
     def run_uri(self, run_id: str) -> str:
-        from xfer import layout
+        from xfer.registry import layout
 
         return layout.run_uri(self.storage.root, run_id)
 
     def model_uri(self) -> str:
-        from xfer import layout
+        from xfer.registry import layout
 
         return layout.model_uri(self.storage.root, self.output.model_name)
 
     def apply_storage_env(self) -> None:
-        """:func:`xfer.s3.use_endpoint` with ``storage.endpoint_url`` and ``region``."""
-        from xfer.s3 import use_endpoint
+        """:func:`xfer.store.s3.use_endpoint` with ``storage.endpoint_url`` and ``region``."""
+        from xfer.store.s3 import use_endpoint
 
         use_endpoint(self.storage.endpoint_url, self.storage.region)
 
@@ -312,7 +312,7 @@ def build_config(
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> XferConfig:
     """Defaults -> YAML file (local path or URI) -> overrides -> validated config."""
-    from xfer import storage
+    from xfer.store import storage
 
     data: dict[str, Any] = {}
     source = "defaults"

@@ -19,11 +19,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from xfer import storage
 from xfer.config import XferConfig, build_config, resolved_dict
 from xfer.configbase import merge
 from xfer.errors import ConfigError, NotFoundError, XferError
-from xfer.layout import CONFIG
+from xfer.registry.layout import CONFIG
+from xfer.store import storage
 
 # Sections a resumed run takes from the new command line; the others (data, model,
 # train) define what is being trained and come from the stored run.

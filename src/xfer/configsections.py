@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from xfer.configbase import Strict
+from xfer.data.images import MAX_PIXELS
 from xfer.errors import ConfigError
-from xfer.images import MAX_PIXELS
 
 # Reads in flight per scoring actor by default. At S3's ~30 ms a GET, n reads feed
 # ~n / 0.03 images/s: 96 keep an L4 at its MobileNetV2 rate (~2,800 img/s,
 # docs/capacity.md), 32 keep a few CPU cores decoding. Within the client's connection
-# pool (xfer.s3.MAX_POOL_CONNECTIONS).
+# pool (xfer.store.s3.MAX_POOL_CONNECTIONS).
 AUTO_READ_THREADS_GPU = 96
 AUTO_READ_THREADS_CPU = 32
 
 if TYPE_CHECKING:
-    from xfer.images import ImageSettings
+    from xfer.data.images import ImageSettings
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ class ShardConfig(Strict):
         return f
 
     def image_settings(self) -> ImageSettings:
-        from xfer.images import ImageSettings
+        from xfer.data.images import ImageSettings
 
         return ImageSettings(self.max_pixels, self.max_side, self.jpeg_quality)
 

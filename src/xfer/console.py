@@ -207,7 +207,7 @@ def log_size() -> int:
 
 def keep_log(uri: str, since: int = 0) -> None:
     """Upload the log file from offset ``since`` to ``uri``; best effort, never raises."""
-    from xfer import storage
+    from xfer.store import storage
 
     try:
         with open(log_path(), "rb") as f:

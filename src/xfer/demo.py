@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xfer import console, storage
+from xfer import console
 from xfer.config import XferConfig, load_config
-from xfer.layout import LATEST, MODEL_DIR, MODEL_FILE, REPORT, dataset_uri, model_uri
+from xfer.registry.layout import LATEST, MODEL_DIR, MODEL_FILE, REPORT, dataset_uri, model_uri
+from xfer.store import storage
 
 SOURCE_CLASSES = ["star", "cross", "ring", "hexagon", "stripes", "dots"]
 TARGET_CLASSES = ["circle", "square", "triangle"]
@@ -91,7 +92,7 @@ def export_base_weights(run_uri: str, dest: str) -> None:
     """Store the base of a trained run as an .h5 weights file (for ``model.weights``)."""
     import tf_keras
 
-    from xfer.model import extract_base
+    from xfer.models.model import extract_base
 
     with tempfile.TemporaryDirectory(prefix="xfer-demo-") as tmp:
         path = os.path.join(tmp, MODEL_FILE)
@@ -115,7 +116,7 @@ class _Steps:
 
 def run_demo(settings: DemoSettings) -> int:
     """S3 server -> images -> shards -> (source base) -> training -> baseline -> scoring."""
-    from xfer.s3server import EmbeddedS3
+    from xfer.store.s3server import EmbeddedS3
     from xfer.train.driver import train
 
     started = time.monotonic()
@@ -170,7 +171,7 @@ def _start_local(server: Any) -> None:
 
 
 def _generate(settings: DemoSettings) -> None:
-    from xfer.synth import synthesize
+    from xfer.data.synth import synthesize
 
     s = settings.sizes
     for name, classes, per, seed in (
@@ -186,7 +187,7 @@ def _generate(settings: DemoSettings) -> None:
 
 def _shard(settings: DemoSettings) -> None:
     from xfer.config import ShardConfig
-    from xfer.shard import shard_dataset
+    from xfer.data.shard import shard_dataset
 
     for name in ("shapes-source", "shapes"):
         if name == "shapes-source" and settings.weights != "source":
@@ -247,7 +248,7 @@ def _baseline(settings: DemoSettings) -> Any:
 
 def _score_new_images(cfg: XferConfig, result: Any) -> Any:
     """Score the incoming images with the published model (the run's, if the gate failed)."""
-    from xfer.score import score
+    from xfer.scoring.score import score
 
     model = model_uri(ROOT, "shapes")
     if not result.published:

@@ -42,7 +42,7 @@ class DataError(XferError):
 class StoreUnavailable(StorageError):
     """The store did not answer, or answered "try later" (5xx, throttling).
 
-    Transient by nature: retried within a budget (:mod:`xfer.retry`). When it
+    Transient by nature: retried within a budget (:mod:`xfer.store.retry`). When it
     escapes, the CLI exits with :data:`EXIT_STORE_UNAVAILABLE`, so a scheduler can
     tell "the store was down, run again later" from a bad config or a bug.
     """

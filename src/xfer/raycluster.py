@@ -202,12 +202,12 @@ def run_tasks(
 
     ``max_in_flight`` bounds how many run at once (default: as many as Ray schedules).
     Each task rides out a store that is away as long as this process does
-    (:mod:`xfer.retry`), whatever environment its worker process was started with.
+    (:mod:`xfer.store.retry`), whatever environment its worker process was started with.
     """
     import ray
 
     from xfer.console import Progress
-    from xfer.retry import budget_seconds
+    from xfer.store.retry import budget_seconds
 
     remote = ray.remote(num_cpus=num_cpus, max_retries=2)(_within_budget).options(
         name=getattr(fn, "__name__", "task")
@@ -230,7 +230,7 @@ def run_tasks(
 
 
 def _within_budget(seconds: float, fn: Any, *args: Any) -> Any:
-    from xfer.retry import budget
+    from xfer.store.retry import budget
 
     with budget(seconds):
         return fn(*args)

@@ -3,7 +3,7 @@
     stats = ensure_cache(worker, plan)            # builds it when the driver found none
     spec, val_spec = feature_specs(cfg, plan, image_spec)
 
-See :mod:`xfer.features` for the cache itself (key, layout, commit).
+See :mod:`xfer.data.features` for the cache itself (key, layout, commit).
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from xfer.config import XferConfig
-from xfer.exclude import SplitExclusion
-from xfer.featurebuild import build_part
-from xfer.features import CachePlan, commit_cache, committed_by
-from xfer.manifest import load_manifest
-from xfer.model import build_model, feature_extractor, untrained_base
-from xfer.reader import NO_AUGMENT, ReaderSpec
+from xfer.data.exclude import SplitExclusion
+from xfer.data.featurebuild import build_part
+from xfer.data.features import CachePlan, commit_cache, committed_by
+from xfer.data.manifest import load_manifest
+from xfer.data.reader import NO_AUGMENT, ReaderSpec
+from xfer.models.model import build_model, feature_extractor, untrained_base
 from xfer.train.faults import maybe_fail
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
-from xfer import storage
-from xfer.layout import TENSORBOARD
+from xfer.registry.layout import TENSORBOARD
+from xfer.store import storage
 from xfer.train.checkpoint import optimizer_state, save_checkpoint
 from xfer.train.faults import maybe_fail
 
@@ -158,7 +158,7 @@ class EmaForValidation:
     """
 
     def __init__(self, optimizer: Any):
-        from xfer.model import uses_ema
+        from xfer.models.model import uses_ema
 
         self.optimizer = getattr(optimizer, "inner_optimizer", optimizer)
         self.active = uses_ema(optimizer)

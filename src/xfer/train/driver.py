@@ -26,17 +26,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from xfer import console, s3, storage
-from xfer.commit import SUCCESS
+from xfer import console
 from xfer.config import XferConfig, resolved_dict
+from xfer.data.exclude import Exclusion, check_same_exclusion, load_exclusion
+from xfer.data.manifest import Manifest, load_manifest
 from xfer.errors import ConfigError, DataError, JobFailed, XferError
-from xfer.exclude import Exclusion, check_same_exclusion, load_exclusion
-from xfer.layout import CONFIG, CONSOLE_LOG, is_complete, runs_prefix
-from xfer.manifest import Manifest, load_manifest
-from xfer.runindex import IndexWriter
+from xfer.models.weights import WeightsSource
+from xfer.registry.layout import CONFIG, CONSOLE_LOG, is_complete, runs_prefix
+from xfer.registry.runindex import IndexWriter
+from xfer.store import s3, storage
+from xfer.store.commit import SUCCESS
 from xfer.train.failure import failed_run
 from xfer.train.outputs import TrainResult, completed_run, finish_run
-from xfer.weights import WeightsSource
 
 
 def new_run_id() -> str:
@@ -68,7 +69,7 @@ def submission_run_id() -> str | None:
 
 def preflight(cfg: XferConfig) -> Manifest:
     """Everything that can be checked before a worker starts."""
-    from xfer.weights import check_weights
+    from xfer.models.weights import check_weights
 
     manifest = load_manifest(cfg.dataset_uri())
     if "train" not in manifest.splits or manifest.splits["train"].rows == 0:
@@ -82,7 +83,7 @@ def preflight(cfg: XferConfig) -> Manifest:
     check_weights(cfg.model.weights)
     ft = cfg.train.fine_tune
     if ft.epochs > 0 and ft.unfreeze_from is not None:
-        from xfer.model import unfreeze_top, untrained_base
+        from xfer.models.model import unfreeze_top, untrained_base
 
         base = untrained_base(cfg.model, cfg.data.image_size)
         unfreeze_top(base, ft.unfreeze_from, None)  # raises ConfigError naming the layer
@@ -138,14 +139,14 @@ class Preflight:
     manifest: Manifest
     exclusion: Exclusion | None  # data.exclude, read once, here
     weights: WeightsSource  # every worker checks that it loads exactly these bytes
-    feature_cache: dict[str, Any] | None  # the plan of xfer.features, for the workers
+    feature_cache: dict[str, Any] | None  # the plan of xfer.data.features, for the workers
 
 
 def train(cfg: XferConfig) -> TrainResult:
     """Run (or resume) a training run, riding out a store that is away for
-    ``storage.outage_seconds`` here (:mod:`xfer.retry`); each worker applies the same
+    ``storage.outage_seconds`` here (:mod:`xfer.store.retry`); each worker applies the same
     budget from its copy of the config (:mod:`xfer.train.worker`)."""
-    from xfer.retry import budget
+    from xfer.store.retry import budget
 
     cfg.apply_storage_env()
     with budget(cfg.storage.outage_seconds):
@@ -196,7 +197,7 @@ def resolve_run(cfg: XferConfig) -> RunPlan | TrainResult:
 def _preflight_run(run: RunPlan) -> Preflight:
     """:func:`preflight`, the same data as before for a resumed run, the run's config
     written (a new run), the weights resolved and the feature cache planned."""
-    from xfer.weights import fetch_weights
+    from xfer.models.weights import fetch_weights
 
     cfg, run_uri = run.cfg, run.run_uri
     manifest = preflight(cfg)
@@ -210,7 +211,7 @@ def _preflight_run(run: RunPlan) -> Preflight:
     weights = fetch_weights(cfg.model.weights)
     feature_cache = None
     if cfg.model.head.features == "cached" and cfg.train.head.epochs > 0:
-        from xfer.features import plan_cache
+        from xfer.data.features import plan_cache
 
         plan = plan_cache(cfg, manifest, weights, build_id=run.run_id)
         state = "hit" if not plan.build else f"miss ({plan.reason}): the workers will build it"
@@ -229,8 +230,8 @@ def _say(cfg: XferConfig, line: str) -> None:
 
 def _launch(run: RunPlan, checked: Preflight, recover: int) -> tuple[Any, IndexWriter]:
     """Ray up and big enough, the run's start in its journal and index, the trainer."""
-    from xfer.provenance import code_identity, describe
     from xfer.raycluster import ensure_ray, is_local
+    from xfer.registry.provenance import code_identity, describe
     from xfer.train.journal import record_dataset, record_start
 
     cfg, run_uri = run.cfg, run.run_uri

@@ -12,13 +12,14 @@ that says whose move it is (:mod:`xfer.errors`).
 
 from __future__ import annotations
 
-from xfer import console, s3
+from xfer import console
 from xfer.errors import JobFailed, StoreUnavailable, XferError, behind, one_line
+from xfer.store import s3
 
 
 def failed_run(exc: BaseException, run_id: str, run_uri: str) -> XferError:
     """The error to raise for ``exc``, naming the run and how to resume it."""
-    from xfer.nightguard import store_unavailable
+    from xfer.scoring.nightguard import store_unavailable
     from xfer.train.journal import describe_exception
 
     resume = f"resume with: xfer train --config <same config> output.run_id={run_id}"

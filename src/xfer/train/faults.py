@@ -15,8 +15,8 @@ import os
 import socket
 import time
 
-from xfer import storage
 from xfer.config import FaultConfig
+from xfer.store import storage
 
 FAULT_MARKER = "_fault_injected"
 HANG_LIMIT_S = 600  # a hung worker nobody kills gives up, so a broken test cannot hang CI

@@ -4,7 +4,7 @@ The run's test metric must reach ``output.gate.min_test_accuracy``, and each cla
 test recall ``output.gate.min_class_recall``. With ``output.gate.vs_published`` the
 run is also compared with the published model (the champion), scored by the same
 code on the same test images: the comparison is paired, image by image
-(:mod:`xfer.paired`: McNemar's exact test on the discordant images and a bootstrap
+(:mod:`xfer.registry.paired`: McNemar's exact test on the discordant images and a bootstrap
 interval of the accuracy difference), and ``output.gate.mode`` decides — ``better``
 publishes only a run better beyond noise at ``output.gate.alpha``, ``not_worse``
 publishes unless it is worse beyond noise.
@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from xfer import storage
 from xfer.config import XferConfig
+from xfer.data.manifest import Manifest
 from xfer.errors import XferError
-from xfer.layout import (
+from xfer.registry.layout import (
     GATE_PREDICTIONS,
     LATEST,
     PREDICTIONS,
@@ -34,7 +34,7 @@ from xfer.layout import (
     read_pointer_for_update,
     resolve_model,
 )
-from xfer.manifest import Manifest
+from xfer.store import storage
 
 
 def gate_and_publish(
@@ -123,7 +123,7 @@ def against_published(
     """Champion/challenger: the published model scored on this run's test split, paired.
 
     Both models go through the same scoring code on the same images; the decision is
-    :func:`xfer.paired.decide` on their right/wrong outcomes joined by key. None when
+    :func:`xfer.registry.paired.decide` on their right/wrong outcomes joined by key. None when
     nothing is published yet (the first run of a model is compared with no one). A
     pointer to a run that is gone (no ``_SUCCESS`` or no model) is compared with no one
     either, with a warning: the new, complete run replaces a pointer to nothing.
@@ -158,7 +158,7 @@ def paired_verdict(
     mine: Any, theirs: Any, mode: str, alpha: float, champion: str
 ) -> dict[str, Any]:
     """The paired comparison of two prediction tables, decided, as ``metrics.json`` keeps it."""
-    from xfer.paired import compare, decide, outcomes, summary_line
+    from xfer.registry.paired import compare, decide, outcomes, summary_line
 
     right, champion_right, left_out = outcomes(mine, theirs)
     if not len(right):
@@ -203,7 +203,7 @@ def scored_on_test(
     exclude: Collection[str] = (),
 ) -> Any:
     """``ref`` scored on the run's test split into ``<run>/gate/<name>``."""
-    from xfer.score import write_predictions
+    from xfer.scoring.score import write_predictions
 
     preds = storage.join(run_uri, GATE_PREDICTIONS)
     write_predictions(

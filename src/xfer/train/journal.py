@@ -33,8 +33,8 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from xfer import storage
 from xfer.errors import NotFoundError, StorageError
+from xfer.store import storage
 
 JOURNAL = "_journal"
 
@@ -135,7 +135,7 @@ DATASET = "dataset.json"
 
 def record_dataset(run_uri: str, uri: str, checksum: str, exclusion: Any = None) -> None:
     """The dataset a new run starts on, and the sha256 of its data.exclude list (an
-    :class:`xfer.exclude.Exclusion`): a resume must train on the same rows."""
+    :class:`xfer.data.exclude.Exclusion`): a resume must train on the same rows."""
     body = {"uri": uri, "manifest_checksum": checksum}
     if exclusion is not None:
         body.update(exclude_uri=exclusion.uri, exclude_sha256=exclusion.sha256)
@@ -152,7 +152,7 @@ def recorded_dataset(run_uri: str) -> dict[str, Any] | None:
 
 def record_start(run_uri: str, resumed: bool, max_failures: int) -> None:
     """A driver starts the run or resumes it: the first is when the run started
-    (whatever its id), a later one a resume (xfer.runstatus)."""
+    (whatever its id), a later one a resume (xfer.registry.runstatus)."""
     now = _now()
     uri = storage.join(run_uri, JOURNAL, f"start-{int(now * 1000):015d}-driver.json")
     _write(uri, {"at": now, "resumed": resumed, "max_failures": max_failures})

@@ -1,7 +1,7 @@
 """A finished run's outputs: test predictions, the gate, metrics, lineage, report, _SUCCESS.
 
 Everything here runs on the driver after Ray Train returns. The test split is scored
-through the batch-scoring code path (:mod:`xfer.score`), not a second implementation.
+through the batch-scoring code path (:mod:`xfer.scoring.score`), not a second implementation.
 The gate runs before the outputs are written: ``models/<name>/latest.json`` moves
 (one conditional PUT) only when the run passes it and the pointer still names the
 champion it was compared with; ``metrics.json`` then records what happened, and
@@ -18,11 +18,12 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from xfer import __version__, storage
+from xfer import __version__
 from xfer.config import XferConfig, resolved_dict
 from xfer.console import percent
-from xfer.exclude import Exclusion
-from xfer.layout import (
+from xfer.data.exclude import Exclusion
+from xfer.data.manifest import Manifest
+from xfer.registry.layout import (
     CALIBRATION,
     LINEAGE,
     METRICS,
@@ -33,8 +34,8 @@ from xfer.layout import (
     resolve_model,
     write_success,
 )
-from xfer.manifest import Manifest
-from xfer.provenance import git_commit, source_sha256
+from xfer.registry.provenance import git_commit, source_sha256
+from xfer.store import storage
 from xfer.train.gate import gate_and_publish, lost_race_text
 from xfer.train.journal import failures, mark_complete, worker_code
 
@@ -196,8 +197,8 @@ def finish_run(
     ``before_commit`` runs just before ``_SUCCESS`` (the driver keeps its console
     log there), so nothing in a committed run changes after its marker.
     """
-    from xfer.export import export_on_ray
-    from xfer.report import render_report
+    from xfer.models.export import export_on_ray
+    from xfer.reports.report import render_report
 
     history = final["state"]["history"]
     test = dict(final.get("test") or {})
@@ -266,13 +267,13 @@ def calibrate_model(
     """Temperature scaling fitted on the validation split, kept in the model's record.
 
     The validation split is scored uncalibrated into ``<run>/calibration/val.parquet``
-    by the scoring code path, ``T`` is fitted there (:mod:`xfer.calibration`), and the
+    by the scoring code path, ``T`` is fitted there (:mod:`xfer.models.calibration`), and the
     record ``model/xfer_model.json`` gains ``calibration`` in one PUT: a crash before it
     leaves the model uncalibrated and a resume fits again; a record that already has
     it (an earlier attempt of this run) is kept as it is.
     """
-    from xfer.calibration import calibrate
-    from xfer.score import write_predictions
+    from xfer.models.calibration import calibrate
+    from xfer.scoring.score import write_predictions
 
     if not cfg.output.calibrate:
         return None
@@ -307,7 +308,7 @@ def labelled_probabilities(table: Any) -> tuple[Any, Any]:
     import numpy as np
     import pyarrow.compute as pc
 
-    from xfer.predictions import ERROR, TRUE_INDEX, class_columns, classes_of
+    from xfer.scoring.predictions import ERROR, TRUE_INDEX, class_columns, classes_of
 
     table = table.filter(
         pc.and_(pc.is_null(table.column(ERROR)), pc.is_valid(table.column(TRUE_INDEX)))
@@ -329,8 +330,8 @@ def score_test_split(
     """The test split scored into ``predictions/test.parquet``; its figures go into
     ``test`` (per class, confusion, calibration before and after, mistakes). Returns
     the mistakes' thumbnails for the report."""
-    from xfer.report import classification_metrics, mistakes, thumbnails
-    from xfer.score import write_predictions
+    from xfer.reports.report import classification_metrics, mistakes, thumbnails
+    from xfer.scoring.score import write_predictions
 
     ref = resolve_model(run_uri, require_committed=False)
     preds_uri = storage.join(run_uri, PREDICTIONS)
@@ -356,7 +357,7 @@ def score_test_split(
     )
     import pyarrow.compute as pc
 
-    from xfer.predictions import ERROR
+    from xfer.scoring.predictions import ERROR
 
     test["mistakes"] = mistakes(table.filter(pc.is_null(table.column(ERROR))))
     return thumbnails(manifest.shard_uris("test"), {m["key"] for m in test["mistakes"]})
@@ -365,8 +366,8 @@ def score_test_split(
 def test_calibration(probs: Any, labels: Any, table: Any) -> dict[str, Any]:
     """The reliability table of the test predictions as written, and the ECE the
     network's own probabilities had (the file's temperature undone)."""
-    from xfer.calibration import apply_temperature, expected_calibration_error
-    from xfer.report import calibration
+    from xfer.models.calibration import apply_temperature, expected_calibration_error
+    from xfer.reports.report import calibration
 
     meta = table.schema.metadata or {}
     top = probs.max(axis=1) if len(probs) else probs.reshape(0)

@@ -16,15 +16,15 @@ from typing import Any
 
 from xfer import console
 from xfer.config import XferConfig
+from xfer.data.exclude import Exclusion, SplitExclusion
+from xfer.data.manifest import Manifest, load_manifest
 from xfer.devices import communication_options, enable_memory_growth
-from xfer.exclude import Exclusion, SplitExclusion
-from xfer.manifest import Manifest, load_manifest
-from xfer.model import build_model
-from xfer.provenance import check_same_code, describe
+from xfer.models.model import build_model
+from xfer.models.weights import WeightsSource, fetch_weights
+from xfer.registry.provenance import check_same_code, describe
 from xfer.train.checkpoint import PHASES, TrainState, load_checkpoint
 from xfer.train.faults import maybe_fail
 from xfer.train.journal import Journal, record_code
-from xfer.weights import WeightsSource, fetch_weights
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The strategy comes first (docs/design.md, decision 2); model building and compiling (and
 recompiling for fine-tuning) happen inside ``strategy.scope()``. Input comes from
-:mod:`xfer.reader` through ``distribute_datasets_from_function`` with steps computed
+:mod:`xfer.data.reader` through ``distribute_datasets_from_function`` with steps computed
 from the manifest, so every worker runs the same steps over its own disjoint data.
 
 After every epoch every rank writes a checkpoint and reports; rank 0 attaches its
@@ -18,7 +18,7 @@ up where the checkpoint says:
 
 Rank 0 keeps the run's journal (:mod:`xfer.train.journal`): where each attempt
 started and which stage it is in, so that every failure ends up in the metrics.
-Each worker rides out a store outage of ``storage.outage_seconds`` (:mod:`xfer.retry`),
+Each worker rides out a store outage of ``storage.outage_seconds`` (:mod:`xfer.store.retry`),
 as the driver does: the budget comes with the config, not from the environment.
 """
 
@@ -33,11 +33,12 @@ from typing import Any
 
 import xfer  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from xfer.config import XferConfig
+from xfer.data.features import CachePlan
+from xfer.data.images import preparation_record
+from xfer.data.preprocess import AugmentSettings
+from xfer.data.reader import ReaderSpec, make_dataset
 from xfer.devices import enable_memory_growth, set_mixed_precision
-from xfer.features import CachePlan
-from xfer.images import preparation_record
-from xfer.layout import save_model
-from xfer.model import (
+from xfer.models.model import (
     compile_model,
     freeze_base,
     head_only_model,
@@ -46,9 +47,8 @@ from xfer.model import (
     unfreeze_top,
     uses_ema,
 )
-from xfer.preprocess import AugmentSettings
-from xfer.reader import ReaderSpec, make_dataset
-from xfer.retry import budget
+from xfer.registry.layout import save_model
+from xfer.store.retry import budget
 from xfer.train.cachestage import ensure_cache, feature_specs
 from xfer.train.callbacks import EpochEnd
 from xfer.train.checkpoint import (

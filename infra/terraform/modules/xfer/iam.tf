@@ -4,7 +4,7 @@
 #   terraform -chdir=infra/terraform/envs/prod apply           # this module, for production
 #   terraform -chdir=infra/terraform/envs/prod output -raw role_arn   # = the xfer ServiceAccount's role
 #
-# What the jobs touch (README.md, "Object-storage layout"; src/xfer/storage.py):
+# What the jobs touch (README.md, "Object-storage layout"; src/xfer/store/storage.py):
 #   read        datasets/ weights/ incoming/   shards, pretrained weights, new images
 #   read+write  runs/        checkpoints (Ray Train deletes old ones), metrics, model
 #   read+write  models/      latest.json and history/ (publish, rollback)

@@ -53,7 +53,7 @@ resource "aws_s3_bucket_lifecycle_configuration" "xfer" {
   bucket = aws_s3_bucket.xfer.id
 
   # xfer stages multi-object outputs under _tmp/ and deletes them after the commit;
-  # a crashed job leaves them behind (src/xfer/storage.py, staging_prefix).
+  # a crashed job leaves them behind (src/xfer/store/storage.py, staging_prefix).
   rule {
     id     = "expire-tmp"
     status = "Enabled"
