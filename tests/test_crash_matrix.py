@@ -155,7 +155,9 @@ def test_crash_matrix_promote(fault_proxy: FaultProxy, bucket: str) -> None:
     model = layout.model_uri(root, "ptr")
 
     def xfer(*args: str, fault: tuple | None = None) -> int:
-        return run_child(fault_proxy, ["xfer", *args, f"storage.root={root}"], fault)
+        # No outage budget: an error reply ends the command, as in the other children.
+        overrides = [f"storage.root={root}", "storage.outage_seconds=0"]
+        return run_child(fault_proxy, ["xfer", *args, *overrides], fault)
 
     table = ["promote: step | fault | exit | latest.json names | promote again, then rollback"]
     for step, op, pattern, skip in POINTER_STEPS:
