@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from xfer.store import storage
 
-from .conftest import train_overrides
+from .conftest import run_xfer, train_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +21,7 @@ def run_train(root: str, weights: str, *flags: str) -> tuple[str, str]:
         weights,
         **{"train.head.epochs": 2, "train.fine_tune.epochs": 0, "train.verbose": 2},
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "xfer", "train", *flags, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
+    proc = run_xfer("train", *flags, *args, env={**os.environ, "RAY_ADDRESS": ""}, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     run = re.search(r"run \S+ complete: (\S+)", out)

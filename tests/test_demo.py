@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import run_xfer
 
 pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "xfer", "demo", "--quick", "--workdir", str(tmp_path / "demo")],
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        env=env,
-    )
+    proc = run_xfer("demo", "--quick", "--workdir", str(tmp_path / "demo"), env=env, timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "xfer demo finished" in out

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import uuid
 
@@ -22,7 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xfer.config import load_config
 from xfer.data import inputs
 from xfer.data.synth import synthesize
 from xfer.errors import DataError, JobFailed, XferError
@@ -31,8 +29,9 @@ from xfer.scoring.scorelock import LOCK_FILE, NightBusy, NightLock
 from xfer.scoring.scoreplan import NIGHT_FILE, night_root
 from xfer.store import storage
 
+from .conftest import config_for, run_xfer
+
 GOOD_IMAGES = 24
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def night(s3_server, trained_run, session_root):
 
 
 def config(root: str, *overrides: str):
-    return load_config(None, [f"storage.root={root}", "score.batch_size=8", *overrides])
+    return config_for(root, "score.batch_size=8", *overrides)
 
 
 def good_partition(night: dict, day: str) -> str:
@@ -84,13 +83,7 @@ def rows_of(part: str) -> dict[str, dict]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xfer", "score", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    return run_xfer("score", *args)
 
 
 def score_night(night: dict, date: str) -> subprocess.CompletedProcess[str]:

@@ -20,19 +20,14 @@ from xfer.registry.runstatus import iso
 from xfer.store import storage
 from xfer.train.driver import train
 
-from .conftest import train_overrides
+from .conftest import run_xfer, train_overrides
 
 pytestmark = pytest.mark.slow
 MODEL = "runs-test"
 
 
 def xfer_runs(root: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "xfer", "runs", *args, f"storage.root={root}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_xfer("runs", *args, f"storage.root={root}", timeout=120)
 
 
 # A quick run of the same model: one head epoch from random weights (it loses the gate).

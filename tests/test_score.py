@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xfer.config import load_config
 from xfer.data.synth import synthesize
 from xfer.errors import XferError
 from xfer.registry.layout import resolve_model
 from xfer.scoring.score import score
 from xfer.store import storage
 
-from .conftest import IMAGE_SIZE
+from .conftest import IMAGE_SIZE, config_for
 
 
 def make_inputs(prefix: str) -> dict[str, str]:
@@ -80,7 +79,7 @@ def test_scores_every_input_with_error_rows_and_exact_predictions(
 ):
     inputs = f"{bucket}/incoming"
     bad = make_inputs(inputs)
-    cfg = load_config(None, [f"storage.root={session_root}", "score.batch_size=4"])
+    cfg = config_for(session_root, "score.batch_size=4")
     result = score(
         cfg,
         model=f"{session_root}/models/shapes",
@@ -129,7 +128,7 @@ def test_scores_every_input_with_error_rows_and_exact_predictions(
 def test_rerun_of_a_date_leaves_exactly_one_complete_partition(trained_run, session_root, bucket):
     inputs = f"{bucket}/incoming"
     make_inputs(inputs)
-    cfg = load_config(None, [f"storage.root={session_root}"])
+    cfg = config_for(session_root)
     out = f"{bucket}/preds"
     first = score(cfg, model=trained_run.run_uri, input_uri=inputs, output=out, date="2026-03-05")
     marker1 = storage.read_json(f"{first.output}/_SUCCESS")
@@ -151,7 +150,7 @@ def test_rerun_of_a_date_leaves_exactly_one_complete_partition(trained_run, sess
 def test_dataset_and_list_inputs(trained_run, session_root, target_dataset, tmp_path):
     from xfer.data.manifest import load_manifest
 
-    cfg = load_config(None, [f"storage.root={session_root}", "score.split=test"])
+    cfg = config_for(session_root, "score.split=test")
     out = str(tmp_path / "preds")
     result = score(
         cfg, model=trained_run.run_uri, input_uri=target_dataset, output=out, date="2026-03-06"
@@ -176,7 +175,7 @@ def test_dataset_and_list_inputs(trained_run, session_root, target_dataset, tmp_
 
 
 def test_missing_model_and_uncommitted_run_fail_clearly(trained_run, session_root, bucket):
-    cfg = load_config(None, [f"storage.root={session_root}"])
+    cfg = config_for(session_root)
     inputs = f"{bucket}/incoming"
     make_inputs(inputs)
     out = f"{bucket}/preds"
@@ -307,7 +306,7 @@ def test_raw_images_score_like_their_plain_and_sharded_copies(trained_run, sessi
 
     inputs = f"{bucket}/photos"
     photo_like_inputs(inputs)
-    cfg = load_config(None, [f"storage.root={session_root}", "score.split=all"])
+    cfg = config_for(session_root, "score.split=all")
     raw = score(cfg, trained_run.run_uri, inputs, f"{bucket}/raw", date="2026-04-01")
     assert raw.rows == 30 and raw.errors == 0
     assert resolve_model(trained_run.run_uri).max_side == IMAGE_SIZE  # recorded by training
@@ -357,7 +356,7 @@ def test_nightly_inputs_by_date_and_typed_columns(trained_run, session_root, buc
 
     synthesize(f"{bucket}/incoming/2026-05-02", ["ring", "star"], per_class=2, size=48, seed=3)
     synthesize(f"{bucket}/incoming/2026-05-03", ["ring", "star"], per_class=3, size=48, seed=4)
-    cfg = load_config(None, [f"storage.root={session_root}"])
+    cfg = config_for(session_root)
     template = f"{bucket}/incoming/{{date}}/"
     result = score(cfg, trained_run.run_uri, template, f"{bucket}/preds", date="2026-05-03")
     assert result.rows == 6
@@ -398,7 +397,7 @@ def test_test_time_augmentation_averages_the_image_and_its_mirror(
     from xfer.scoring.scorer import image_pixels
 
     synthesize(f"{bucket}/tta", ["ring", "star"], per_class=3, size=48, seed=11)
-    cfg = load_config(None, [f"storage.root={session_root}", "score.tta=true"])
+    cfg = config_for(session_root, "score.tta=true")
     result = score(cfg, trained_run.run_uri, f"{bucket}/tta", f"{bucket}/tta-preds", "2026-05-04")
     marker = storage.read_json(f"{result.output}/_SUCCESS")
     rows = storage.read_parquet(f"{result.output}/{marker['files'][0]}").to_pylist()
@@ -435,7 +434,7 @@ def test_a_quiet_run_keeps_the_scorers_identity_off_the_console(
     from xfer.scoring.score import write_predictions
 
     synthesize(f"{bucket}/quiet", ["ring", "star"], per_class=2, size=48, seed=8)
-    cfg = load_config(None, [f"storage.root={session_root}", "score.num_actors=1"])
+    cfg = config_for(session_root, "score.num_actors=1")
     log = console.log_path()
     seen = os.path.getsize(log)
     capfd.readouterr()  # what earlier tests printed
@@ -461,15 +460,12 @@ def test_reads_run_ahead_of_the_decode_threads(trained_run, session_root, bucket
     and a GPU actor on S3 waited on the network (docs/capacity.md)."""
     synthesize(f"{bucket}/slow", ["ring", "star"], per_class=8, size=IMAGE_SIZE, seed=5)
     fault_proxy.add("GET", r"/slow/.+\.(png|jpg)", "delay", pause=0.3, times=10**6)
-    cfg = load_config(
-        None,
-        [
-            f"storage.root={session_root}",
-            "score.num_actors=1",
-            "score.decode_threads=1",
-            "score.read_threads=8",
-            "score.batch_size=8",
-        ],
+    cfg = config_for(
+        session_root,
+        "score.num_actors=1",
+        "score.decode_threads=1",
+        "score.read_threads=8",
+        "score.batch_size=8",
     )
     result = score(cfg, trained_run.run_uri, f"{bucket}/slow", f"{bucket}/preds-slow")
     assert result.rows == 16 and result.errors == 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -19,6 +17,8 @@ from xfer.data.shard import shard_dataset
 from xfer.data.synth import synthesize
 from xfer.errors import DataError
 from xfer.store import storage
+
+from .conftest import run_xfer
 
 
 def jpeg(arr: np.ndarray, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
@@ -271,12 +271,7 @@ def test_shard_command_takes_a_config_file_flags_and_overrides(tmp_path, ray_loc
         (["--split", "0.5,0.2,0.2"], "shard.split_fractions: needs three fractions"),
         (["--config", str(config), "shard.max_sid=32"], "did you mean 'shard.max_side'"),
     ):
-        proc = subprocess.run(
-            [sys.executable, "-m", "xfer", "shard", raw, ds, *argv],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = run_xfer("shard", raw, ds, *argv, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert says in proc.stderr and "Traceback" not in proc.stderr
 

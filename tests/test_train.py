@@ -258,20 +258,11 @@ def test_bad_config_fails_before_any_worker_starts(
     session_root, pretrained_weights, target_dataset, override, message
 ):
     """`xfer train` exits 2 with one line naming the problem; no run is written."""
-    import subprocess
-    import sys
-
-    from .conftest import train_overrides
+    from .conftest import run_xfer, train_overrides
 
     before = {f.uri for f in storage.list_files(f"{session_root}/runs")}
     args = [*train_overrides(session_root, pretrained_weights), *override.split()]
-    proc = subprocess.run(
-        [sys.executable, "-m", "xfer", "train", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
+    proc = run_xfer("train", *args, env={**os.environ, "RAY_ADDRESS": ""})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
