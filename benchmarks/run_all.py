@@ -24,12 +24,13 @@ import bench_cv
 import bench_decisions
 import bench_input
 import bench_quality
+import bench_rowgroups
 import bench_scale
 import bench_score
 import bench_shard
 from common import environment
 
-ALL = ("input", "shard", "scale", "quality", "score", "decisions", "cv")
+ALL = ("input", "shard", "rowgroups", "scale", "quality", "score", "decisions", "cv")
 
 
 def main() -> int:
@@ -54,6 +55,8 @@ def main() -> int:
         bench_input.run(args.images if args.images and os.path.isdir(args.images) else None)
     if "shard" in chosen:
         bench_shard.run()
+    if "rowgroups" in chosen:  # the one row-group read against the three it replaced
+        bench_rowgroups.main()
     if "scale" in chosen:  # generated images: no --images/--weights needed
         bench_scale.run(list(bench_scale.SIZES), list(bench_scale.RUNS), list(bench_scale.ORDER))
     if have_photos and ("quality" in chosen or "score" in chosen):
