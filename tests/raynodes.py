@@ -233,24 +233,18 @@ class RayNodes:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
+        """The test bed away at once: SIGKILL to every process of every node's session
+        (a graceful `ray start --block` shutdown took ~40 s a bed and proves nothing
+        here; the tests that stop things gracefully stop what xfer started)."""
         for name in [n for n in self.procs if n != "head"] + ["head"]:
             proc = self.procs.get(name)
-            if proc is None or proc.poll() is not None:
+            if proc is None:
                 continue
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-            except ProcessLookupError:
-                continue
-            # `ray start --block` may exit before all of its processes have: the rest
-            # of its session (GCS, agents, workers) is ours too.
-            time.sleep(2)
             for pid in _session_pids(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
         for temp in self.temp_dirs:
             shutil.rmtree(temp, ignore_errors=True)
 
