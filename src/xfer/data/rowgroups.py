@@ -9,8 +9,8 @@ all read whole row groups of a few columns, streamed from storage (no full downl
 and retried through a store outage (:mod:`xfer.store.retry`) as one step. A caller that
 reads many row groups of the same shards passes ``files``, a dict of open
 ``ParquetFile`` objects by URI that it keeps (one per thread: a ``ParquetFile`` is not
-safe for concurrent reads), so each footer is fetched once; without it the file is
-opened for this read and closed after it. ``benchmarks/bench_rowgroups.py`` measures
+safe for concurrent reads), so each footer is fetched once; without it this is
+:func:`xfer.store.storage.read_row_groups`, the file opened for the read and closed. ``benchmarks/bench_rowgroups.py`` measures
 this read against the three it replaced.
 """
 
@@ -27,13 +27,9 @@ def read_row_groups(
     uri: str, groups: list[int], columns: list[str], files: dict[str, Any] | None = None
 ) -> Any:
     """Row groups ``groups`` of the Parquet file ``uri``, ``columns`` only, as one table."""
+    if files is None:  # the store's own read: opened, read, closed
+        return storage.read_row_groups(uri, groups, columns)
     with s3.translate_errors(uri):
-        if files is None:
-            import pyarrow.parquet as pq
-
-            filesystem, path = s3.arrow_filesystem(uri)
-            with filesystem.open_input_file(path) as f:
-                return pq.ParquetFile(f).read_row_groups(groups, columns=columns)
         parquet_file = files.get(uri)
         if parquet_file is None:
             parquet_file = files[uri] = storage.open_parquet(uri)
